@@ -1,0 +1,192 @@
+//! The bucket: an OpenDAL operator built from the mount's SOURCE, with the few operations
+//! the gateway needs, expressed in keys relative to the mount's prefix.
+
+pub mod attrs;
+pub mod source;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use opendal::{Buffer, ErrorKind, Operator};
+
+pub use attrs::{AttrDefaults, Kind, ObjectAttrs};
+
+/// Keys under this prefix belong to the gateway itself and never show in the mount.
+pub const RESERVED_PREFIX: &str = ".bucketgate/";
+
+/// The longest key S3 and OSS store.
+pub const MAX_KEY_BYTES: usize = 1023;
+
+/// What a HEAD (stat) of an object tells.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    pub size: u64,
+    pub etag: Option<String>,
+    pub attrs: ObjectAttrs,
+    pub crc64: Option<u64>,
+}
+
+/// One child of a directory listing.
+#[derive(Debug, Clone)]
+pub struct ListedEntry {
+    /// The child's name (no slashes).
+    pub name: String,
+    pub is_dir: bool,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub last_modified: Option<SystemTime>,
+}
+
+/// The bucket behind one mount.
+#[derive(Clone)]
+pub struct Backend {
+    op: Operator,
+    /// For the embedded local-directory bucket: its root, where directory markers'
+    /// attributes are kept as xattrs (the fs service cannot write metadata on a directory).
+    local_root: Option<PathBuf>,
+    defaults: AttrDefaults,
+    /// Human-readable description, e.g. `s3://bucket/prefix`.
+    pub description: String,
+}
+
+impl Backend {
+    pub fn new(op: Operator, local_root: Option<PathBuf>, defaults: AttrDefaults, description: String) -> Self {
+        Backend { op, local_root, defaults, description }
+    }
+
+    pub fn operator(&self) -> &Operator {
+        &self.op
+    }
+
+    /// Checks the bucket answers: fails fast on an unreachable endpoint, a missing bucket
+    /// or bad credentials.
+    pub async fn check(&self) -> opendal::Result<()> {
+        self.op.list_with("").limit(1).await.map(|_| ())
+    }
+
+    /// HEAD of a key; `None` when there is no such object.
+    pub async fn stat(&self, key: &str) -> opendal::Result<Option<ObjectInfo>> {
+        match self.op.stat(key).await {
+            Ok(meta) => Ok(Some(self.object_info(key, &meta))),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn object_info(&self, key: &str, meta: &opendal::Metadata) -> ObjectInfo {
+        let user = meta.user_metadata();
+        let get = |k: &str| user.as_ref().and_then(|u| u.get(k)).map(str::to_string);
+        let last_modified = meta.last_modified().map(SystemTime::from);
+        ObjectInfo {
+            size: if key.ends_with('/') { 0 } else { meta.content_length() },
+            etag: meta.etag().map(str::to_string),
+            attrs: ObjectAttrs::decode(get, key.ends_with('/'), last_modified, self.defaults),
+            crc64: attrs::stored_crc64(get),
+        }
+    }
+
+    /// Reads `range` of an object.
+    pub async fn read_range(&self, key: &str, range: Range<u64>) -> opendal::Result<Buffer> {
+        self.op.read_with(key).range(range).await
+    }
+
+    /// Reads a whole (small) object.
+    pub async fn read_all(&self, key: &str) -> opendal::Result<Buffer> {
+        self.op.read(key).await
+    }
+
+    /// Lists the direct children of a directory key (`""` for the root, else ending `/`),
+    /// hiding the gateway's reserved prefix.
+    pub async fn list_dir(&self, dir_key: &str) -> opendal::Result<Vec<ListedEntry>> {
+        let entries = self.op.list(dir_key).await?;
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let path = entry.path();
+            if path == dir_key || path.starts_with(RESERVED_PREFIX) {
+                continue;
+            }
+            let Some(rest) = path.strip_prefix(dir_key) else { continue };
+            let is_dir = rest.ends_with('/');
+            let name = rest.trim_end_matches('/');
+            if name.is_empty() || name.contains('/') {
+                continue;
+            }
+            let meta = entry.metadata();
+            out.push(ListedEntry {
+                name: name.to_string(),
+                is_dir,
+                size: if is_dir { 0 } else { meta.content_length() },
+                etag: meta.etag().map(str::to_string),
+                last_modified: meta.last_modified().map(SystemTime::from),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes a small object in one request (empty files, symlinks).
+    pub async fn put(&self, key: &str, body: Vec<u8>, metadata: HashMap<String, String>) -> opendal::Result<Option<String>> {
+        let meta = self.op.write_with(key, body).user_metadata(metadata).await?;
+        Ok(meta.etag().map(str::to_string))
+    }
+
+    /// Starts a streaming (multipart above the first part) upload. Each `write` on the
+    /// returned writer becomes one part; the caller sizes them.
+    pub async fn writer(
+        &self,
+        key: &str,
+        metadata: HashMap<String, String>,
+        concurrency: usize,
+    ) -> opendal::Result<opendal::Writer> {
+        self.op.writer_with(key).concurrent(concurrency).user_metadata(metadata).await
+    }
+
+    /// Writes a directory marker `key` (ending in `/`) carrying the directory's attributes.
+    pub async fn put_dir_marker(&self, key: &str, metadata: HashMap<String, String>) -> opendal::Result<()> {
+        if let Some(root) = &self.local_root {
+            self.op.create_dir(key).await?;
+            return set_local_xattrs(&root.join(key.trim_end_matches('/')), &metadata);
+        }
+        // Operator::write refuses keys ending in `/`; the raw service writes the marker
+        // object itself, with its metadata, as S3 tools expect.
+        let (ctx, service) = self.op.clone().into_parts();
+        let options = opendal::options::WriteOptions { user_metadata: Some(metadata), ..Default::default() };
+        let (args, _) = opendal::raw::OpWrite::from_options(&service.capability_dyn(), options)?;
+        let mut writer = service.write_dyn(&ctx, key, args)?;
+        writer.close_dyn().await.map(|_| ())
+    }
+
+    /// Server-side copy, keeping the source's metadata.
+    pub async fn copy(&self, from: &str, to: &str) -> opendal::Result<()> {
+        self.op.copy(from, to).await.map(|_| ())
+    }
+
+    /// Deletes a key; a missing key is not an error.
+    pub async fn delete(&self, key: &str) -> opendal::Result<()> {
+        match self.op.delete(key).await {
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
+
+fn set_local_xattrs(path: &std::path::Path, metadata: &HashMap<String, String>) -> opendal::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|err| opendal::Error::new(ErrorKind::Unexpected, err.to_string()))?;
+    for (name, value) in metadata {
+        let c_name = CString::new(format!("user.{name}"))
+            .map_err(|err| opendal::Error::new(ErrorKind::Unexpected, err.to_string()))?;
+        // SAFETY: both strings are NUL-terminated and live across the call.
+        let rc = unsafe {
+            libc::setxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            return Err(opendal::Error::new(ErrorKind::Unexpected, format!("setxattr {}: {err}", path.display())));
+        }
+    }
+    Ok(())
+}

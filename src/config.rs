@@ -1,0 +1,410 @@
+//! One place for configuration: command-line flags and a TOML file, merged and validated.
+//!
+//! Every option has one default, written in [`Defaults`]; a flag wins over the file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// How writes and reads reach the bucket. See README "Modes and guarantees".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Write-back: close/fsync return once data is durable in the local cache.
+    Cached,
+    /// As cached, but the cache keeps a full copy and never evicts.
+    Sync,
+    /// Writes stream to the bucket; close/fsync return once the object is complete there.
+    WriteThrough,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Cached => "cached",
+            Mode::Sync => "sync",
+            Mode::WriteThrough => "write-through",
+        }
+    }
+
+    /// Whether file data is kept in the local cache after it is uploaded.
+    pub fn keeps_data(self) -> bool {
+        !matches!(self, Mode::WriteThrough)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error("missing `{0}`: give it on the command line or in the config file")]
+    Missing(&'static str),
+}
+
+/// The written-once defaults; README's option table matches these.
+pub struct Defaults;
+
+impl Defaults {
+    pub const MODE: Mode = Mode::Cached;
+    pub const CACHE_SIZE: u64 = 10 << 30;
+    pub const PART_SIZE: u64 = 8 << 20;
+    pub const UPLOAD_CONCURRENCY: usize = 4;
+    pub const UPLOAD_DELAY_MS: u64 = 1000;
+    pub const FLUSH_TIMEOUT_SECS: u64 = 300;
+    pub const REGION: &'static str = "us-east-1";
+    pub const UMASK: u32 = 0o022;
+}
+
+/// The S3 minimum part size: every part but the last must be at least this big.
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+/// The S3 maximum part size.
+pub const MAX_PART_SIZE: u64 = 5 << 30;
+
+/// Options of `bucketgate mount`, as flags. Every field is optional so the TOML file can
+/// supply it; [`MountConfig::resolve`] merges and validates.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MountArgs {
+    /// Bucket to mount: a local directory, fs:///abs/path, s3://BUCKET[/PREFIX],
+    /// oss://BUCKET[/PREFIX] or memory://
+    pub source: Option<String>,
+    /// Directory to mount on
+    pub mountpoint: Option<PathBuf>,
+    /// cached (default), sync or write-through
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Local cache directory (default: one per mount point under /var/cache/bucketgate)
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Cache size limit, e.g. 512M, 20G (default 10G)
+    #[arg(long)]
+    pub cache_size: Option<String>,
+    /// First multipart part size, e.g. 8M (grows as a file grows; minimum 5M)
+    #[arg(long)]
+    pub part_size: Option<String>,
+    /// Parts uploaded in parallel per file, and files uploaded in parallel (default 4)
+    #[arg(long)]
+    pub upload_concurrency: Option<usize>,
+    /// Quiet period before a written file is uploaded in cached/sync mode, e.g. 1s, 500ms
+    #[arg(long)]
+    pub upload_delay: Option<String>,
+    /// How long `umount`/SIGTERM wait for uploads before unmounting anyway, e.g. 300s
+    #[arg(long)]
+    pub flush_timeout: Option<String>,
+    /// S3/OSS endpoint URL, e.g. http://127.0.0.1:9000
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Region (default us-east-1)
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Credentials file (TOML with access_key_id and secret_access_key; mode 0600)
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
+    /// TOML config file; flags win over it
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Stay in the foreground (systemd, debugging)
+    #[arg(long)]
+    pub foreground: bool,
+    /// Mount options: allow_other, uid=N, gid=N, umask=NNN, ro
+    #[arg(short = 'o', value_delimiter = ',')]
+    pub options: Vec<String>,
+}
+
+/// The TOML file's shape: the same names as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    source: Option<String>,
+    mountpoint: Option<PathBuf>,
+    mode: Option<Mode>,
+    cache_dir: Option<PathBuf>,
+    cache_size: Option<String>,
+    part_size: Option<String>,
+    upload_concurrency: Option<usize>,
+    upload_delay: Option<String>,
+    flush_timeout: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    credentials: Option<PathBuf>,
+    options: Option<Vec<String>>,
+}
+
+/// Options given with `-o`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    pub allow_other: bool,
+    pub read_only: bool,
+    /// Owner of objects without uid metadata (default: the daemon's user).
+    pub uid: u32,
+    pub gid: u32,
+    /// Applied to objects without mode metadata.
+    pub umask: u32,
+}
+
+/// The merged, validated configuration of one mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub source: String,
+    pub mountpoint: PathBuf,
+    pub mode: Mode,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub part_size: u64,
+    pub upload_concurrency: usize,
+    pub upload_delay: Duration,
+    pub flush_timeout: Duration,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub credentials: Option<PathBuf>,
+    pub options: MountOptions,
+    pub foreground: bool,
+}
+
+impl MountConfig {
+    /// Merges flags over the TOML file (if any) and validates every value.
+    pub fn resolve(args: &MountArgs) -> Result<MountConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let source = args.source.clone().or(file.source).ok_or(ConfigError::Missing("source"))?;
+        let mountpoint = args
+            .mountpoint
+            .clone()
+            .or(file.mountpoint)
+            .ok_or(ConfigError::Missing("mountpoint"))?;
+        let mountpoint = absolute(&mountpoint, "mountpoint")?;
+        let cache_dir = match args.cache_dir.clone().or(file.cache_dir) {
+            Some(dir) => absolute(&dir, "cache-dir")?,
+            None => default_cache_dir(&mountpoint),
+        };
+        let cache_size = pick_size("cache-size", &args.cache_size, &file.cache_size, Defaults::CACHE_SIZE)?;
+        let part_size = pick_size("part-size", &args.part_size, &file.part_size, Defaults::PART_SIZE)?;
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
+            return Err(ConfigError::Invalid {
+                key: "part-size",
+                message: format!("{part_size} bytes is outside 5M..5G, the range S3 and OSS accept"),
+            });
+        }
+        let upload_concurrency =
+            args.upload_concurrency.or(file.upload_concurrency).unwrap_or(Defaults::UPLOAD_CONCURRENCY);
+        if !(1..=64).contains(&upload_concurrency) {
+            return Err(ConfigError::Invalid {
+                key: "upload-concurrency",
+                message: format!("{upload_concurrency} is outside 1..64"),
+            });
+        }
+        let upload_delay = pick_duration(
+            "upload-delay",
+            &args.upload_delay,
+            &file.upload_delay,
+            Duration::from_millis(Defaults::UPLOAD_DELAY_MS),
+        )?;
+        let flush_timeout = pick_duration(
+            "flush-timeout",
+            &args.flush_timeout,
+            &file.flush_timeout,
+            Duration::from_secs(Defaults::FLUSH_TIMEOUT_SECS),
+        )?;
+        let mut option_words = file.options.unwrap_or_default();
+        option_words.extend(args.options.iter().cloned());
+        let options = parse_mount_options(&option_words)?;
+        Ok(MountConfig {
+            source,
+            mountpoint,
+            mode: args.mode.or(file.mode).unwrap_or(Defaults::MODE),
+            cache_dir,
+            cache_size,
+            part_size,
+            upload_concurrency,
+            upload_delay,
+            flush_timeout,
+            endpoint: args.endpoint.clone().or(file.endpoint),
+            region: args.region.clone().or(file.region).unwrap_or_else(|| Defaults::REGION.to_string()),
+            credentials: args.credentials.clone().or(file.credentials),
+            options,
+            foreground: args.foreground,
+        })
+    }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    toml::from_str(&text).map_err(|err| ConfigError::Parse { path: path.to_path_buf(), message: err.to_string() })
+}
+
+fn absolute(path: &Path, key: &'static str) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(path).map_err(|err| ConfigError::Invalid { key, message: err.to_string() })
+}
+
+/// One cache directory per mount point, so two mounts never share a cache.
+pub fn default_cache_dir(mountpoint: &Path) -> PathBuf {
+    let digest = md5::compute_hex(mountpoint.to_string_lossy().as_bytes());
+    PathBuf::from("/var/cache/bucketgate").join(&digest[..16])
+}
+
+fn pick_size(key: &'static str, flag: &Option<String>, file: &Option<String>, default: u64) -> Result<u64, ConfigError> {
+    match flag.as_ref().or(file.as_ref()) {
+        Some(text) => parse_size(text).map_err(|message| ConfigError::Invalid { key, message }),
+        None => Ok(default),
+    }
+}
+
+fn pick_duration(
+    key: &'static str,
+    flag: &Option<String>,
+    file: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match flag.as_ref().or(file.as_ref()) {
+        Some(text) => parse_duration(text).map_err(|message| ConfigError::Invalid { key, message }),
+        None => Ok(default),
+    }
+}
+
+/// Parses `123`, `64K`, `8M`, `10G`, `1T` (binary units; an optional `iB`/`B` suffix).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let lower = trimmed.to_ascii_lowercase();
+    let stripped = lower.trim_end_matches("ib").trim_end_matches('b');
+    let (digits, shift) = match stripped.chars().last() {
+        Some('k') => (&stripped[..stripped.len() - 1], 10),
+        Some('m') => (&stripped[..stripped.len() - 1], 20),
+        Some('g') => (&stripped[..stripped.len() - 1], 30),
+        Some('t') => (&stripped[..stripped.len() - 1], 40),
+        _ => (stripped, 0),
+    };
+    let number: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{trimmed}` is not a size; write e.g. 512M, 10G or a byte count"))?;
+    number.checked_mul(1u64 << shift).ok_or_else(|| format!("`{trimmed}` is too large"))
+}
+
+/// Parses `500ms`, `2s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let bad = || format!("`{trimmed}` is not a duration; write e.g. 500ms, 2s, 5m");
+    let (digits, unit_ms) = if let Some(n) = trimmed.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = trimmed.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = trimmed.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = trimmed.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (trimmed, 1000)
+    };
+    let number: u64 = digits.trim().parse().map_err(|_| bad())?;
+    Ok(Duration::from_millis(number.checked_mul(unit_ms).ok_or_else(bad)?))
+}
+
+fn parse_mount_options(words: &[String]) -> Result<MountOptions, ConfigError> {
+    let mut options = MountOptions {
+        allow_other: false,
+        read_only: false,
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+        umask: Defaults::UMASK,
+    };
+    let invalid = |message: String| ConfigError::Invalid { key: "options", message };
+    for word in words.iter().map(|w| w.trim()).filter(|w| !w.is_empty()) {
+        let (name, value) = match word.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (word, None),
+        };
+        match (name, value) {
+            ("allow_other", None) => options.allow_other = true,
+            ("ro", None) => options.read_only = true,
+            ("rw", None) => options.read_only = false,
+            ("uid", Some(v)) => options.uid = v.parse().map_err(|_| invalid(format!("uid=`{v}` is not a number")))?,
+            ("gid", Some(v)) => options.gid = v.parse().map_err(|_| invalid(format!("gid=`{v}` is not a number")))?,
+            ("umask", Some(v)) => {
+                let umask = u32::from_str_radix(v, 8).map_err(|_| invalid(format!("umask=`{v}` is not octal")))?;
+                if umask > 0o777 {
+                    return Err(invalid(format!("umask=`{v}` is above 777")));
+                }
+                options.umask = umask;
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "unknown mount option `{word}`; accepted: allow_other, ro, rw, uid=N, gid=N, umask=NNN"
+                )))
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// A tiny MD5 front for places that only need a hex digest.
+pub mod md5 {
+    use md5::Digest;
+
+    pub fn compute_hex(bytes: &[u8]) -> String {
+        let digest = md5::Md5::digest(bytes);
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn flag_wins_over_file_and_bad_values_name_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, "source = \"memory://\"\nmountpoint = \"/mnt/x\"\nmode = \"sync\"\npart-size = \"16M\"\n")
+            .expect("write config");
+        let args = MountArgs { config: Some(path.clone()), mode: Some(Mode::WriteThrough), ..Default::default() };
+        let config = MountConfig::resolve(&args).expect("valid config");
+        assert_eq!(config.mode, Mode::WriteThrough);
+        assert_eq!(config.part_size, 16 << 20);
+        assert_eq!(config.source, "memory://");
+
+        let args = MountArgs { config: Some(path.clone()), part_size: Some("1M".into()), ..Default::default() };
+        let err = MountConfig::resolve(&args).expect_err("1M part is too small").to_string();
+        assert!(err.contains("part-size"), "{err}");
+
+        std::fs::write(&path, "source = \"memory://\"\nmountpoint = \"/mnt/x\"\ncache-sise = \"1G\"\n")
+            .expect("write config");
+        let args = MountArgs { config: Some(path), ..Default::default() };
+        let err = MountConfig::resolve(&args).expect_err("typo in key").to_string();
+        assert!(err.contains("cache-sise"), "{err}");
+    }
+
+    #[test]
+    fn mount_options_parse_and_reject_unknown() {
+        let words: Vec<String> = ["allow_other", "uid=1000", "gid=100", "umask=027", "ro"].map(String::from).to_vec();
+        let options = parse_mount_options(&words).expect("valid options");
+        assert!(options.allow_other && options.read_only);
+        assert_eq!((options.uid, options.gid, options.umask), (1000, 100, 0o027));
+        let err = parse_mount_options(&["noatime_please".to_string()]).expect_err("unknown").to_string();
+        assert!(err.contains("noatime_please"), "{err}");
+    }
+}

@@ -1,0 +1,79 @@
+//! Open file handles: access mode, the write-through stream, read-ahead state.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+use super::OpenMode;
+use crate::sync::upload::StreamUpload;
+
+/// State a handle's I/O owns; one writer at a time.
+#[derive(Default)]
+pub struct HandleIo {
+    /// Write-through: the object being streamed while writes stay sequential.
+    pub stream: Option<StreamUpload>,
+    /// Write-through: writes go to the cache file and upload at close.
+    pub staged: bool,
+    /// Write-through: this handle counted itself as a user of the cache file.
+    pub holds_cache_file: bool,
+}
+
+#[derive(Default)]
+struct ReadState {
+    /// Where the previous read ended (sequential detection).
+    next_offset: u64,
+    /// Current read-ahead, doubled while reads stay sequential.
+    ahead: u64,
+    /// Write-through reads: bytes fetched ahead, and where they start.
+    window_start: u64,
+    window: Bytes,
+}
+
+pub struct Handle {
+    pub ino: u64,
+    pub mode: OpenMode,
+    /// Write-through: opened empty (created or O_TRUNC), so sequential writes can stream.
+    pub streamable: bool,
+    pub io: tokio::sync::Mutex<HandleIo>,
+    read: Mutex<ReadState>,
+}
+
+const FIRST_READ_AHEAD: u64 = 1 << 20;
+
+impl Handle {
+    pub fn new(ino: u64, mode: OpenMode, streamable: bool) -> Handle {
+        Handle { ino, mode, streamable, io: tokio::sync::Mutex::new(HandleIo::default()), read: Mutex::new(ReadState::default()) }
+    }
+
+    fn read_state(&self) -> std::sync::MutexGuard<'_, ReadState> {
+        self.read.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read-ahead for a read at `offset`: grows while the reader is sequential, drops to
+    /// nothing on a seek.
+    pub fn read_ahead(&self, offset: u64, len: u64, max: u64) -> u64 {
+        let mut state = self.read_state();
+        let sequential = offset == state.next_offset;
+        state.ahead = if sequential { (state.ahead * 2).clamp(FIRST_READ_AHEAD, max) } else { 0 };
+        state.next_offset = offset + len;
+        state.ahead
+    }
+
+    /// Serves `offset..end` from the fetched window if it holds all of it.
+    pub fn window_read(&self, offset: u64, end: u64) -> Option<Vec<u8>> {
+        let state = self.read_state();
+        let window_end = state.window_start + state.window.len() as u64;
+        if offset >= state.window_start && end <= window_end {
+            let from = (offset - state.window_start) as usize;
+            let to = (end - state.window_start) as usize;
+            return Some(state.window[from..to].to_vec());
+        }
+        None
+    }
+
+    pub fn set_window(&self, start: u64, data: Bytes) {
+        let mut state = self.read_state();
+        state.window_start = start;
+        state.window = data;
+    }
+}

@@ -1,0 +1,916 @@
+//! The filesystem itself, with no FUSE types: inodes, handles, modes and their semantics.
+//! Every method may be called from any task; none blocks on the network while holding a
+//! lock another request needs.
+
+mod handle;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use crate::backend::{AttrDefaults, Backend, Kind};
+use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE};
+use crate::config::Mode;
+use crate::error::{FsError, FsResult};
+use crate::meta::{AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, ROOT_INO};
+use crate::sync::upload::StreamUpload;
+use crate::sync::{attrs_of, file_init, key_for, Uploader};
+use handle::Handle;
+
+/// Longest name of one path component.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Largest read-ahead for a sequential reader.
+const MAX_READ_AHEAD: u64 = 16 << 20;
+
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub mode: Mode,
+    pub part_size: u64,
+    pub upload_concurrency: usize,
+    pub upload_delay: Duration,
+    pub flush_timeout: Duration,
+    pub read_only: bool,
+    pub defaults: AttrDefaults,
+}
+
+/// Attributes as the adapter reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+/// A setattr request.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SystemTime>,
+    pub fh: Option<u64>,
+}
+
+/// Open flags the core cares about.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenMode {
+    pub write: bool,
+    pub truncate: bool,
+    pub append: bool,
+}
+
+impl OpenMode {
+    pub fn from_flags(flags: i32) -> OpenMode {
+        let acc = flags & libc::O_ACCMODE;
+        OpenMode {
+            write: acc == libc::O_WRONLY || acc == libc::O_RDWR,
+            truncate: flags & libc::O_TRUNC != 0,
+            append: flags & libc::O_APPEND != 0,
+        }
+    }
+}
+
+/// One directory entry for readdir.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub mode: &'static str,
+    pub source: String,
+    pub cache_used_bytes: u64,
+    pub cache_limit_bytes: u64,
+    pub uploads_in_flight: u64,
+    #[serde(flatten)]
+    pub journal: JournalSummary,
+}
+
+pub struct Core {
+    config: CoreConfig,
+    meta: Arc<MetaStore>,
+    backend: Backend,
+    cache: Arc<DataCache>,
+    uploader: Arc<Uploader>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    /// Sizes of files being streamed (write-through), ahead of the metadata store.
+    live_sizes: Mutex<HashMap<u64, u64>>,
+    /// Open handles per inode (all modes); an unlinked inode lives until this drops to 0.
+    open_counts: Mutex<HashMap<u64, u32>>,
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(FsError::new(libc::ENAMETOOLONG, format!("name of {} bytes is over {MAX_NAME_BYTES}", name.len())));
+    }
+    if std::str::from_utf8(name).is_err() {
+        return Err(FsError::loud(libc::EINVAL, "name is not UTF-8; object keys must be UTF-8"));
+    }
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Core {
+    pub fn new(
+        config: CoreConfig,
+        meta: Arc<MetaStore>,
+        backend: Backend,
+        cache: Arc<DataCache>,
+        uploader: Arc<Uploader>,
+    ) -> Core {
+        Core {
+            config,
+            meta,
+            backend,
+            cache,
+            uploader,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            live_sizes: Mutex::new(HashMap::new()),
+            open_counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.config.mode
+    }
+
+    fn write_through(&self) -> bool {
+        self.config.mode == Mode::WriteThrough
+    }
+
+    fn check_writable(&self) -> FsResult<()> {
+        if self.config.read_only {
+            return Err(FsError::new(libc::EROFS, "mounted read-only"));
+        }
+        Ok(())
+    }
+
+    fn inode(&self, ino: u64) -> FsResult<Inode> {
+        self.meta.get(ino)?.ok_or_else(FsError::not_found)
+    }
+
+    fn attr_of(&self, inode: &Inode) -> Attr {
+        let mut size = inode.size;
+        if let Some(live) = lock(&self.live_sizes).get(&inode.ino) {
+            size = *live;
+        } else if let Some(file) = self.cache.loaded(inode.ino) {
+            size = file.lock().size;
+        }
+        if inode.kind == Kind::Symlink {
+            size = inode.target.as_ref().map_or(size, |t| t.len() as u64);
+        }
+        Attr {
+            ino: inode.ino,
+            kind: inode.kind,
+            size,
+            perm: inode.perm,
+            uid: inode.uid,
+            gid: inode.gid,
+            mtime: inode.mtime,
+            ctime: inode.ctime,
+        }
+    }
+
+    fn key_of(&self, inode: &Inode) -> FsResult<String> {
+        let names = self.meta.path_of(inode.ino)?.ok_or_else(FsError::not_found)?;
+        key_for(&names, inode.kind)
+    }
+
+    /// Queues bucket work for an inode and, in write-through mode, does it now.
+    async fn sync_now_or_later(&self, ops: Vec<JournalOp>) -> FsResult<()> {
+        if self.write_through() {
+            for op in ops {
+                self.uploader.run_now(op).await?;
+            }
+        } else {
+            self.uploader.wake();
+        }
+        Ok(())
+    }
+
+    fn delay(&self) -> Duration {
+        if self.write_through() {
+            // Run by the caller at once; keep background workers off it meanwhile.
+            Duration::from_secs(3600)
+        } else {
+            self.config.upload_delay
+        }
+    }
+
+    // --- namespace ---
+
+    /// Makes sure the children of a directory are known locally (plain layout: one
+    /// delimiter listing on first use).
+    async fn ensure_listed(&self, dir: &Inode) -> FsResult<()> {
+        if dir.listed || dir.kind != Kind::Dir {
+            return Ok(());
+        }
+        let key = self.key_of(dir)?;
+        let listed = self
+            .backend
+            .list_dir(&key)
+            .await
+            .map_err(|err| FsError::backend(&format!("listing {}", if key.is_empty() { "/" } else { &key }), err))?;
+        let defaults = self.config.defaults;
+        let found: Vec<(Vec<u8>, NewInode)> = listed
+            .into_iter()
+            .filter(|entry| entry.name.len() <= MAX_NAME_BYTES)
+            .map(|entry| {
+                let kind = if entry.is_dir { Kind::Dir } else { Kind::File };
+                let perm = match kind {
+                    Kind::Dir => 0o777 & !defaults.umask,
+                    _ => 0o666 & !defaults.umask,
+                };
+                let child_key = if entry.is_dir { format!("{key}{}/", entry.name) } else { format!("{key}{}", entry.name) };
+                let new = NewInode {
+                    kind,
+                    perm,
+                    uid: defaults.uid,
+                    gid: defaults.gid,
+                    size: entry.size,
+                    mtime: entry.last_modified.unwrap_or(SystemTime::UNIX_EPOCH),
+                    target: None,
+                    remote: Some(RemoteState { key: child_key, etag: entry.etag, size: entry.size }),
+                    attrs_loaded: false,
+                    listed: false,
+                    dirty: false,
+                };
+                (entry.name.into_bytes(), new)
+            })
+            .collect();
+        self.meta.add_listed(dir.ino, &found)
+    }
+
+    /// Fills in the attributes of an inode found by listing (one HEAD).
+    async fn ensure_attrs(&self, inode: Inode) -> FsResult<Inode> {
+        if inode.attrs_loaded {
+            return Ok(inode);
+        }
+        let Some(key) = inode.remote_key.clone() else { return Ok(inode) };
+        let info = self.backend.stat(&key).await.map_err(|err| FsError::backend(&format!("HEAD {key}"), err))?;
+        if let Some(info) = info {
+            let attrs = info.attrs;
+            self.meta.set_loaded_attrs(inode.ino, attrs.perm, attrs.uid, attrs.gid, attrs.mtime, attrs.kind)?;
+            if attrs.kind == Kind::Symlink {
+                let target = self
+                    .backend
+                    .read_all(&key)
+                    .await
+                    .map_err(|err| FsError::backend(&format!("reading symlink {key}"), err))?
+                    .to_vec();
+                self.meta.set_target(inode.ino, &target)?;
+            }
+        } else {
+            // A directory known only from a common prefix has no marker: keep defaults.
+            let loaded = &inode;
+            self.meta.set_loaded_attrs(loaded.ino, loaded.perm, loaded.uid, loaded.gid, loaded.mtime, loaded.kind)?;
+        }
+        self.inode(inode.ino)
+    }
+
+    async fn child(&self, parent: u64, name: &[u8]) -> FsResult<Option<Inode>> {
+        let dir = self.inode(parent)?;
+        if dir.kind != Kind::Dir {
+            return Err(FsError::new(libc::ENOTDIR, "not a directory"));
+        }
+        self.ensure_listed(&dir).await?;
+        self.meta.lookup(parent, name)
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        check_name(name)?;
+        let inode = self.child(parent, name).await?.ok_or_else(FsError::not_found)?;
+        let inode = self.ensure_attrs(inode).await?;
+        Ok(self.attr_of(&inode))
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let inode = self.ensure_attrs(self.inode(ino)?).await?;
+        Ok(self.attr_of(&inode))
+    }
+
+    pub async fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let dir = self.inode(ino)?;
+        if dir.kind != Kind::Dir {
+            return Err(FsError::new(libc::ENOTDIR, "not a directory"));
+        }
+        self.ensure_listed(&dir).await?;
+        let parent = dir.parent.unwrap_or(ROOT_INO);
+        let mut entries = vec![
+            DirEntry { ino, kind: Kind::Dir, name: b".".to_vec() },
+            DirEntry { ino: parent, kind: Kind::Dir, name: b"..".to_vec() },
+        ];
+        for child in self.meta.children(ino)? {
+            if let Some(name) = child.name {
+                entries.push(DirEntry { ino: child.ino, kind: child.kind, name });
+            }
+        }
+        Ok(entries)
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.ensure_attrs(self.inode(ino)?).await?;
+        if inode.kind != Kind::Symlink {
+            return Err(FsError::new(libc::EINVAL, "not a symlink"));
+        }
+        Ok(inode.target.unwrap_or_default())
+    }
+
+    fn new_entry(&self, kind: Kind, perm: u32, uid: u32, gid: u32, target: Option<Vec<u8>>) -> NewInode {
+        NewInode {
+            kind,
+            perm,
+            uid,
+            gid,
+            size: 0,
+            mtime: SystemTime::now(),
+            target,
+            remote: None,
+            attrs_loaded: true,
+            listed: true,
+            dirty: true,
+        }
+    }
+
+    /// Creates an entry and queues its upload, in one transaction; checks the key fits.
+    async fn create_node(&self, parent: u64, name: &[u8], new: NewInode) -> FsResult<Inode> {
+        self.check_writable()?;
+        check_name(name)?;
+        if self.child(parent, name).await?.is_some() {
+            return Err(FsError::new(libc::EEXIST, "file exists"));
+        }
+        let mut names = self.meta.path_of(parent)?.ok_or_else(FsError::not_found)?;
+        names.push(name.to_vec());
+        key_for(&names, new.kind)?;
+        let delay = self.delay();
+        let inode = self.meta.transaction(|tx| {
+            let inode = self.meta.create_entry(tx, parent, name, &new)?;
+            self.meta.enqueue(tx, &JournalOp::Sync(inode.ino), delay)?;
+            Ok(inode)
+        })?;
+        Ok(inode)
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        let inode = self.create_node(parent, name, self.new_entry(Kind::Dir, mode & 0o7777, uid, gid, None)).await?;
+        self.sync_now_or_later(vec![JournalOp::Sync(inode.ino)]).await?;
+        Ok(self.attr_of(&inode))
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        let new = self.new_entry(Kind::Symlink, 0o777, uid, gid, Some(target.to_vec()));
+        let inode = self.create_node(parent, name, new).await?;
+        self.sync_now_or_later(vec![JournalOp::Sync(inode.ino)]).await?;
+        Ok(self.attr_of(&inode))
+    }
+
+    /// Removes an entry's inode (or parks it while open) and queues deletion of its object.
+    fn remove_inode_tx(&self, tx: &rusqlite::Transaction<'_>, inode: &Inode, ops: &mut Vec<JournalOp>) -> FsResult<()> {
+        if let Some(key) = inode.remote_key.clone().filter(|k| !k.is_empty()) {
+            let op = JournalOp::Delete(key);
+            self.meta.enqueue(tx, &op, Duration::ZERO)?;
+            ops.push(op);
+        }
+        if lock(&self.open_counts).get(&inode.ino).copied().unwrap_or(0) > 0 {
+            self.meta.detach(tx, inode.ino)
+        } else {
+            self.meta.delete_inode(tx, inode.ino)
+        }
+    }
+
+    fn drop_cached_data(&self, ino: u64) -> FsResult<()> {
+        if lock(&self.open_counts).get(&ino).copied().unwrap_or(0) == 0 {
+            self.cache.remove(ino)?;
+        }
+        Ok(())
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.check_writable()?;
+        let inode = self.child(parent, name).await?.ok_or_else(FsError::not_found)?;
+        if inode.kind == Kind::Dir {
+            return Err(FsError::new(libc::EISDIR, "is a directory"));
+        }
+        let mut ops = Vec::new();
+        self.meta.transaction(|tx| self.remove_inode_tx(tx, &inode, &mut ops))?;
+        self.drop_cached_data(inode.ino)?;
+        self.sync_now_or_later(ops).await
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.check_writable()?;
+        let inode = self.child(parent, name).await?.ok_or_else(FsError::not_found)?;
+        if inode.kind != Kind::Dir {
+            return Err(FsError::new(libc::ENOTDIR, "not a directory"));
+        }
+        self.ensure_listed(&inode).await?;
+        if self.meta.has_children(inode.ino)? {
+            return Err(FsError::new(libc::ENOTEMPTY, "directory not empty"));
+        }
+        let mut ops = Vec::new();
+        self.meta.transaction(|tx| self.remove_inode_tx(tx, &inode, &mut ops))?;
+        self.sync_now_or_later(ops).await
+    }
+
+    /// Lists every directory below `dir`, so a rename moves objects never looked at.
+    async fn ensure_subtree_listed(&self, dir: &Inode) -> FsResult<()> {
+        let mut pending = vec![dir.clone()];
+        // Bounded by the number of directories in the tree.
+        while let Some(current) = pending.pop() {
+            self.ensure_listed(&current).await?;
+            for child in self.meta.children(current.ino)? {
+                if child.kind == Kind::Dir {
+                    pending.push(child);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], no_replace: bool) -> FsResult<()> {
+        self.check_writable()?;
+        check_name(new_name)?;
+        let source = self.child(parent, name).await?.ok_or_else(FsError::not_found)?;
+        let target = self.child(new_parent, new_name).await?;
+        if let Some(target) = &target {
+            if target.ino == source.ino {
+                return Ok(());
+            }
+            if no_replace {
+                return Err(FsError::new(libc::EEXIST, "target exists (RENAME_NOREPLACE)"));
+            }
+            match (source.kind == Kind::Dir, target.kind == Kind::Dir) {
+                (true, false) => return Err(FsError::new(libc::ENOTDIR, "target is not a directory")),
+                (false, true) => return Err(FsError::new(libc::EISDIR, "target is a directory")),
+                (true, true) => {
+                    self.ensure_listed(target).await?;
+                    if self.meta.has_children(target.ino)? {
+                        return Err(FsError::new(libc::ENOTEMPTY, "target directory not empty"));
+                    }
+                }
+                (false, false) => {}
+            }
+        }
+        // A directory cannot move below itself.
+        if source.kind == Kind::Dir {
+            let mut names = self.meta.path_of(new_parent)?.ok_or_else(FsError::not_found)?;
+            let own = self.meta.path_of(source.ino)?.ok_or_else(FsError::not_found)?;
+            if names.starts_with(&own) {
+                return Err(FsError::new(libc::EINVAL, "cannot move a directory below itself"));
+            }
+            names.push(new_name.to_vec());
+            key_for(&names, Kind::Dir)?;
+            self.ensure_subtree_listed(&source).await?;
+        }
+        let mut new_names = self.meta.path_of(new_parent)?.ok_or_else(FsError::not_found)?;
+        new_names.push(new_name.to_vec());
+        let new_key = key_for(&new_names, source.kind)?;
+        let delay = self.delay();
+        let mut ops = Vec::new();
+        self.meta.transaction(|tx| {
+            if let Some(target) = &target {
+                // The moved object overwrites the target's key; only delete a key it won't.
+                let mut replaced = target.clone();
+                if replaced.remote_key.as_deref() == Some(new_key.as_str()) {
+                    replaced.remote_key = None;
+                }
+                self.remove_inode_tx(tx, &replaced, &mut ops)?;
+            }
+            self.meta.move_entry(tx, source.ino, new_parent, new_name)?;
+            let mut moved = vec![source.ino];
+            if source.kind == Kind::Dir {
+                moved.extend(self.meta.descendants(tx, source.ino)?);
+            }
+            for ino in moved {
+                let op = JournalOp::Sync(ino);
+                self.meta.enqueue(tx, &op, delay)?;
+                ops.push(op);
+            }
+            Ok(())
+        })?;
+        if let Some(target) = &target {
+            self.drop_cached_data(target.ino)?;
+        }
+        self.sync_now_or_later(ops).await
+    }
+
+    pub async fn setattr(&self, ino: u64, change: SetAttr) -> FsResult<Attr> {
+        let inode = self.ensure_attrs(self.inode(ino)?).await?;
+        let touches = change.mode.is_some() || change.uid.is_some() || change.gid.is_some() || change.size.is_some() || change.mtime.is_some();
+        if !touches {
+            return Ok(self.attr_of(&inode));
+        }
+        self.check_writable()?;
+        if let Some(size) = change.size {
+            if inode.kind != Kind::File {
+                return Err(FsError::new(libc::EISDIR, "not a regular file"));
+            }
+            self.truncate(&inode, size, change.fh).await?;
+        }
+        let attrs = AttrChange {
+            perm: change.mode.map(|m| m & 0o7777),
+            uid: change.uid,
+            gid: change.gid,
+            mtime: change.mtime.or(change.size.map(|_| SystemTime::now())),
+            dirty: Some(true),
+            ..Default::default()
+        };
+        let delay = self.delay();
+        self.meta.transaction(|tx| {
+            self.meta.change_attrs(tx, ino, &attrs)?;
+            self.meta.enqueue(tx, &JournalOp::Sync(ino), delay)
+        })?;
+        if let Some(file) = self.cache.loaded(ino) {
+            file.lock().dirty = true;
+        }
+        // With a handle open, write-through uploads at close; otherwise now.
+        let open = lock(&self.open_counts).get(&ino).copied().unwrap_or(0) > 0;
+        if !(self.write_through() && open) {
+            self.sync_now_or_later(vec![JournalOp::Sync(ino)]).await?;
+        }
+        self.getattr(ino).await
+    }
+
+    async fn truncate(&self, inode: &Inode, size: u64, fh: Option<u64>) -> FsResult<()> {
+        if let Some(handle) = fh.and_then(|fh| self.handle(fh).ok()) {
+            let mut io = handle.io.lock().await;
+            if let Some(stream) = io.stream.take() {
+                // Truncating a stream: park what was sent and continue from the cache file.
+                self.stage_stream(&handle, &mut io, stream).await?;
+            }
+            io.staged = true;
+        }
+        let file = self.cache_file(inode)?;
+        let missing = file.missing_for_truncate(size);
+        if !missing.is_empty() {
+            file.fetch(&self.backend, missing).await?;
+        }
+        file.truncate(size)?;
+        lock(&self.live_sizes).remove(&inode.ino);
+        self.persist(&file, inode.ino, false)
+    }
+
+    // --- files ---
+
+    fn cache_file(&self, inode: &Inode) -> FsResult<Arc<CacheFile>> {
+        self.cache.get_or_load(inode.ino, || file_init(&self.meta, inode))
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        lock(&self.handles).get(&fh).cloned().ok_or_else(|| FsError::new(libc::EBADF, "no such file handle"))
+    }
+
+    fn add_handle(&self, handle: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.open_counts).entry(handle.ino).or_insert(0) += 1;
+        lock(&self.handles).insert(fh, Arc::new(handle));
+        fh
+    }
+
+    pub async fn open(&self, ino: u64, mode: OpenMode) -> FsResult<u64> {
+        let inode = self.ensure_attrs(self.inode(ino)?).await?;
+        if inode.kind == Kind::Dir {
+            return Err(FsError::new(libc::EISDIR, "is a directory"));
+        }
+        if mode.write {
+            self.check_writable()?;
+        }
+        let fresh = mode.write && mode.truncate;
+        self.open_inode(&inode, mode, fresh).await
+    }
+
+    async fn open_inode(&self, inode: &Inode, mode: OpenMode, fresh: bool) -> FsResult<u64> {
+        let handle = Handle::new(inode.ino, mode, fresh && self.write_through());
+        if self.write_through() {
+            if fresh {
+                lock(&self.live_sizes).insert(inode.ino, 0);
+            }
+        } else {
+            let file = self.cache_file(inode)?;
+            file.lock().open_handles += 1;
+            if fresh && file.lock().size > 0 {
+                file.truncate(0)?;
+                self.persist(&file, inode.ino, false)?;
+            }
+        }
+        Ok(self.add_handle(handle))
+    }
+
+    pub async fn create(&self, parent: u64, name: &[u8], mode: u32, flags: i32, uid: u32, gid: u32) -> FsResult<(Attr, u64)> {
+        let open_mode = OpenMode::from_flags(flags);
+        let new = self.new_entry(Kind::File, mode & 0o7777, uid, gid, None);
+        let inode = self.create_node(parent, name, new).await?;
+        let fh = self.open_inode(&inode, open_mode, true).await?;
+        if !self.write_through() {
+            self.uploader.wake();
+        }
+        Ok((self.attr_of(&inode), fh))
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let handle = self.handle(fh)?;
+        let inode = self.inode(handle.ino)?;
+        let read_ahead = handle.read_ahead(offset, size as u64, MAX_READ_AHEAD);
+        let staged = self.cache.loaded(inode.ino);
+        if self.write_through() && staged.is_none() {
+            return self.read_streamed(&handle, &inode, offset, size as u64, read_ahead).await;
+        }
+        let file = match staged {
+            Some(file) => file,
+            None => self.cache_file(&inode)?,
+        };
+        // Bounded: a block fetched stays present unless evicted between the two steps.
+        for _ in 0..4 {
+            if let Some(data) = file.read_local(offset, size as u64)? {
+                return Ok(data);
+            }
+            let missing = file.missing_for_read(offset..offset + size as u64, read_ahead);
+            file.fetch(&self.backend, missing).await?;
+        }
+        Err(FsError::loud(libc::EIO, format!("inode {}: data could not be kept in the cache", inode.ino)))
+    }
+
+    /// Write-through reads: ranged GETs into a per-handle window, nothing on disk.
+    async fn read_streamed(&self, handle: &Handle, inode: &Inode, offset: u64, size: u64, read_ahead: u64) -> FsResult<Vec<u8>> {
+        let total = lock(&self.live_sizes).get(&inode.ino).copied().unwrap_or(inode.size);
+        let end = (offset + size).min(total);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        if let Some(data) = handle.window_read(offset, end) {
+            return Ok(data);
+        }
+        let key = inode.remote_key.clone().filter(|k| !k.is_empty()).ok_or_else(|| FsError::loud(libc::EIO, "object not in the bucket yet"))?;
+        let fetch_end = (end + read_ahead).min(inode.remote_size.unwrap_or(total)).max(end);
+        let data = self
+            .backend
+            .read_range(&key, offset..fetch_end)
+            .await
+            .map_err(|err| FsError::backend(&format!("reading {key}"), err))?
+            .to_bytes();
+        handle.set_window(offset, data);
+        handle.window_read(offset, end).ok_or_else(|| FsError::loud(libc::EIO, format!("{key}: short read")))
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let handle = self.handle(fh)?;
+        if !handle.mode.write {
+            return Err(FsError::new(libc::EBADF, "file not open for writing"));
+        }
+        let inode = self.inode(handle.ino)?;
+        if self.write_through() {
+            let mut io = handle.io.lock().await;
+            let offset = if handle.mode.append { self.size_now(&inode) } else { offset };
+            if !io.staged {
+                let position = io.stream.as_ref().map_or(0, StreamUpload::len);
+                if handle.streamable && offset == position {
+                    return self.write_stream(&handle, &mut io, &inode, data).await;
+                }
+                if let Some(stream) = io.stream.take() {
+                    self.stage_stream(&handle, &mut io, stream).await?;
+                }
+                io.staged = true;
+            }
+            drop(io);
+            return self.write_cached(&inode, offset, data).await;
+        }
+        let offset = if handle.mode.append { self.size_now(&inode) } else { offset };
+        self.write_cached(&inode, offset, data).await
+    }
+
+    fn size_now(&self, inode: &Inode) -> u64 {
+        self.attr_of(inode).size
+    }
+
+    async fn write_cached(&self, inode: &Inode, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let file = self.cache_file(inode)?;
+        for _ in 0..4 {
+            match file.write_local(offset, data)? {
+                WriteOutcome::Written => return Ok(data.len() as u32),
+                WriteOutcome::NeedFetch(runs) => file.fetch(&self.backend, runs).await?,
+            }
+        }
+        Err(FsError::loud(libc::EIO, format!("inode {}: could not prepare the cache for a write", inode.ino)))
+    }
+
+    async fn write_stream(&self, handle: &Handle, io: &mut handle::HandleIo, inode: &Inode, data: &[u8]) -> FsResult<u32> {
+        if io.stream.is_none() {
+            let key = self.key_of(inode)?;
+            let metadata = attrs_of(inode).encode(None);
+            let stream = StreamUpload::start(&self.backend, &key, metadata, self.config.part_size, self.config.upload_concurrency).await?;
+            io.stream = Some(stream);
+        }
+        let stream = io.stream.as_mut().ok_or_else(|| FsError::loud(libc::EIO, "stream vanished"))?;
+        stream.push(data).await?;
+        lock(&self.live_sizes).insert(handle.ino, stream.len());
+        Ok(data.len() as u32)
+    }
+
+    /// A write-through writer left the sequential path. Bytes still in memory move to the
+    /// cache file; if parts already left, the object is completed with what was streamed
+    /// and the cache file continues from it (fetching what it needs).
+    async fn stage_stream(&self, handle: &Handle, io: &mut handle::HandleIo, mut stream: StreamUpload) -> FsResult<()> {
+        let inode = self.inode(handle.ino)?;
+        let file = self.cache.get_or_load(inode.ino, || {
+            Ok(crate::cache::FileInit { size: 0, fetch_limit: 0, source_key: None, dirty: true, saved_blocks: None })
+        })?;
+        if !stream.has_sent_parts() {
+            let buffer = stream.take_buffer();
+            stream.abort().await;
+            file.truncate(0)?;
+            if let WriteOutcome::NeedFetch(_) = file.write_local(0, &buffer)? {
+                return Err(FsError::loud(libc::EIO, "staging buffer could not be written"));
+            }
+        } else {
+            let uploaded = stream.finish().await?;
+            let remote = RemoteState { key: uploaded.key.clone(), etag: uploaded.etag, size: uploaded.size };
+            self.meta.transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, false))?;
+            let mut state = file.lock();
+            state.source_key = Some(uploaded.key);
+            state.fetch_limit = uploaded.size;
+            state.size = uploaded.size;
+            state.dirty = true;
+            state.gen += 1;
+        }
+        file.lock().open_handles += 1;
+        io.holds_cache_file = true;
+        lock(&self.live_sizes).remove(&inode.ino);
+        Ok(())
+    }
+
+    /// Makes a cached file's changes durable and journals its upload (cached/sync), or
+    /// uploads it now (write-through, when `upload_now`).
+    fn persist(&self, file: &CacheFile, ino: u64, force: bool) -> FsResult<()> {
+        let (gen, size, fetch_limit, blocks) = {
+            let state = file.lock();
+            if state.gen == state.persisted_gen && !force {
+                return Ok(());
+            }
+            (state.gen, state.size, state.fetch_limit, state.blocks.to_bytes())
+        };
+        file.sync_data()?;
+        let delay = self.delay();
+        let change = AttrChange {
+            size: Some(size),
+            fetch_limit: Some(fetch_limit),
+            mtime: Some(SystemTime::now()),
+            dirty: Some(true),
+            ..Default::default()
+        };
+        self.meta.save_blocks(ino, BLOCK_SIZE, &blocks)?;
+        self.meta.transaction(|tx| {
+            self.meta.change_attrs(tx, ino, &change)?;
+            self.meta.enqueue(tx, &JournalOp::Sync(ino), delay)
+        })?;
+        file.lock().persisted_gen = gen;
+        Ok(())
+    }
+
+    /// close(): cached/sync make the data durable locally; write-through completes the
+    /// object in the bucket. Errors reach the writer.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let handle = self.handle(fh)?;
+        if !handle.mode.write {
+            return Ok(());
+        }
+        let inode = self.inode(handle.ino)?;
+        if !self.write_through() {
+            let file = self.cache_file(&inode)?;
+            self.persist(&file, inode.ino, false)?;
+            self.uploader.wake();
+            return Ok(());
+        }
+        let mut io = handle.io.lock().await;
+        if let Some(stream) = io.stream.take() {
+            let uploaded = stream.finish().await?;
+            let remote = RemoteState { key: uploaded.key.clone(), etag: uploaded.etag, size: uploaded.size };
+            let change = AttrChange { size: Some(uploaded.size), mtime: Some(SystemTime::now()), dirty: Some(false), ..Default::default() };
+            self.meta.transaction(|tx| {
+                self.meta.change_attrs(tx, inode.ino, &change)?;
+                self.meta.set_remote(tx, inode.ino, &remote, true)?;
+                // The stream replaced the object: a queued sync (from create) is moot.
+                tx.execute("DELETE FROM journal WHERE op = 'sync' AND ino = ?1", [inode.ino as i64])?;
+                Ok(())
+            })?;
+            lock(&self.live_sizes).remove(&inode.ino);
+            // Further writes append to a complete object: they go through the cache file.
+            io.staged = true;
+            return Ok(());
+        }
+        if io.staged {
+            let file = self.cache_file(&inode)?;
+            self.persist(&file, inode.ino, false)?;
+            if self.meta.due_entries(usize::MAX >> 1, true)?.iter().any(|e| e.op == JournalOp::Sync(inode.ino)) {
+                self.uploader.run_now(JournalOp::Sync(inode.ino)).await?;
+            }
+            return Ok(());
+        }
+        if handle.streamable {
+            // Opened with O_TRUNC (or created) and nothing written: an empty object.
+            let pending = self.meta.due_entries(usize::MAX >> 1, true)?.iter().any(|e| e.op == JournalOp::Sync(inode.ino));
+            if !pending {
+                let delay = self.delay();
+                let change = AttrChange { size: Some(0), dirty: Some(true), ..Default::default() };
+                self.meta.transaction(|tx| {
+                    self.meta.change_attrs(tx, inode.ino, &change)?;
+                    self.meta.enqueue(tx, &JournalOp::Sync(inode.ino), delay)
+                })?;
+            }
+            let file = self.cache_file(&self.inode(inode.ino)?)?;
+            file.truncate(0)?;
+            self.uploader.run_now(JournalOp::Sync(inode.ino)).await?;
+            lock(&self.live_sizes).remove(&inode.ino);
+        }
+        Ok(())
+    }
+
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh).await
+    }
+
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let result = self.flush(fh).await;
+        let Some(handle) = lock(&self.handles).remove(&fh) else { return result };
+        let ino = handle.ino;
+        let remaining = {
+            let mut counts = lock(&self.open_counts);
+            let count = counts.entry(ino).or_insert(1);
+            *count = count.saturating_sub(1);
+            let remaining = *count;
+            if remaining == 0 {
+                counts.remove(&ino);
+            }
+            remaining
+        };
+        if let Some(file) = self.cache.loaded(ino) {
+            let mut state = file.lock();
+            let held = if self.write_through() { u32::from(handle.io.try_lock().is_ok_and(|io| io.holds_cache_file)) } else { 1 };
+            state.open_handles = state.open_handles.saturating_sub(held);
+        }
+        let inode = self.meta.get(ino)?;
+        if remaining == 0 {
+            lock(&self.live_sizes).remove(&ino);
+            if inode.as_ref().is_some_and(|i| i.parent.is_none() && i.ino != ROOT_INO) {
+                // Unlinked while open: its last close frees it.
+                self.meta.transaction(|tx| self.meta.delete_inode(tx, ino))?;
+                self.cache.remove(ino)?;
+            } else if self.write_through() {
+                if let Some(file) = self.cache.loaded(ino) {
+                    if !file.lock().dirty {
+                        self.cache.remove(ino)?;
+                    }
+                }
+            }
+        }
+        if self.config.mode == Mode::Cached {
+            for evicted in self.cache.evict_to_limit()? {
+                self.meta.transaction(|tx| {
+                    tx.execute("DELETE FROM cache_blocks WHERE ino = ?1", [evicted as i64])?;
+                    Ok(())
+                })?;
+            }
+        }
+        result
+    }
+
+    pub fn statfs(&self) -> (u64, u64) {
+        // Buckets have no fixed size: report plenty, as s3fs does.
+        (1 << 48, 4096)
+    }
+
+    pub fn status(&self, source: &str) -> FsResult<Status> {
+        Ok(Status {
+            mode: self.config.mode.as_str(),
+            source: source.to_string(),
+            cache_used_bytes: self.cache.used_bytes(),
+            cache_limit_bytes: self.cache.limit(),
+            uploads_in_flight: self.uploader.in_flight(),
+            journal: self.meta.summary()?,
+        })
+    }
+
+    /// Persists every open file's changes and waits until the bucket has everything.
+    pub async fn flush_all(&self, timeout: Duration) -> FsResult<()> {
+        let handles: Vec<u64> = lock(&self.handles).keys().copied().collect();
+        for fh in handles {
+            self.flush(fh).await?;
+        }
+        self.uploader.flush(timeout).await
+    }
+}

@@ -1,0 +1,325 @@
+//! The daemon: builds the layers, mounts, serves the control socket, and unmounts with a
+//! bounded flush on `umount`, SIGTERM or SIGINT.
+
+pub mod control;
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command as Process, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+
+use crate::backend::{source, AttrDefaults};
+use crate::cache::DataCache;
+use crate::config::{Mode, MountConfig};
+use crate::core::{Core, CoreConfig};
+use crate::fs::BucketFs;
+use crate::meta::MetaStore;
+use crate::sync::{Uploader, UploaderConfig};
+use control::{Command, Response};
+
+/// How long mounting waits for the bucket to answer before giving up.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `bucketgate mount` without `--foreground`: starts the daemon in the background and
+/// returns once the mount is ready, or with the daemon's own error.
+pub fn mount_in_background(config: &MountConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.cache_dir)
+        .with_context(|| format!("creating cache dir {}", config.cache_dir.display()))?;
+    let log_path = config.cache_dir.join("bucketgate.log");
+    let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("locating the bucketgate binary")?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--foreground".to_string());
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        let mut command = Process::new(exe);
+        command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("duplicating log handle")?)
+            .stderr(log);
+        // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal.
+        unsafe {
+            command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        }
+        command.spawn().context("starting the daemon")?
+    };
+    let deadline = Instant::now() + CHECK_TIMEOUT + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().context("watching the daemon")? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the daemon exited ({status}) before the mount was ready:\n{}", log.trim_end());
+        }
+        if control::request(&config.mountpoint, Command::Status, Duration::from_secs(2)).is_ok_and(|r| r.ok) {
+            println!("mounted {} on {} ({} mode, pid {})", config.source, config.mountpoint.display(), config.mode.as_str(), child.id());
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the mount was not ready in time; see {}", log_path.display())
+}
+
+/// Runs a mount in the foreground until unmounted or signalled.
+pub fn run_foreground(config: MountConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bucketgate")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+fn open_layers(config: &MountConfig) -> anyhow::Result<(Arc<MetaStore>, Arc<DataCache>, File)> {
+    std::fs::create_dir_all(&config.cache_dir)
+        .with_context(|| format!("creating cache dir {}", config.cache_dir.display()))?;
+    std::fs::set_permissions(&config.cache_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("securing cache dir {}", config.cache_dir.display()))?;
+    let lock = File::create(config.cache_dir.join("lock")).context("creating cache lock file")?;
+    nix::fcntl::Flock::lock(lock.try_clone().context("lock handle")?, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, err)| anyhow!("cache dir {} is in use by another bucketgate ({err}); give each mount its own --cache-dir", config.cache_dir.display()))
+        .map(std::mem::forget)?;
+    let defaults = attr_defaults(config);
+    let meta = MetaStore::open(&config.cache_dir.join("meta.db"), 0o777 & !defaults.umask, defaults.uid, defaults.gid)
+        .map_err(|err| anyhow!("opening metadata store: {err}"))?;
+    let unclean = meta.state("clean").map_err(|err| anyhow!("{err}"))?.as_deref() != Some("1");
+    let data_dir = config.cache_dir.join("data");
+    if unclean {
+        // After a crash, clean cached blocks may not have reached the disk: refetch them.
+        for ino in meta.drop_clean_blocks().map_err(|err| anyhow!("{err}"))? {
+            let path = data_dir.join(ino.to_string());
+            if let Err(err) = std::fs::remove_file(&path) {
+                if err.kind() != std::io::ErrorKind::NotFound {
+                    return Err(err).with_context(|| format!("removing stale cache file {}", path.display()));
+                }
+            }
+        }
+    }
+    meta.set_state("clean", "0").map_err(|err| anyhow!("{err}"))?;
+    for orphan in meta.orphans().map_err(|err| anyhow!("{err}"))? {
+        meta.transaction(|tx| meta.delete_inode(tx, orphan)).map_err(|err| anyhow!("{err}"))?;
+    }
+    let saved_bytes = saved_cache_bytes(&meta)?;
+    let cache = DataCache::open(&data_dir, config.cache_size, saved_bytes).map_err(|err| anyhow!("{err}"))?;
+    Ok((Arc::new(meta), Arc::new(cache), lock))
+}
+
+fn saved_cache_bytes(meta: &MetaStore) -> anyhow::Result<u64> {
+    meta.transaction(|tx| {
+        let mut stmt = tx.prepare("SELECT bitmap FROM cache_blocks")?;
+        let blobs = stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
+        let mut total = 0u64;
+        for blob in blobs {
+            total += crate::cache::blocks::BlockSet::from_bytes(&blob?).count() * crate::cache::BLOCK_SIZE;
+        }
+        Ok(total)
+    })
+    .map_err(|err| anyhow!("{err}"))
+}
+
+fn attr_defaults(config: &MountConfig) -> AttrDefaults {
+    AttrDefaults { uid: config.options.uid, gid: config.options.gid, umask: config.options.umask }
+}
+
+async fn serve(config: MountConfig) -> anyhow::Result<()> {
+    let (meta, cache, _lock) = open_layers(&config)?;
+    let connection = source::Connection {
+        endpoint: config.endpoint.clone(),
+        region: config.region.clone(),
+        credentials_file: config.credentials.clone(),
+        request_timeout: Some(Duration::from_secs(60)),
+        retries: 4,
+    };
+    let backend = source::open(&config.source, &connection, attr_defaults(&config))?;
+    let check = source::open(&config.source, &source::Connection { retries: 0, ..connection }, attr_defaults(&config))?;
+    match tokio::time::timeout(CHECK_TIMEOUT, check.check()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => bail!("cannot reach {}: {}", backend.description, explain_backend_error(&err)),
+        Err(_) => bail!("cannot reach {}: no answer within {CHECK_TIMEOUT:?}; check --endpoint and the network", backend.description),
+    }
+    let uploader = Uploader::new(
+        meta.clone(),
+        backend.clone(),
+        cache.clone(),
+        UploaderConfig {
+            part_size: config.part_size,
+            concurrency: config.upload_concurrency,
+            keep_data: config.mode.keeps_data(),
+        },
+    );
+    let uploader_task = tokio::spawn(uploader.clone().run());
+    let core = Arc::new(Core::new(
+        CoreConfig {
+            mode: config.mode,
+            part_size: config.part_size,
+            upload_concurrency: config.upload_concurrency,
+            upload_delay: config.upload_delay,
+            flush_timeout: config.flush_timeout,
+            read_only: config.options.read_only,
+            defaults: attr_defaults(&config),
+        },
+        meta.clone(),
+        backend.clone(),
+        cache,
+        uploader.clone(),
+    ));
+    let session = mount(&config, core.clone())?;
+    tracing::info!(source = %backend.description, mountpoint = %config.mountpoint.display(), mode = config.mode.as_str(), "mounted");
+    let (stop_tx, mut stop_rx) = mpsc::channel::<Option<tokio::sync::oneshot::Sender<Response>>>(4);
+    let socket = control::socket_path(&config.mountpoint);
+    let listener = bind_socket(&socket)?;
+    tokio::spawn(serve_control(listener, core.clone(), backend.description.clone(), config.flush_timeout, stop_tx.clone()));
+    spawn_signal_handlers(stop_tx.clone())?;
+    let reply_to = loop {
+        tokio::select! {
+            request = stop_rx.recv() => break request.flatten(),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if session.guard.is_finished() {
+                    tracing::info!("unmounted from outside; flushing before exit");
+                    break None;
+                }
+            }
+        }
+    };
+    let flushed = core.flush_all(config.flush_timeout).await;
+    if let Err(err) = &flushed {
+        tracing::error!("{err}; the changes stay journaled in {} and upload at the next mount", config.cache_dir.display());
+    }
+    if !session.guard.is_finished() {
+        if let Err(err) = session.umount_and_join() {
+            tracing::error!(error = %err, "unmount failed");
+        }
+    }
+    uploader.stop();
+    uploader_task.abort();
+    if let Err(err) = std::fs::remove_file(&socket) {
+        tracing::debug!(error = %err, "removing control socket");
+    }
+    meta.set_state("clean", "1").map_err(|err| anyhow!("{err}"))?;
+    let response = match &flushed {
+        Ok(()) => Response { ok: true, ..Default::default() },
+        Err(err) => Response { ok: false, error: Some(format!("unmounted, but {err}; they upload at the next mount")), status: None },
+    };
+    if let Some(reply) = reply_to {
+        if reply.send(response).is_err() {
+            tracing::debug!("umount client went away");
+        }
+    }
+    tracing::info!("stopped");
+    flushed.map_err(|err| anyhow!("{err}"))
+}
+
+fn explain_backend_error(err: &opendal::Error) -> String {
+    match err.kind() {
+        opendal::ErrorKind::NotFound => format!("the bucket does not exist ({err})"),
+        opendal::ErrorKind::PermissionDenied => format!("access denied: check the credentials ({err})"),
+        _ => err.to_string(),
+    }
+}
+
+fn mount(config: &MountConfig, core: Arc<Core>) -> anyhow::Result<fuser::BackgroundSession> {
+    let mut options = vec![
+        fuser::MountOption::FSName(config.source.clone()),
+        fuser::MountOption::Subtype("bucketgate".to_string()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoAtime,
+    ];
+    if config.options.read_only {
+        options.push(fuser::MountOption::RO);
+    }
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.mount_options = options;
+    fuse_config.acl = if config.options.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    let fs = BucketFs::new(core, tokio::runtime::Handle::current());
+    fuser::spawn_mount(fs, &config.mountpoint, &fuse_config).with_context(|| {
+        format!("mounting on {} (is fuse3 installed and the directory empty and not mounted?)", config.mountpoint.display())
+    })
+}
+
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another bucketgate already serves this mount point ({})", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).context("securing control socket")?;
+    Ok(listener)
+}
+
+type StopSender = mpsc::Sender<Option<tokio::sync::oneshot::Sender<Response>>>;
+
+async fn serve_control(listener: UnixListener, core: Arc<Core>, source: String, flush_timeout: Duration, stop: StopSender) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                tracing::error!(error = %err, "control socket accept failed");
+                return;
+            }
+        };
+        let (core, source, stop) = (core.clone(), source.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(read).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let response = match serde_json::from_str::<Command>(line.trim()) {
+                Ok(Command::Status) => match core.status(&source) {
+                    Ok(status) => Response { ok: true, error: None, status: serde_json::to_value(status).ok() },
+                    Err(err) => Response { ok: false, error: Some(err.to_string()), status: None },
+                },
+                Ok(Command::Flush) => match core.flush_all(flush_timeout).await {
+                    Ok(()) => Response { ok: true, ..Default::default() },
+                    Err(err) => Response { ok: false, error: Some(err.to_string()), status: None },
+                },
+                Ok(Command::Unmount) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if stop.send(Some(tx)).await.is_err() {
+                        Response { ok: false, error: Some("daemon is already stopping".into()), status: None }
+                    } else {
+                        rx.await.unwrap_or(Response { ok: false, error: Some("daemon stopped without answering".into()), status: None })
+                    }
+                }
+                Err(err) => Response { ok: false, error: Some(format!("bad request: {err}")), status: None },
+            };
+            let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".to_string());
+            text.push('\n');
+            if let Err(err) = write.write_all(text.as_bytes()).await {
+                tracing::debug!(error = %err, "control client went away");
+            }
+        });
+    }
+}
+
+fn spawn_signal_handlers(stop: StopSender) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: flushing and unmounting"),
+            _ = int.recv() => tracing::info!("SIGINT: flushing and unmounting"),
+        }
+        if stop.send(None).await.is_err() {
+            tracing::debug!("already stopping");
+        }
+    });
+    Ok(())
+}
+
+/// Whether a mode keeps data (re-exported for the CLI's status line).
+pub fn describe_mode(mode: Mode) -> &'static str {
+    mode.as_str()
+}

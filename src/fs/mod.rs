@@ -1,0 +1,355 @@
+//! The thin FUSE adapter: kernel arguments to core calls, core results to replies.
+//! Every request runs as a task on the tokio runtime, so the request loop never waits.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::backend::Kind;
+use crate::core::{Attr, Core, OpenMode, SetAttr, MAX_NAME_BYTES};
+use crate::error::{FsError, Level};
+
+/// How long the kernel may cache entries and attributes.
+const TTL: Duration = Duration::from_secs(1);
+
+pub struct BucketFs {
+    core: Arc<Core>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl BucketFs {
+    pub fn new(core: Arc<Core>, runtime: tokio::runtime::Handle) -> BucketFs {
+        BucketFs { core, runtime }
+    }
+
+    fn spawn<F>(&self, op: &'static str, work: impl FnOnce(Arc<Core>) -> F + Send + 'static)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let core = self.core.clone();
+        self.runtime.spawn(async move {
+            tracing::trace!(op, "request");
+            work(core).await
+        });
+    }
+}
+
+fn errno(op: &str, err: FsError) -> Errno {
+    match err.level {
+        Level::Debug => tracing::debug!(op, errno = err.errno, "{}", err.message),
+        Level::Error => tracing::error!(op, errno = err.errno, "{}", err.message),
+    }
+    Errno::from_i32(err.errno)
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
+fn file_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: attr.size,
+        blocks: attr.size.div_ceil(512),
+        atime: attr.mtime,
+        mtime: attr.mtime,
+        ctime: attr.ctime,
+        crtime: attr.ctime,
+        kind: file_type(attr.kind),
+        perm: attr.perm as u16,
+        nlink: if attr.kind == Kind::Dir { 2 } else { 1 },
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: 0,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn time_of(value: TimeOrNow) -> SystemTime {
+    match value {
+        TimeOrNow::SpecificTime(time) => time,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+fn name_bytes(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+impl Filesystem for BucketFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // 1 MiB writes and reads: fewer round trips through the daemon.
+        if let Err(max) = config.set_max_write(1 << 20) {
+            tracing::debug!(max, "kernel caps max_write");
+        }
+        if let Err(max) = config.set_max_readahead(1 << 20) {
+            if let Err(err) = config.set_max_readahead(max) {
+                tracing::debug!(err, "kernel refused read-ahead setting");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name_bytes(name);
+        self.spawn("lookup", move |core| async move {
+            match core.lookup(parent.0, &name).await {
+                Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+                Err(err) => reply.error(errno("lookup", err)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.spawn("getattr", move |core| async move {
+            match core.getattr(ino.0).await {
+                Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+                Err(err) => reply.error(errno("getattr", err)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = SetAttr { mode, uid, gid, size, mtime: mtime.map(time_of), fh: fh.map(|f| f.0) };
+        self.spawn("setattr", move |core| async move {
+            match core.setattr(ino.0, change).await {
+                Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+                Err(err) => reply.error(errno("setattr", err)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn("readlink", move |core| async move {
+            match core.readlink(ino.0).await {
+                Ok(target) => reply.data(&target),
+                Err(err) => reply.error(errno("readlink", err)),
+            }
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let (name, uid, gid) = (name_bytes(name), req.uid(), req.gid());
+        self.spawn("mkdir", move |core| async move {
+            match core.mkdir(parent.0, &name, mode & !umask, uid, gid).await {
+                Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+                Err(err) => reply.error(errno("mkdir", err)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name_bytes(name);
+        self.spawn("unlink", move |core| async move {
+            match core.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno("unlink", err)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name_bytes(name);
+        self.spawn("rmdir", move |core| async move {
+            match core.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno("rmdir", err)),
+            }
+        });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (name, target, uid, gid) = (name_bytes(link_name), name_bytes(target.as_os_str()), req.uid(), req.gid());
+        self.spawn("symlink", move |core| async move {
+            match core.symlink(parent.0, &name, &target, uid, gid).await {
+                Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+                Err(err) => reply.error(errno("symlink", err)),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            // Object stores cannot swap two keys atomically.
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let (name, newname) = (name_bytes(name), name_bytes(newname));
+        self.spawn("rename", move |core| async move {
+            match core.rename(parent.0, &name, newparent.0, &newname, no_replace).await {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno("rename", err)),
+            }
+        });
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        // One object is one file: a second name for the same bytes has no object form.
+        reply.error(Errno::EPERM);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mode = OpenMode::from_flags(flags.0);
+        self.spawn("open", move |core| async move {
+            match core.open(ino.0, mode).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(err) => reply.error(errno("open", err)),
+            }
+        });
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let (name, uid, gid) = (name_bytes(name), req.uid(), req.gid());
+        self.spawn("create", move |core| async move {
+            match core.create(parent.0, &name, mode & !umask, flags, uid, gid).await {
+                Ok((attr, fh)) => reply.created(&TTL, &file_attr(&attr), Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Err(err) => reply.error(errno("create", err)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn("read", move |core| async move {
+            match core.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(err) => reply.error(errno("read", err)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn("write", move |core| async move {
+            match core.write(fh.0, offset, &data).await {
+                Ok(written) => reply.written(written),
+                Err(err) => reply.error(errno("write", err)),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.spawn("flush", move |core| async move {
+            match core.flush(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno("flush", err)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn("release", move |core| async move {
+            match core.release(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno("release", err)),
+            }
+        });
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn("fsync", move |core| async move {
+            match core.fsync(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno("fsync", err)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.spawn("readdir", move |core| async move {
+            match core.readdir(ino.0).await {
+                Ok(entries) => {
+                    for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+                        let next = (index + 1) as u64;
+                        if reply.add(INodeNo(entry.ino), next, file_type(entry.kind), OsStr::from_bytes(&entry.name)) {
+                            break;
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(err) => reply.error(errno("readdir", err)),
+            }
+        });
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Directory changes are journaled in SQLite (synchronous=FULL) as they happen.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (bytes, block) = self.core.statfs();
+        let blocks = bytes / block;
+        reply.statfs(blocks, blocks, blocks, 1 << 32, 1 << 32, block as u32, MAX_NAME_BYTES as u32, block as u32);
+    }
+}

@@ -1,0 +1,107 @@
+//! The `bucketgate` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bucketgate::config::{MountArgs, MountConfig};
+use bucketgate::daemon::{self, control};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bucketgate", version, about = "Mount an object-storage bucket as a POSIX filesystem")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Mount a bucket
+    Mount(MountArgs),
+    /// Flush every change to the bucket, then unmount (non-zero exit if data stays unflushed)
+    Umount { mountpoint: PathBuf },
+    /// Return once every byte written so far is in the bucket
+    Flush { mountpoint: PathBuf },
+    /// Show mode, cache use, dirty files, uploads in flight, last errors
+    Status {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BUCKETGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Long enough for a big flush; the daemon bounds its own wait with --flush-timeout.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Commands::Mount(args) => {
+            let config = MountConfig::resolve(&args)?;
+            if config.foreground {
+                init_logging();
+                daemon::run_foreground(config)
+            } else {
+                daemon::mount_in_background(&config)
+            }
+        }
+        Commands::Umount { mountpoint } => {
+            let response = control::request(&mountpoint, control::Command::Unmount, CONTROL_TIMEOUT)?;
+            if !response.ok {
+                bail!("{}", response.error.unwrap_or_else(|| "unmount failed".into()));
+            }
+            Ok(())
+        }
+        Commands::Flush { mountpoint } => {
+            let response = control::request(&mountpoint, control::Command::Flush, CONTROL_TIMEOUT)?;
+            if !response.ok {
+                bail!("{}", response.error.unwrap_or_else(|| "flush failed".into()));
+            }
+            Ok(())
+        }
+        Commands::Status { mountpoint, json } => {
+            let response = control::request(&mountpoint, control::Command::Status, Duration::from_secs(30))?;
+            let status = response.status.context("the daemon sent no status")?;
+            if json {
+                println!("{status}");
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_status(status: &serde_json::Value) {
+    let field = |name: &str| status.get(name).cloned().unwrap_or(serde_json::Value::Null);
+    let mib = |name: &str| field(name).as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    println!("source:            {}", field("source").as_str().unwrap_or("?"));
+    println!("mode:              {}", field("mode").as_str().unwrap_or("?"));
+    println!("cache:             {:.1} MiB used of {:.1} MiB", mib("cache_used_bytes"), mib("cache_limit_bytes"));
+    println!("dirty:             {} files, {:.1} MiB", field("dirty_files"), mib("dirty_bytes"));
+    println!("pending changes:   {}", field("pending"));
+    println!("uploads in flight: {}", field("uploads_in_flight"));
+    if let Some(errors) = field("last_errors").as_array().filter(|e| !e.is_empty()) {
+        println!("last errors:");
+        for error in errors {
+            println!("  {}", error.as_str().unwrap_or("?"));
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bucketgate: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

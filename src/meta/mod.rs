@@ -1,0 +1,579 @@
+//! The metadata store (SQLite): inodes, directory entries, attributes, remote keys, the
+//! upload journal. It speaks the filesystem's language; no SQL leaves this module.
+
+mod schema;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+use crate::backend::Kind;
+use crate::error::{FsError, FsResult};
+
+pub const ROOT_INO: u64 = 1;
+
+/// One inode as stored.
+#[derive(Debug, Clone)]
+pub struct Inode {
+    pub ino: u64,
+    pub parent: Option<u64>,
+    pub name: Option<Vec<u8>>,
+    pub kind: Kind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub target: Option<Vec<u8>>,
+    pub attrs_loaded: bool,
+    pub listed: bool,
+    pub remote_key: Option<String>,
+    pub remote_etag: Option<String>,
+    pub remote_size: Option<u64>,
+    pub fetch_limit: Option<u64>,
+    pub dirty: bool,
+}
+
+/// Attributes of a new inode.
+#[derive(Debug, Clone)]
+pub struct NewInode {
+    pub kind: Kind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub target: Option<Vec<u8>>,
+    /// Set for objects found in the bucket.
+    pub remote: Option<RemoteState>,
+    pub attrs_loaded: bool,
+    pub listed: bool,
+    pub dirty: bool,
+}
+
+/// What the bucket holds for an inode.
+#[derive(Debug, Clone)]
+pub struct RemoteState {
+    pub key: String,
+    pub etag: Option<String>,
+    pub size: u64,
+}
+
+/// Changes to an inode's attributes; `None` leaves a field alone.
+#[derive(Debug, Clone, Default)]
+pub struct AttrChange {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SystemTime>,
+    pub fetch_limit: Option<u64>,
+    pub dirty: Option<bool>,
+}
+
+/// One piece of bucket work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalOp {
+    /// Make the bucket match this inode (upload, move, marker, symlink).
+    Sync(u64),
+    /// Delete this key unless a live inode owns it again.
+    Delete(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct JournalEntry {
+    pub id: i64,
+    pub op: JournalOp,
+    pub gen: i64,
+    pub attempts: i64,
+}
+
+/// Counts for `status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JournalSummary {
+    pub pending: u64,
+    pub dirty_files: u64,
+    pub dirty_bytes: u64,
+    pub last_errors: Vec<String>,
+}
+
+pub struct MetaStore {
+    conn: Mutex<Connection>,
+}
+
+pub fn to_ns(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(_) => 0,
+    }
+}
+
+pub fn from_ns(ns: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
+}
+
+fn now_ms() -> i64 {
+    to_ns(SystemTime::now()) / 1_000_000
+}
+
+const INODE_COLUMNS: &str = "ino, parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, \
+     attrs_loaded, listed, remote_key, remote_etag, remote_size, fetch_limit, dirty";
+
+fn inode_from_row(row: &Row<'_>) -> rusqlite::Result<Inode> {
+    let kind: i64 = row.get(3)?;
+    Ok(Inode {
+        ino: row.get::<_, i64>(0)? as u64,
+        parent: row.get::<_, Option<i64>>(1)?.map(|p| p as u64),
+        name: row.get(2)?,
+        kind: Kind::from_i64(kind).unwrap_or(Kind::File),
+        perm: row.get(4)?,
+        uid: row.get(5)?,
+        gid: row.get(6)?,
+        size: row.get::<_, i64>(7)? as u64,
+        mtime: from_ns(row.get(8)?),
+        ctime: from_ns(row.get(9)?),
+        target: row.get(10)?,
+        attrs_loaded: row.get(11)?,
+        listed: row.get(12)?,
+        remote_key: row.get(13)?,
+        remote_etag: row.get(14)?,
+        remote_size: row.get::<_, Option<i64>>(15)?.map(|s| s as u64),
+        fetch_limit: row.get::<_, Option<i64>>(16)?.map(|s| s as u64),
+        dirty: row.get(17)?,
+    })
+}
+
+fn is_unique_violation(err: &rusqlite::Error) -> bool {
+    matches!(err, rusqlite::Error::SqliteFailure(e, _) if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+impl MetaStore {
+    /// Opens (creating if needed) the store; the root directory always exists.
+    pub fn open(path: &Path, root_perm: u32, uid: u32, gid: u32) -> FsResult<MetaStore> {
+        let mut conn = Connection::open(path)?;
+        // FULL: a transaction acknowledged to a writer survives power loss.
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        schema::migrate(&mut conn)?;
+        let now = to_ns(SystemTime::now());
+        conn.execute(
+            "INSERT OR IGNORE INTO inodes(ino, parent, name, kind, perm, uid, gid, mtime_ns, ctime_ns, remote_key)
+             VALUES (1, NULL, NULL, 2, ?1, ?2, ?3, ?4, ?4, '')",
+            params![root_perm, uid, gid, now],
+        )?;
+        Ok(MetaStore { conn: Mutex::new(conn) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite itself consistent; carry on.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` in one transaction.
+    pub fn transaction<T>(&self, f: impl FnOnce(&Transaction<'_>) -> FsResult<T>) -> FsResult<T> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub fn get(&self, ino: u64) -> FsResult<Option<Inode>> {
+        get_in(&self.lock(), ino)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Option<Inode>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {INODE_COLUMNS} FROM inodes WHERE parent = ?1 AND name = ?2"))?;
+        Ok(stmt.query_row(params![parent as i64, name], inode_from_row).optional()?)
+    }
+
+    pub fn children(&self, parent: u64) -> FsResult<Vec<Inode>> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {INODE_COLUMNS} FROM inodes WHERE parent = ?1 ORDER BY name"))?;
+        let rows = stmt.query_map(params![parent as i64], inode_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn has_children(&self, parent: u64) -> FsResult<bool> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT 1 FROM inodes WHERE parent = ?1 LIMIT 1")?;
+        Ok(stmt.exists(params![parent as i64])?)
+    }
+
+    /// Creates a directory entry; EEXIST if the name is taken.
+    pub fn create_entry(&self, tx: &Transaction<'_>, parent: u64, name: &[u8], new: &NewInode) -> FsResult<Inode> {
+        let now = to_ns(SystemTime::now());
+        let remote = new.remote.as_ref();
+        let result = tx.execute(
+            "INSERT INTO inodes(parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, attrs_loaded,
+                                listed, remote_key, remote_etag, remote_size, fetch_limit, dirty)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            params![
+                parent as i64,
+                name,
+                new.kind.as_i64(),
+                new.perm,
+                new.uid,
+                new.gid,
+                new.size as i64,
+                to_ns(new.mtime),
+                now,
+                new.target,
+                new.attrs_loaded,
+                new.listed,
+                remote.map(|r| r.key.clone()),
+                remote.and_then(|r| r.etag.clone()),
+                remote.map(|r| r.size as i64),
+                remote.map(|r| r.size as i64).unwrap_or(0),
+                new.dirty,
+            ],
+        );
+        match result {
+            Ok(_) => {}
+            Err(err) if is_unique_violation(&err) => return Err(FsError::new(libc::EEXIST, "file exists")),
+            Err(err) => return Err(err.into()),
+        }
+        let ino = tx.last_insert_rowid() as u64;
+        get_in(tx, ino)?.ok_or_else(|| FsError::loud(libc::EIO, "inserted inode vanished"))
+    }
+
+    /// Records what a listing of `parent` found: adds names not known locally, marks the
+    /// directory listed. Local entries always win.
+    pub fn add_listed(&self, parent: u64, found: &[(Vec<u8>, NewInode)]) -> FsResult<()> {
+        self.transaction(|tx| {
+            for (name, new) in found {
+                match self.create_entry(tx, parent, name, new) {
+                    Ok(_) => {}
+                    Err(err) if err.errno == libc::EEXIST => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            tx.execute("UPDATE inodes SET listed = 1 WHERE ino = ?1", params![parent as i64])?;
+            Ok(())
+        })
+    }
+
+    /// Fills in attributes read by a HEAD of an inode found by listing.
+    pub fn set_loaded_attrs(&self, ino: u64, perm: u32, uid: u32, gid: u32, mtime: SystemTime, kind: Kind) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE inodes SET perm = ?2, uid = ?3, gid = ?4, mtime_ns = ?5, kind = ?6, attrs_loaded = 1 WHERE ino = ?1",
+            params![ino as i64, perm, uid, gid, to_ns(mtime), kind.as_i64()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_target(&self, ino: u64, target: &[u8]) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute("UPDATE inodes SET target = ?2 WHERE ino = ?1", params![ino as i64, target])?;
+        Ok(())
+    }
+
+    /// Applies an attribute change inside a transaction.
+    pub fn change_attrs(&self, tx: &Transaction<'_>, ino: u64, change: &AttrChange) -> FsResult<()> {
+        let now = to_ns(SystemTime::now());
+        tx.execute(
+            "UPDATE inodes SET perm = COALESCE(?2, perm), uid = COALESCE(?3, uid), gid = COALESCE(?4, gid),
+                 size = COALESCE(?5, size), mtime_ns = COALESCE(?6, mtime_ns),
+                 fetch_limit = COALESCE(?7, fetch_limit), dirty = COALESCE(?8, dirty), ctime_ns = ?9
+             WHERE ino = ?1",
+            params![
+                ino as i64,
+                change.perm,
+                change.uid,
+                change.gid,
+                change.size.map(|s| s as i64),
+                change.mtime.map(to_ns),
+                change.fetch_limit.map(|s| s as i64),
+                change.dirty,
+                now
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records that the bucket now holds `remote` for the inode. `clean` clears the dirty
+    /// flag (only when no newer change arrived during the upload).
+    pub fn set_remote(&self, tx: &Transaction<'_>, ino: u64, remote: &RemoteState, clean: bool) -> FsResult<()> {
+        tx.execute(
+            "UPDATE inodes SET remote_key = ?2, remote_etag = ?3, remote_size = ?4,
+                 fetch_limit = CASE WHEN ?5 THEN ?4 ELSE fetch_limit END,
+                 dirty = CASE WHEN ?5 THEN 0 ELSE dirty END
+             WHERE ino = ?1",
+            params![ino as i64, remote.key, remote.etag, remote.size as i64, clean],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a directory entry. Returns the inode; it stays (parentless) while open.
+    pub fn detach(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<()> {
+        tx.execute("UPDATE inodes SET parent = NULL, name = NULL WHERE ino = ?1", params![ino as i64])?;
+        Ok(())
+    }
+
+    pub fn delete_inode(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<()> {
+        tx.execute("DELETE FROM inodes WHERE ino = ?1", params![ino as i64])?;
+        tx.execute("DELETE FROM cache_blocks WHERE ino = ?1", params![ino as i64])?;
+        Ok(())
+    }
+
+    /// Moves an entry to a new parent and name (the target name must be free).
+    pub fn move_entry(&self, tx: &Transaction<'_>, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<()> {
+        let now = to_ns(SystemTime::now());
+        tx.execute(
+            "UPDATE inodes SET parent = ?2, name = ?3, ctime_ns = ?4 WHERE ino = ?1",
+            params![ino as i64, new_parent as i64, new_name, now],
+        )?;
+        Ok(())
+    }
+
+    /// Every inode below a directory (not the directory itself).
+    pub fn descendants(&self, tx: &Transaction<'_>, dir: u64) -> FsResult<Vec<u64>> {
+        let mut stmt = tx.prepare_cached(
+            "WITH RECURSIVE sub(ino) AS (SELECT ino FROM inodes WHERE parent = ?1
+                 UNION ALL SELECT i.ino FROM inodes i JOIN sub ON i.parent = sub.ino)
+             SELECT ino FROM sub",
+        )?;
+        let rows = stmt.query_map(params![dir as i64], |row| row.get::<_, i64>(0))?;
+        Ok(rows.map(|r| r.map(|v| v as u64)).collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// The names from the root down to `ino`; `None` for an unlinked inode.
+    pub fn path_of(&self, ino: u64) -> FsResult<Option<Vec<Vec<u8>>>> {
+        let conn = self.lock();
+        let mut names = Vec::new();
+        let mut current = ino;
+        let mut stmt = conn.prepare_cached("SELECT parent, name FROM inodes WHERE ino = ?1")?;
+        // Bounded: no path is deeper than the number of inodes a sane tree holds.
+        for _ in 0..4096 {
+            if current == ROOT_INO {
+                names.reverse();
+                return Ok(Some(names));
+            }
+            let row: Option<(Option<i64>, Option<Vec<u8>>)> =
+                stmt.query_row(params![current as i64], |row| Ok((row.get(0)?, row.get(1)?))).optional()?;
+            match row {
+                Some((Some(parent), Some(name))) => {
+                    names.push(name);
+                    current = parent as u64;
+                }
+                _ => return Ok(None),
+            }
+        }
+        Err(FsError::loud(libc::ELOOP, format!("inode {ino}: path deeper than 4096 levels")))
+    }
+
+    /// Resolves a path (names from the root) to an inode, without listing the bucket.
+    pub fn resolve(&self, names: &[&[u8]]) -> FsResult<Option<Inode>> {
+        let mut current = match self.get(ROOT_INO)? {
+            Some(root) => root,
+            None => return Ok(None),
+        };
+        for name in names {
+            match self.lookup(current.ino, name)? {
+                Some(child) => current = child,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(current))
+    }
+
+    /// Inodes left parentless by a previous run (unlinked while open): deletable now.
+    pub fn orphans(&self) -> FsResult<Vec<u64>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT ino FROM inodes WHERE parent IS NULL AND ino != 1")?;
+        let rows = stmt.query_map([], |row| row.get::<_, i64>(0))?;
+        Ok(rows.map(|r| r.map(|v| v as u64)).collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    // --- journal ---
+
+    /// Queues bucket work. Re-queuing a pending entry bumps its generation, so a worker
+    /// that is running it knows to run it again.
+    pub fn enqueue(&self, tx: &Transaction<'_>, op: &JournalOp, delay: Duration) -> FsResult<()> {
+        let (name, ino, key) = match op {
+            JournalOp::Sync(ino) => ("sync", *ino as i64, String::new()),
+            JournalOp::Delete(key) => ("delete", 0, key.clone()),
+        };
+        let not_before = now_ms() + delay.as_millis() as i64;
+        tx.execute(
+            "INSERT INTO journal(op, ino, key, not_before_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(op, ino, key) DO UPDATE SET gen = gen + 1, not_before_ms = MAX(not_before_ms, ?4), attempts = 0",
+            params![name, ino, key, not_before],
+        )?;
+        Ok(())
+    }
+
+    /// Entries due now (or all, with `ignore_delay`), oldest first.
+    pub fn due_entries(&self, limit: usize, ignore_delay: bool) -> FsResult<Vec<JournalEntry>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, op, ino, key, gen, attempts FROM journal
+             WHERE ?1 OR not_before_ms <= ?2 ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![ignore_delay, now_ms(), limit as i64], |row| {
+            let op: String = row.get(1)?;
+            let ino: i64 = row.get(2)?;
+            let key: String = row.get(3)?;
+            Ok(JournalEntry {
+                id: row.get(0)?,
+                op: if op == "sync" { JournalOp::Sync(ino as u64) } else { JournalOp::Delete(key) },
+                gen: row.get(4)?,
+                attempts: row.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// The entry's work is done; it is dropped unless re-queued meanwhile.
+    pub fn complete(&self, entry: &JournalEntry) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute("DELETE FROM journal WHERE id = ?1 AND gen = ?2", params![entry.id, entry.gen])?;
+        Ok(())
+    }
+
+    /// The entry failed; it is retried after `retry_in`.
+    pub fn fail(&self, entry: &JournalEntry, error: &str, retry_in: Duration) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE journal SET attempts = attempts + 1, last_error = ?2, not_before_ms = ?3 WHERE id = ?1",
+            params![entry.id, error, now_ms() + retry_in.as_millis() as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn journal_len(&self) -> FsResult<u64> {
+        let conn = self.lock();
+        Ok(conn.query_row("SELECT COUNT(*) FROM journal", [], |row| row.get::<_, i64>(0))? as u64)
+    }
+
+    pub fn summary(&self) -> FsResult<JournalSummary> {
+        let conn = self.lock();
+        let pending = conn.query_row("SELECT COUNT(*) FROM journal", [], |row| row.get::<_, i64>(0))? as u64;
+        let (dirty_files, dirty_bytes) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM inodes WHERE dirty = 1 AND kind = 1",
+            [],
+            |row| Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64)),
+        )?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT op || ' ' || CASE WHEN op = 'sync' THEN 'inode ' || ino ELSE key END || ': ' || last_error
+             FROM journal WHERE last_error IS NOT NULL ORDER BY id DESC LIMIT 5",
+        )?;
+        let last_errors = stmt.query_map([], |row| row.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(JournalSummary { pending, dirty_files, dirty_bytes, last_errors })
+    }
+
+    // --- cache presence and state ---
+
+    pub fn save_blocks(&self, ino: u64, block_size: u64, bitmap: &[u8]) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO cache_blocks(ino, block_size, bitmap) VALUES (?1, ?2, ?3)
+             ON CONFLICT(ino) DO UPDATE SET block_size = ?2, bitmap = ?3",
+            params![ino as i64, block_size as i64, bitmap],
+        )?;
+        Ok(())
+    }
+
+    pub fn load_blocks(&self, ino: u64) -> FsResult<Option<(u64, Vec<u8>)>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT block_size, bitmap FROM cache_blocks WHERE ino = ?1")?;
+        Ok(stmt
+            .query_row(params![ino as i64], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))
+            .optional()?)
+    }
+
+    /// Forgets cached blocks of files with no local changes (after an unclean stop, their
+    /// bytes may not have reached the disk).
+    pub fn drop_clean_blocks(&self) -> FsResult<Vec<u64>> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT c.ino FROM cache_blocks c JOIN inodes i ON i.ino = c.ino WHERE i.dirty = 0")?;
+        let inos = stmt
+            .query_map([], |row| row.get::<_, i64>(0))?
+            .map(|r| r.map(|v| v as u64))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        conn.execute("DELETE FROM cache_blocks WHERE ino IN (SELECT ino FROM inodes WHERE dirty = 0)", [])?;
+        conn.execute("DELETE FROM cache_blocks WHERE ino NOT IN (SELECT ino FROM inodes)", [])?;
+        Ok(inos)
+    }
+
+    pub fn state(&self, name: &str) -> FsResult<Option<String>> {
+        let conn = self.lock();
+        Ok(conn.query_row("SELECT value FROM state WHERE name = ?1", params![name], |row| row.get(0)).optional()?)
+    }
+
+    pub fn set_state(&self, name: &str, value: &str) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO state(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2",
+            params![name, value],
+        )?;
+        Ok(())
+    }
+}
+
+fn get_in(conn: &Connection, ino: u64) -> FsResult<Option<Inode>> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {INODE_COLUMNS} FROM inodes WHERE ino = ?1"))?;
+    Ok(stmt.query_row(params![ino as i64], inode_from_row).optional()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(size: u64) -> NewInode {
+        NewInode {
+            kind: Kind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            size,
+            mtime: SystemTime::now(),
+            target: None,
+            remote: None,
+            attrs_loaded: true,
+            listed: false,
+            dirty: true,
+        }
+    }
+
+    #[test]
+    fn entries_paths_and_renames() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MetaStore::open(&dir.path().join("m.db"), 0o755, 0, 0).expect("open");
+        let sub = store
+            .transaction(|tx| store.create_entry(tx, ROOT_INO, b"d", &NewInode { kind: Kind::Dir, ..file(0) }))
+            .expect("mkdir");
+        let f = store.transaction(|tx| store.create_entry(tx, sub.ino, b"f", &file(3))).expect("create");
+        let dup = store.transaction(|tx| store.create_entry(tx, sub.ino, b"f", &file(3)));
+        assert_eq!(dup.expect_err("duplicate").errno, libc::EEXIST);
+        assert_eq!(store.path_of(f.ino).expect("path"), Some(vec![b"d".to_vec(), b"f".to_vec()]));
+        store.transaction(|tx| store.move_entry(tx, sub.ino, ROOT_INO, b"e")).expect("rename");
+        assert_eq!(store.path_of(f.ino).expect("path"), Some(vec![b"e".to_vec(), b"f".to_vec()]));
+        let found = store.resolve(&[b"e", b"f"]).expect("resolve").expect("exists");
+        assert_eq!(found.ino, f.ino);
+        let below = store.transaction(|tx| store.descendants(tx, sub.ino)).expect("descendants");
+        assert_eq!(below, vec![f.ino]);
+    }
+
+    #[test]
+    fn journal_requeue_while_running_keeps_the_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MetaStore::open(&dir.path().join("m.db"), 0o755, 0, 0).expect("open");
+        store.transaction(|tx| store.enqueue(tx, &JournalOp::Sync(5), Duration::ZERO)).expect("enqueue");
+        let due = store.due_entries(10, false).expect("due");
+        assert_eq!(due.len(), 1);
+        store.transaction(|tx| store.enqueue(tx, &JournalOp::Sync(5), Duration::ZERO)).expect("requeue");
+        store.complete(&due[0]).expect("complete");
+        assert_eq!(store.journal_len().expect("len"), 1, "a change during the upload must be uploaded again");
+        let due = store.due_entries(10, false).expect("due");
+        store.complete(&due[0]).expect("complete");
+        assert_eq!(store.journal_len().expect("len"), 0);
+    }
+}

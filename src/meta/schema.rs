@@ -1,0 +1,61 @@
+//! Schema and migrations, versioned with `PRAGMA user_version`.
+
+use rusqlite::Connection;
+
+/// The schema version this build writes.
+pub const VERSION: i64 = 1;
+
+const V1: &str = "
+CREATE TABLE inodes(
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the kernel caches inode numbers
+    parent INTEGER,                         -- NULL for the root and for unlinked-but-open files
+    name BLOB,
+    kind INTEGER NOT NULL,                  -- 1 file, 2 dir, 3 symlink
+    perm INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    target BLOB,                            -- symlink target
+    attrs_loaded INTEGER NOT NULL DEFAULT 1,-- 0: found by a listing, HEAD not done yet
+    listed INTEGER NOT NULL DEFAULT 0,      -- dirs: children are known locally
+    remote_key TEXT,                        -- where the bytes live in the bucket now
+    remote_etag TEXT,
+    remote_size INTEGER,
+    fetch_limit INTEGER,                    -- bytes at or past this offset are not fetched
+    dirty INTEGER NOT NULL DEFAULT 0        -- 1: local changes not yet in the bucket
+);
+CREATE UNIQUE INDEX dentries ON inodes(parent, name);
+CREATE TABLE cache_blocks(
+    ino INTEGER PRIMARY KEY,
+    block_size INTEGER NOT NULL,
+    bitmap BLOB NOT NULL
+);
+CREATE TABLE journal(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL,                       -- 'sync' (make the bucket match inode) or 'delete' (key)
+    ino INTEGER NOT NULL DEFAULT 0,
+    key TEXT NOT NULL DEFAULT '',
+    gen INTEGER NOT NULL DEFAULT 0,         -- bumped when re-queued while running
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before_ms INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE UNIQUE INDEX journal_target ON journal(op, ino, key);
+CREATE TABLE state(name TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+/// Brings a database to [`VERSION`], in one transaction.
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version >= VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    if version < 1 {
+        tx.execute_batch(V1)?;
+    }
+    tx.execute_batch(&format!("PRAGMA user_version = {VERSION}"))?;
+    tx.commit()
+}

@@ -1,0 +1,394 @@
+//! The uploader: works through the journal, making the bucket match local metadata
+//! (uploads, directory markers, symlinks, moves after renames, deletes), with retries.
+
+pub mod upload;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore};
+
+use crate::backend::{Backend, Kind, ObjectAttrs, MAX_KEY_BYTES};
+use crate::cache::{CacheFile, DataCache, FileInit};
+use crate::error::{FsError, FsResult};
+use crate::meta::{Inode, JournalEntry, JournalOp, MetaStore, RemoteState};
+use upload::{StreamUpload, Uploaded};
+
+/// Retry delays grow from this, doubling, up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct UploaderConfig {
+    pub part_size: u64,
+    pub concurrency: usize,
+    /// Keep file data in the cache after upload (cached/sync) or drop it (write-through).
+    pub keep_data: bool,
+}
+
+pub struct Uploader {
+    meta: Arc<MetaStore>,
+    backend: Backend,
+    cache: Arc<DataCache>,
+    config: UploaderConfig,
+    wake: Notify,
+    /// Journal entries being worked on, by id.
+    running: Mutex<HashSet<i64>>,
+    /// Inodes being synced: one sync per inode at a time.
+    busy_inodes: Mutex<HashSet<u64>>,
+    busy_changed: Notify,
+    workers: Arc<Semaphore>,
+    flushing: AtomicU64,
+    in_flight: AtomicU64,
+    stopped: AtomicBool,
+}
+
+/// The object key of a path (names from the root): `a/b/c`, and `a/b/` for directories.
+pub fn key_for(names: &[Vec<u8>], kind: Kind) -> FsResult<String> {
+    let mut key = String::new();
+    for (i, name) in names.iter().enumerate() {
+        let name = std::str::from_utf8(name)
+            .map_err(|_| FsError::new(libc::EINVAL, "the bucket stores only UTF-8 names"))?;
+        if i > 0 {
+            key.push('/');
+        }
+        key.push_str(name);
+    }
+    if kind == Kind::Dir && !key.is_empty() {
+        key.push('/');
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(FsError::new(libc::ENAMETOOLONG, format!("key of {} bytes is over the bucket's {MAX_KEY_BYTES}", key.len())));
+    }
+    Ok(key)
+}
+
+/// The attributes an inode's object carries.
+pub fn attrs_of(inode: &Inode) -> ObjectAttrs {
+    ObjectAttrs { kind: inode.kind, perm: inode.perm, uid: inode.uid, gid: inode.gid, mtime: inode.mtime }
+}
+
+/// How to load an inode's cached file from its stored state.
+pub fn file_init(meta: &MetaStore, inode: &Inode) -> FsResult<FileInit> {
+    let saved = meta.load_blocks(inode.ino)?.map(|(_, bitmap)| bitmap);
+    Ok(FileInit {
+        size: inode.size,
+        fetch_limit: inode.fetch_limit.unwrap_or(inode.remote_size.unwrap_or(0)).min(inode.remote_size.unwrap_or(0)),
+        source_key: inode.remote_key.clone().filter(|k| !k.is_empty()),
+        dirty: inode.dirty,
+        saved_blocks: saved,
+    })
+}
+
+impl Uploader {
+    pub fn new(meta: Arc<MetaStore>, backend: Backend, cache: Arc<DataCache>, config: UploaderConfig) -> Arc<Uploader> {
+        let workers = Arc::new(Semaphore::new(config.concurrency));
+        Arc::new(Uploader {
+            meta,
+            backend,
+            cache,
+            config,
+            wake: Notify::new(),
+            running: Mutex::new(HashSet::new()),
+            busy_inodes: Mutex::new(HashSet::new()),
+            busy_changed: Notify::new(),
+            workers,
+            flushing: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// New work is queued.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// The scheduling loop: picks due entries and runs them on a bounded set of workers.
+    pub async fn run(self: Arc<Self>) {
+        while !self.stopped.load(Ordering::SeqCst) {
+            let flushing = self.flushing.load(Ordering::SeqCst) > 0;
+            let entries = match self.meta.due_entries(256, flushing) {
+                Ok(entries) => entries,
+                Err(err) => {
+                    tracing::error!(error = %err, "reading the upload journal failed");
+                    Vec::new()
+                }
+            };
+            for entry in entries {
+                if !self.claim(entry.id) {
+                    continue;
+                }
+                let Ok(permit) = self.workers.clone().acquire_owned().await else { return };
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = this.run_entry(&entry).await {
+                        tracing::debug!(error = %err, "journal entry will be retried");
+                    }
+                    this.release(entry.id);
+                    drop(permit);
+                });
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    fn claim(&self, id: i64) -> bool {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id)
+    }
+
+    fn release(&self, id: i64) {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.wake.notify_one();
+    }
+
+    /// Runs one journal entry, recording success or scheduling a retry.
+    async fn run_entry(&self, entry: &JournalEntry) -> FsResult<()> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = self.perform(&entry.op).await;
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match &result {
+            Ok(()) => self.meta.complete(entry)?,
+            Err(err) => {
+                let delay = FIRST_RETRY_DELAY.saturating_mul(1 << entry.attempts.clamp(0, 7) as u32).min(MAX_RETRY_DELAY);
+                tracing::error!(op = ?entry.op, attempt = entry.attempts + 1, retry_in = ?delay, error = %err, "bucket work failed; will retry");
+                self.meta.fail(entry, &err.message, delay)?;
+            }
+        }
+        result
+    }
+
+    /// Runs the queued entry for `op` now and waits for it (write-through mode).
+    pub async fn run_now(&self, op: JournalOp) -> FsResult<()> {
+        let entry = self
+            .meta
+            .due_entries(usize::MAX >> 1, true)?
+            .into_iter()
+            .find(|e| e.op == op)
+            .ok_or_else(|| FsError::loud(libc::EIO, format!("journal entry for {op:?} vanished")))?;
+        // Wait out a background worker holding the same entry.
+        for _ in 0..6000 {
+            if self.claim(entry.id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let result = self.run_entry(&entry).await;
+        self.release(entry.id);
+        result
+    }
+
+    /// Waits until the journal is empty, uploading without the quiet delay; fails with
+    /// what is still pending when `timeout` passes.
+    pub async fn flush(&self, timeout: Duration) -> FsResult<()> {
+        self.flushing.fetch_add(1, Ordering::SeqCst);
+        self.wake.notify_one();
+        let deadline = Instant::now() + timeout;
+        let result = loop {
+            let pending = self.meta.journal_len()?;
+            if pending == 0 {
+                break Ok(());
+            }
+            if Instant::now() >= deadline {
+                let summary = self.meta.summary()?;
+                break Err(FsError::loud(
+                    libc::EIO,
+                    format!("{pending} change(s) not yet in the bucket after {timeout:?}; last errors: {:?}", summary.last_errors),
+                ));
+            }
+            self.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        self.flushing.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    async fn lock_inode(&self, ino: u64) -> InodeGuard<'_> {
+        loop {
+            let notified = self.busy_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.busy_inodes.lock().unwrap_or_else(|p| p.into_inner()).insert(ino) {
+                return InodeGuard { uploader: self, ino };
+            }
+            notified.await;
+        }
+    }
+
+    async fn perform(&self, op: &JournalOp) -> FsResult<()> {
+        match op {
+            JournalOp::Sync(ino) => {
+                let _guard = self.lock_inode(*ino).await;
+                self.sync_inode(*ino).await
+            }
+            JournalOp::Delete(key) => self.delete_if_unclaimed(key).await,
+        }
+    }
+
+    /// Deletes `key` unless a live inode sits at its path and already owns it.
+    async fn delete_if_unclaimed(&self, key: &str) -> FsResult<()> {
+        let names: Vec<&[u8]> = key.trim_end_matches('/').split('/').filter(|n| !n.is_empty()).map(str::as_bytes).collect();
+        if let Some(inode) = self.meta.resolve(&names)? {
+            if inode.remote_key.as_deref() == Some(key) {
+                return Ok(());
+            }
+        }
+        self.backend.delete(key).await.map_err(|err| FsError::backend(&format!("deleting {key}"), err))
+    }
+
+    async fn sync_inode(&self, ino: u64) -> FsResult<()> {
+        let Some(inode) = self.meta.get(ino)? else { return Ok(()) };
+        let Some(names) = self.meta.path_of(ino)? else { return Ok(()) }; // unlinked: nothing to store
+        let key = key_for(&names, inode.kind)?;
+        let old_key = inode.remote_key.clone().filter(|k| !k.is_empty() && *k != key);
+        let metadata = attrs_of(&inode).encode(None);
+        let remote = match inode.kind {
+            Kind::Dir => {
+                if key.is_empty() {
+                    return Ok(()); // the root has no marker
+                }
+                if inode.dirty || old_key.is_some() || inode.remote_key.is_none() {
+                    self.backend
+                        .put_dir_marker(&key, metadata)
+                        .await
+                        .map_err(|err| FsError::backend(&format!("writing directory marker {key}"), err))?;
+                }
+                RemoteState { key: key.clone(), etag: None, size: 0 }
+            }
+            Kind::Symlink => {
+                let target = inode.target.clone().unwrap_or_default();
+                let size = target.len() as u64;
+                let etag = self
+                    .backend
+                    .put(&key, target, metadata)
+                    .await
+                    .map_err(|err| FsError::backend(&format!("writing symlink {key}"), err))?;
+                RemoteState { key: key.clone(), etag, size }
+            }
+            Kind::File => return self.sync_file(&inode, &key, old_key).await,
+        };
+        self.meta.transaction(|tx| self.meta.set_remote(tx, ino, &remote, true))?;
+        if let Some(old) = old_key {
+            self.delete_if_unclaimed(&old).await?;
+        }
+        Ok(())
+    }
+
+    async fn sync_file(&self, inode: &Inode, key: &str, old_key: Option<String>) -> FsResult<()> {
+        let cached = self.cache.loaded(inode.ino);
+        let dirty = inode.dirty || cached.as_ref().is_some_and(|c| c.lock().dirty);
+        if !dirty {
+            if let Some(old) = &old_key {
+                // A rename of an unchanged file: server-side copy, no data through us.
+                self.backend.copy(old, key).await.map_err(|err| FsError::backend(&format!("copying {old} to {key}"), err))?;
+                let remote = RemoteState { key: key.to_string(), etag: inode.remote_etag.clone(), size: inode.remote_size.unwrap_or(0) };
+                self.meta.transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, true))?;
+                self.delete_if_unclaimed(old).await?;
+            }
+            return Ok(());
+        }
+        let file = match cached {
+            Some(file) => file,
+            None => self.cache.get_or_load(inode.ino, || file_init(&self.meta, inode))?,
+        };
+        let missing = file.missing_all();
+        if !missing.is_empty() {
+            file.fetch(&self.backend, missing).await?;
+        }
+        let (gen, size) = {
+            let state = file.lock();
+            (state.gen, state.size)
+        };
+        let uploaded = self.upload_from_cache(&file, inode, key, size).await?;
+        let clean = {
+            let mut state = file.lock();
+            let unchanged = state.gen == gen;
+            if unchanged {
+                state.dirty = false;
+                state.source_key = Some(uploaded.key.clone());
+                state.fetch_limit = uploaded.size;
+            }
+            unchanged
+        };
+        let remote = RemoteState { key: uploaded.key.clone(), etag: uploaded.etag.clone(), size: uploaded.size };
+        self.meta.transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, clean))?;
+        if clean {
+            self.meta.save_blocks(inode.ino, crate::cache::BLOCK_SIZE, &file.lock().blocks.to_bytes())?;
+            if !self.config.keep_data && file.lock().open_handles == 0 {
+                self.cache.remove(inode.ino)?;
+                self.meta.transaction(|tx| {
+                    tx.execute("DELETE FROM cache_blocks WHERE ino = ?1", [inode.ino as i64])?;
+                    Ok(())
+                })?;
+            }
+        }
+        if let Some(old) = old_key {
+            self.delete_if_unclaimed(&old).await?;
+        }
+        Ok(())
+    }
+
+    /// Streams a cached file to `key` in growing parts.
+    async fn upload_from_cache(&self, file: &CacheFile, inode: &Inode, key: &str, size: u64) -> FsResult<Uploaded> {
+        let metadata = attrs_of(inode).encode(None);
+        if size < self.config.part_size {
+            let body = file.read_for_upload(0, size as usize)?;
+            let etag = self.backend.put(key, body, metadata).await.map_err(|err| FsError::backend(&format!("uploading {key}"), err))?;
+            return Ok(Uploaded { key: key.to_string(), etag, size });
+        }
+        let mut upload = StreamUpload::start(&self.backend, key, metadata, self.config.part_size, self.config.concurrency).await?;
+        let mut offset = 0u64;
+        const CHUNK: u64 = 4 << 20;
+        while offset < size {
+            let len = CHUNK.min(size - offset) as usize;
+            let chunk = file.read_for_upload(offset, len)?;
+            if let Err(err) = upload.push(&chunk).await {
+                upload.abort().await;
+                return Err(err);
+            }
+            offset += len as u64;
+        }
+        upload.finish().await
+    }
+}
+
+struct InodeGuard<'a> {
+    uploader: &'a Uploader,
+    ino: u64,
+}
+
+impl Drop for InodeGuard<'_> {
+    fn drop(&mut self) {
+        self.uploader.busy_inodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.ino);
+        self.uploader.busy_changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_paths() {
+        let names = vec![b"a".to_vec(), b"b".to_vec()];
+        assert_eq!(key_for(&names, Kind::File).expect("key"), "a/b");
+        assert_eq!(key_for(&names, Kind::Dir).expect("key"), "a/b/");
+        assert_eq!(key_for(&[], Kind::Dir).expect("root"), "");
+        let long = vec![vec![b'x'; 200]; 6];
+        assert_eq!(key_for(&long, Kind::File).expect_err("too long").errno, libc::ENAMETOOLONG);
+    }
+}
