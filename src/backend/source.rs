@@ -119,6 +119,8 @@ fn credentials(connection: &Connection, id_var: &str, secret_var: &str) -> Resul
 /// Builds the backend for a SOURCE.
 pub fn open(source_text: &str, connection: &Connection, defaults: AttrDefaults) -> Result<Backend, SourceError> {
     let source = Source::parse(source_text)?;
+    // Installs the reqwest HTTP transport once per process (S3, OSS).
+    opendal::install_default();
     let build = |error: opendal::Error| SourceError::Build { source_text: source_text.to_string(), error };
     let (op, local_root) = match &source {
         Source::Local(path) => {
