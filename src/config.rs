@@ -39,7 +39,10 @@ impl Mode {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {message}")]
@@ -174,7 +177,11 @@ impl MountConfig {
             Some(path) => read_file_config(path)?,
             None => FileConfig::default(),
         };
-        let source = args.source.clone().or(file.source).ok_or(ConfigError::Missing("source"))?;
+        let source = args
+            .source
+            .clone()
+            .or(file.source)
+            .ok_or(ConfigError::Missing("source"))?;
         let mountpoint = args
             .mountpoint
             .clone()
@@ -185,16 +192,30 @@ impl MountConfig {
             Some(dir) => absolute(&dir, "cache-dir")?,
             None => default_cache_dir(&mountpoint),
         };
-        let cache_size = pick_size("cache-size", &args.cache_size, &file.cache_size, Defaults::CACHE_SIZE)?;
-        let part_size = pick_size("part-size", &args.part_size, &file.part_size, Defaults::PART_SIZE)?;
+        let cache_size = pick_size(
+            "cache-size",
+            &args.cache_size,
+            &file.cache_size,
+            Defaults::CACHE_SIZE,
+        )?;
+        let part_size = pick_size(
+            "part-size",
+            &args.part_size,
+            &file.part_size,
+            Defaults::PART_SIZE,
+        )?;
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
             return Err(ConfigError::Invalid {
                 key: "part-size",
-                message: format!("{part_size} bytes is outside 5M..5G, the range S3 and OSS accept"),
+                message: format!(
+                    "{part_size} bytes is outside 5M..5G, the range S3 and OSS accept"
+                ),
             });
         }
-        let upload_concurrency =
-            args.upload_concurrency.or(file.upload_concurrency).unwrap_or(Defaults::UPLOAD_CONCURRENCY);
+        let upload_concurrency = args
+            .upload_concurrency
+            .or(file.upload_concurrency)
+            .unwrap_or(Defaults::UPLOAD_CONCURRENCY);
         if !(1..=64).contains(&upload_concurrency) {
             return Err(ConfigError::Invalid {
                 key: "upload-concurrency",
@@ -227,7 +248,11 @@ impl MountConfig {
             upload_delay,
             flush_timeout,
             endpoint: args.endpoint.clone().or(file.endpoint),
-            region: args.region.clone().or(file.region).unwrap_or_else(|| Defaults::REGION.to_string()),
+            region: args
+                .region
+                .clone()
+                .or(file.region)
+                .unwrap_or_else(|| Defaults::REGION.to_string()),
             credentials: args.credentials.clone().or(file.credentials),
             options,
             foreground: args.foreground,
@@ -236,13 +261,21 @@ impl MountConfig {
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    toml::from_str(&text).map_err(|err| ConfigError::Parse { path: path.to_path_buf(), message: err.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|err| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    })
 }
 
 fn absolute(path: &Path, key: &'static str) -> Result<PathBuf, ConfigError> {
-    std::path::absolute(path).map_err(|err| ConfigError::Invalid { key, message: err.to_string() })
+    std::path::absolute(path).map_err(|err| ConfigError::Invalid {
+        key,
+        message: err.to_string(),
+    })
 }
 
 /// One cache directory per mount point, so two mounts never share a cache.
@@ -251,7 +284,12 @@ pub fn default_cache_dir(mountpoint: &Path) -> PathBuf {
     PathBuf::from("/var/cache/bucketgate").join(&digest[..16])
 }
 
-fn pick_size(key: &'static str, flag: &Option<String>, file: &Option<String>, default: u64) -> Result<u64, ConfigError> {
+fn pick_size(
+    key: &'static str,
+    flag: &Option<String>,
+    file: &Option<String>,
+    default: u64,
+) -> Result<u64, ConfigError> {
     match flag.as_ref().or(file.as_ref()) {
         Some(text) => parse_size(text).map_err(|message| ConfigError::Invalid { key, message }),
         None => Ok(default),
@@ -286,7 +324,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{trimmed}` is not a size; write e.g. 512M, 10G or a byte count"))?;
-    number.checked_mul(1u64 << shift).ok_or_else(|| format!("`{trimmed}` is too large"))
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{trimmed}` is too large"))
 }
 
 /// Parses `500ms`, `2s`, `5m`, `1h`, or a bare number of seconds.
@@ -305,7 +345,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         (trimmed, 1000)
     };
     let number: u64 = digits.trim().parse().map_err(|_| bad())?;
-    Ok(Duration::from_millis(number.checked_mul(unit_ms).ok_or_else(bad)?))
+    Ok(Duration::from_millis(
+        number.checked_mul(unit_ms).ok_or_else(bad)?,
+    ))
 }
 
 fn parse_mount_options(words: &[String]) -> Result<MountOptions, ConfigError> {
@@ -316,7 +358,10 @@ fn parse_mount_options(words: &[String]) -> Result<MountOptions, ConfigError> {
         gid: nix::unistd::getgid().as_raw(),
         umask: Defaults::UMASK,
     };
-    let invalid = |message: String| ConfigError::Invalid { key: "options", message };
+    let invalid = |message: String| ConfigError::Invalid {
+        key: "options",
+        message,
+    };
     for word in words.iter().map(|w| w.trim()).filter(|w| !w.is_empty()) {
         let (name, value) = match word.split_once('=') {
             Some((name, value)) => (name, Some(value)),
@@ -381,30 +426,55 @@ mod tests {
         let path = dir.path().join("m.toml");
         std::fs::write(&path, "source = \"memory://\"\nmountpoint = \"/mnt/x\"\nmode = \"sync\"\npart-size = \"16M\"\n")
             .expect("write config");
-        let args = MountArgs { config: Some(path.clone()), mode: Some(Mode::WriteThrough), ..Default::default() };
+        let args = MountArgs {
+            config: Some(path.clone()),
+            mode: Some(Mode::WriteThrough),
+            ..Default::default()
+        };
         let config = MountConfig::resolve(&args).expect("valid config");
         assert_eq!(config.mode, Mode::WriteThrough);
         assert_eq!(config.part_size, 16 << 20);
         assert_eq!(config.source, "memory://");
 
-        let args = MountArgs { config: Some(path.clone()), part_size: Some("1M".into()), ..Default::default() };
-        let err = MountConfig::resolve(&args).expect_err("1M part is too small").to_string();
+        let args = MountArgs {
+            config: Some(path.clone()),
+            part_size: Some("1M".into()),
+            ..Default::default()
+        };
+        let err = MountConfig::resolve(&args)
+            .expect_err("1M part is too small")
+            .to_string();
         assert!(err.contains("part-size"), "{err}");
 
-        std::fs::write(&path, "source = \"memory://\"\nmountpoint = \"/mnt/x\"\ncache-sise = \"1G\"\n")
-            .expect("write config");
-        let args = MountArgs { config: Some(path), ..Default::default() };
-        let err = MountConfig::resolve(&args).expect_err("typo in key").to_string();
+        std::fs::write(
+            &path,
+            "source = \"memory://\"\nmountpoint = \"/mnt/x\"\ncache-sise = \"1G\"\n",
+        )
+        .expect("write config");
+        let args = MountArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let err = MountConfig::resolve(&args)
+            .expect_err("typo in key")
+            .to_string();
         assert!(err.contains("cache-sise"), "{err}");
     }
 
     #[test]
     fn mount_options_parse_and_reject_unknown() {
-        let words: Vec<String> = ["allow_other", "uid=1000", "gid=100", "umask=027", "ro"].map(String::from).to_vec();
+        let words: Vec<String> = ["allow_other", "uid=1000", "gid=100", "umask=027", "ro"]
+            .map(String::from)
+            .to_vec();
         let options = parse_mount_options(&words).expect("valid options");
         assert!(options.allow_other && options.read_only);
-        assert_eq!((options.uid, options.gid, options.umask), (1000, 100, 0o027));
-        let err = parse_mount_options(&["noatime_please".to_string()]).expect_err("unknown").to_string();
+        assert_eq!(
+            (options.uid, options.gid, options.umask),
+            (1000, 100, 0o027)
+        );
+        let err = parse_mount_options(&["noatime_please".to_string()])
+            .expect_err("unknown")
+            .to_string();
         assert!(err.contains("noatime_please"), "{err}");
     }
 }

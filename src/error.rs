@@ -23,12 +23,20 @@ pub type FsResult<T> = Result<T, FsError>;
 
 impl FsError {
     pub fn new(errno: i32, message: impl Into<String>) -> Self {
-        FsError { errno, message: message.into(), level: Level::Debug }
+        FsError {
+            errno,
+            message: message.into(),
+            level: Level::Debug,
+        }
     }
 
     /// An error worth logging at error level (I/O against the bucket or the cache).
     pub fn loud(errno: i32, message: impl Into<String>) -> Self {
-        FsError { errno, message: message.into(), level: Level::Error }
+        FsError {
+            errno,
+            message: message.into(),
+            level: Level::Error,
+        }
     }
 
     pub fn not_found() -> Self {

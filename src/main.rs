@@ -10,7 +10,11 @@ use bucketgate::daemon::{self, control};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "bucketgate", version, about = "Mount an object-storage bucket as a POSIX filesystem")]
+#[command(
+    name = "bucketgate",
+    version,
+    about = "Mount an object-storage bucket as a POSIX filesystem"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Commands,
@@ -19,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Commands {
     /// Mount a bucket
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Flush every change to the bucket, then unmount (non-zero exit if data stays unflushed)
     Umount { mountpoint: PathBuf },
     /// Return once every byte written so far is in the bucket
@@ -35,7 +39,10 @@ enum Commands {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BUCKETGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Long enough for a big flush; the daemon bounds its own wait with --flush-timeout.
@@ -53,21 +60,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Commands::Umount { mountpoint } => {
-            let response = control::request(&mountpoint, control::Command::Unmount, CONTROL_TIMEOUT)?;
+            let response =
+                control::request(&mountpoint, control::Command::Unmount, CONTROL_TIMEOUT)?;
             if !response.ok {
-                bail!("{}", response.error.unwrap_or_else(|| "unmount failed".into()));
+                bail!(
+                    "{}",
+                    response.error.unwrap_or_else(|| "unmount failed".into())
+                );
             }
             Ok(())
         }
         Commands::Flush { mountpoint } => {
             let response = control::request(&mountpoint, control::Command::Flush, CONTROL_TIMEOUT)?;
             if !response.ok {
-                bail!("{}", response.error.unwrap_or_else(|| "flush failed".into()));
+                bail!(
+                    "{}",
+                    response.error.unwrap_or_else(|| "flush failed".into())
+                );
             }
             Ok(())
         }
         Commands::Status { mountpoint, json } => {
-            let response = control::request(&mountpoint, control::Command::Status, Duration::from_secs(30))?;
+            let response = control::request(
+                &mountpoint,
+                control::Command::Status,
+                Duration::from_secs(30),
+            )?;
             let status = response.status.context("the daemon sent no status")?;
             if json {
                 println!("{status}");
@@ -82,10 +100,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn print_status(status: &serde_json::Value) {
     let field = |name: &str| status.get(name).cloned().unwrap_or(serde_json::Value::Null);
     let mib = |name: &str| field(name).as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
-    println!("source:            {}", field("source").as_str().unwrap_or("?"));
-    println!("mode:              {}", field("mode").as_str().unwrap_or("?"));
-    println!("cache:             {:.1} MiB used of {:.1} MiB", mib("cache_used_bytes"), mib("cache_limit_bytes"));
-    println!("dirty:             {} files, {:.1} MiB", field("dirty_files"), mib("dirty_bytes"));
+    println!(
+        "source:            {}",
+        field("source").as_str().unwrap_or("?")
+    );
+    println!(
+        "mode:              {}",
+        field("mode").as_str().unwrap_or("?")
+    );
+    println!(
+        "cache:             {:.1} MiB used of {:.1} MiB",
+        mib("cache_used_bytes"),
+        mib("cache_limit_bytes")
+    );
+    println!(
+        "dirty:             {} files, {:.1} MiB",
+        field("dirty_files"),
+        mib("dirty_bytes")
+    );
     println!("pending changes:   {}", field("pending"));
     println!("uploads in flight: {}", field("uploads_in_flight"));
     if let Some(errors) = field("last_errors").as_array().filter(|e| !e.is_empty()) {

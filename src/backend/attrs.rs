@@ -77,7 +77,10 @@ impl ObjectAttrs {
     /// Encodes as s3fs-style user metadata.
     pub fn encode(&self, crc64: Option<u64>) -> HashMap<String, String> {
         let mut map = HashMap::new();
-        map.insert(keys::MODE.to_string(), (self.kind.type_bits() | (self.perm & 0o7777)).to_string());
+        map.insert(
+            keys::MODE.to_string(),
+            (self.kind.type_bits() | (self.perm & 0o7777)).to_string(),
+        );
         map.insert(keys::UID.to_string(), self.uid.to_string());
         map.insert(keys::GID.to_string(), self.gid.to_string());
         map.insert(keys::MTIME.to_string(), format_mtime(self.mtime));
@@ -96,7 +99,8 @@ impl ObjectAttrs {
         defaults: AttrDefaults,
     ) -> ObjectAttrs {
         let mode = get(keys::MODE).and_then(|v| v.trim().parse::<u32>().ok());
-        let alt_perm = get(keys::ALT_PERMISSIONS).and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
+        let alt_perm =
+            get(keys::ALT_PERMISSIONS).and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
         let kind = if key_is_dir {
             Kind::Dir
         } else {
@@ -111,8 +115,15 @@ impl ObjectAttrs {
             Kind::File => 0o666 & !defaults.umask,
             Kind::Symlink => 0o777,
         };
-        let perm = mode.or(alt_perm).map(|m| m & 0o7777).unwrap_or(default_perm);
-        let parse_id = |primary: &str, alt: &str| get(primary).or_else(|| get(alt)).and_then(|v| v.trim().parse().ok());
+        let perm = mode
+            .or(alt_perm)
+            .map(|m| m & 0o7777)
+            .unwrap_or(default_perm);
+        let parse_id = |primary: &str, alt: &str| {
+            get(primary)
+                .or_else(|| get(alt))
+                .and_then(|v| v.trim().parse().ok())
+        };
         ObjectAttrs {
             kind,
             perm,
@@ -145,7 +156,10 @@ pub fn format_mtime(time: SystemTime) -> String {
 pub fn parse_mtime(text: &str) -> Option<SystemTime> {
     let text = text.trim();
     if let Some((secs, frac)) = text.split_once('.') {
-        if let (Ok(secs), true) = (secs.parse::<u64>(), frac.chars().all(|c| c.is_ascii_digit())) {
+        if let (Ok(secs), true) = (
+            secs.parse::<u64>(),
+            frac.chars().all(|c| c.is_ascii_digit()),
+        ) {
             let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
             let nanos: u32 = digits.parse().ok()?;
             return Some(UNIX_EPOCH + Duration::new(secs, nanos));
@@ -153,17 +167,28 @@ pub fn parse_mtime(text: &str) -> Option<SystemTime> {
     } else if let Ok(secs) = text.parse::<u64>() {
         return Some(UNIX_EPOCH + Duration::from_secs(secs));
     }
-    text.parse::<opendal::raw::Timestamp>().ok().map(SystemTime::from)
+    text.parse::<opendal::raw::Timestamp>()
+        .ok()
+        .map(SystemTime::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const DEFAULTS: AttrDefaults = AttrDefaults { uid: 7, gid: 8, umask: 0o022 };
+    const DEFAULTS: AttrDefaults = AttrDefaults {
+        uid: 7,
+        gid: 8,
+        umask: 0o022,
+    };
 
-    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + '_ {
-        move |key| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| v.to_string())
+    fn lookup<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |key| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -186,7 +211,10 @@ mod tests {
     #[test]
     fn symlinks_are_recognised_by_mode() {
         let get = lookup(&[("mode", "41471")]);
-        assert_eq!(ObjectAttrs::decode(get, false, None, DEFAULTS).kind, Kind::Symlink);
+        assert_eq!(
+            ObjectAttrs::decode(get, false, None, DEFAULTS).kind,
+            Kind::Symlink
+        );
     }
 
     #[test]
@@ -206,7 +234,10 @@ mod tests {
     fn objects_without_metadata_get_mount_defaults() {
         let modified = UNIX_EPOCH + Duration::from_secs(99);
         let file = ObjectAttrs::decode(|_| None, false, Some(modified), DEFAULTS);
-        assert_eq!((file.perm, file.uid, file.gid, file.mtime), (0o644, 7, 8, modified));
+        assert_eq!(
+            (file.perm, file.uid, file.gid, file.mtime),
+            (0o644, 7, 8, modified)
+        );
         let dir = ObjectAttrs::decode(|_| None, true, None, DEFAULTS);
         assert_eq!((dir.kind, dir.perm), (Kind::Dir, 0o755));
     }

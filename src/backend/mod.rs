@@ -52,8 +52,18 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(op: Operator, local_root: Option<PathBuf>, defaults: AttrDefaults, description: String) -> Self {
-        Backend { op, local_root, defaults, description }
+    pub fn new(
+        op: Operator,
+        local_root: Option<PathBuf>,
+        defaults: AttrDefaults,
+        description: String,
+    ) -> Self {
+        Backend {
+            op,
+            local_root,
+            defaults,
+            description,
+        }
     }
 
     pub fn operator(&self) -> &Operator {
@@ -80,7 +90,11 @@ impl Backend {
         let get = |k: &str| user.as_ref().and_then(|u| u.get(k)).map(str::to_string);
         let last_modified = meta.last_modified().map(SystemTime::from);
         ObjectInfo {
-            size: if key.ends_with('/') { 0 } else { meta.content_length() },
+            size: if key.ends_with('/') {
+                0
+            } else {
+                meta.content_length()
+            },
             etag: meta.etag().map(str::to_string),
             attrs: ObjectAttrs::decode(get, key.ends_with('/'), last_modified, self.defaults),
             crc64: attrs::stored_crc64(get),
@@ -107,7 +121,9 @@ impl Backend {
             if path == dir_key || path.starts_with(RESERVED_PREFIX) {
                 continue;
             }
-            let Some(rest) = path.strip_prefix(dir_key) else { continue };
+            let Some(rest) = path.strip_prefix(dir_key) else {
+                continue;
+            };
             let is_dir = rest.ends_with('/');
             let name = rest.trim_end_matches('/');
             if name.is_empty() || name.contains('/') {
@@ -126,8 +142,17 @@ impl Backend {
     }
 
     /// Writes a small object in one request (empty files, symlinks).
-    pub async fn put(&self, key: &str, body: Vec<u8>, metadata: HashMap<String, String>) -> opendal::Result<Option<String>> {
-        let meta = self.op.write_with(key, body).user_metadata(metadata).await?;
+    pub async fn put(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        metadata: HashMap<String, String>,
+    ) -> opendal::Result<Option<String>> {
+        let meta = self
+            .op
+            .write_with(key, body)
+            .user_metadata(metadata)
+            .await?;
         Ok(meta.etag().map(str::to_string))
     }
 
@@ -139,11 +164,19 @@ impl Backend {
         metadata: HashMap<String, String>,
         concurrency: usize,
     ) -> opendal::Result<opendal::Writer> {
-        self.op.writer_with(key).concurrent(concurrency).user_metadata(metadata).await
+        self.op
+            .writer_with(key)
+            .concurrent(concurrency)
+            .user_metadata(metadata)
+            .await
     }
 
     /// Writes a directory marker `key` (ending in `/`) carrying the directory's attributes.
-    pub async fn put_dir_marker(&self, key: &str, metadata: HashMap<String, String>) -> opendal::Result<()> {
+    pub async fn put_dir_marker(
+        &self,
+        key: &str,
+        metadata: HashMap<String, String>,
+    ) -> opendal::Result<()> {
         if let Some(root) = &self.local_root {
             self.op.create_dir(key).await?;
             return set_local_xattrs(&root.join(key.trim_end_matches('/')), &metadata);
@@ -151,7 +184,10 @@ impl Backend {
         // Operator::write refuses keys ending in `/`; the raw service writes the marker
         // object itself, with its metadata, as S3 tools expect.
         let (ctx, service) = self.op.clone().into_parts();
-        let options = opendal::options::WriteOptions { user_metadata: Some(metadata), ..Default::default() };
+        let options = opendal::options::WriteOptions {
+            user_metadata: Some(metadata),
+            ..Default::default()
+        };
         let (args, _) = opendal::raw::OpWrite::from_options(&service.capability_dyn(), options)?;
         let mut writer = service.write_dyn(&ctx, key, args)?;
         writer.close_dyn().await.map(|_| ())
@@ -171,7 +207,10 @@ impl Backend {
     }
 }
 
-fn set_local_xattrs(path: &std::path::Path, metadata: &HashMap<String, String>) -> opendal::Result<()> {
+fn set_local_xattrs(
+    path: &std::path::Path,
+    metadata: &HashMap<String, String>,
+) -> opendal::Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let c_path = CString::new(path.as_os_str().as_bytes())
@@ -181,11 +220,20 @@ fn set_local_xattrs(path: &std::path::Path, metadata: &HashMap<String, String>) 
             .map_err(|err| opendal::Error::new(ErrorKind::Unexpected, err.to_string()))?;
         // SAFETY: both strings are NUL-terminated and live across the call.
         let rc = unsafe {
-            libc::setxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+            libc::setxattr(
+                c_path.as_ptr(),
+                c_name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
         };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
-            return Err(opendal::Error::new(ErrorKind::Unexpected, format!("setxattr {}: {err}", path.display())));
+            return Err(opendal::Error::new(
+                ErrorKind::Unexpected,
+                format!("setxattr {}: {err}", path.display()),
+            ));
         }
     }
     Ok(())

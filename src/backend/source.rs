@@ -23,7 +23,10 @@ pub enum SourceError {
     #[error("credentials file {path}: {message}")]
     Credentials { path: PathBuf, message: String },
     #[error("source `{source_text}`: {error}")]
-    Build { source_text: String, error: opendal::Error },
+    Build {
+        source_text: String,
+        error: opendal::Error,
+    },
 }
 
 /// Where the bucket is and how to reach it.
@@ -65,13 +68,22 @@ impl Source {
     }
 }
 
-/// Access keys for S3/OSS. No Debug: a secret must never reach a log.
+/// Access keys for S3/OSS.
 #[derive(Clone, Default, Deserialize)]
 pub struct Credentials {
     pub access_key_id: String,
     pub secret_access_key: String,
     #[serde(default)]
     pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    // A secret must never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How to reach the bucket, besides the SOURCE itself.
@@ -87,7 +99,10 @@ pub struct Connection {
 
 /// Reads a credentials file, refusing one that group or others can read.
 pub fn read_credentials_file(path: &Path) -> Result<Credentials, SourceError> {
-    let fail = |message: String| SourceError::Credentials { path: path.to_path_buf(), message };
+    let fail = |message: String| SourceError::Credentials {
+        path: path.to_path_buf(),
+        message,
+    };
     let meta = std::fs::metadata(path).map_err(|err| fail(err.to_string()))?;
     let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
@@ -99,17 +114,28 @@ pub fn read_credentials_file(path: &Path) -> Result<Credentials, SourceError> {
     }
     let text = std::fs::read_to_string(path).map_err(|err| fail(err.to_string()))?;
     toml::from_str(&text).map_err(|err| {
-        fail(format!("expected TOML with access_key_id and secret_access_key: {}", err.message()))
+        fail(format!(
+            "expected TOML with access_key_id and secret_access_key: {}",
+            err.message()
+        ))
     })
 }
 
 fn env_credentials(id_var: &str, secret_var: &str) -> Option<Credentials> {
     let access_key_id = std::env::var(id_var).ok()?;
     let secret_access_key = std::env::var(secret_var).ok()?;
-    Some(Credentials { access_key_id, secret_access_key, session_token: None })
+    Some(Credentials {
+        access_key_id,
+        secret_access_key,
+        session_token: None,
+    })
 }
 
-fn credentials(connection: &Connection, id_var: &str, secret_var: &str) -> Result<Option<Credentials>, SourceError> {
+fn credentials(
+    connection: &Connection,
+    id_var: &str,
+    secret_var: &str,
+) -> Result<Option<Credentials>, SourceError> {
     match &connection.credentials_file {
         Some(path) => read_credentials_file(path).map(Some),
         None => Ok(env_credentials(id_var, secret_var)),
@@ -117,18 +143,28 @@ fn credentials(connection: &Connection, id_var: &str, secret_var: &str) -> Resul
 }
 
 /// Builds the backend for a SOURCE.
-pub fn open(source_text: &str, connection: &Connection, defaults: AttrDefaults) -> Result<Backend, SourceError> {
+pub fn open(
+    source_text: &str,
+    connection: &Connection,
+    defaults: AttrDefaults,
+) -> Result<Backend, SourceError> {
     let source = Source::parse(source_text)?;
     // Installs the reqwest HTTP transport once per process (S3, OSS).
     opendal::install_default();
-    let build = |error: opendal::Error| SourceError::Build { source_text: source_text.to_string(), error };
+    let build = |error: opendal::Error| SourceError::Build {
+        source_text: source_text.to_string(),
+        error,
+    };
     let (op, local_root) = match &source {
         Source::Local(path) => {
             let root = prepare_local_root(source_text, path)?;
             let builder = services::Fs::default().root(&root.to_string_lossy());
             (Operator::new(builder).map_err(build)?, Some(root))
         }
-        Source::Memory => (Operator::new(services::Memory::default()).map_err(build)?, None),
+        Source::Memory => (
+            Operator::new(services::Memory::default()).map_err(build)?,
+            None,
+        ),
         Source::S3 { bucket, prefix } => {
             let mut builder = services::S3::default()
                 .bucket(bucket)
@@ -139,9 +175,18 @@ pub fn open(source_text: &str, connection: &Connection, defaults: AttrDefaults) 
             if let Some(endpoint) = &connection.endpoint {
                 builder = builder.endpoint(endpoint);
             }
-            if let Some(creds) = credentials(connection, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")? {
-                builder = builder.access_key_id(&creds.access_key_id).secret_access_key(&creds.secret_access_key);
-                if let Some(token) = creds.session_token.as_deref().or(std::env::var("AWS_SESSION_TOKEN").ok().as_deref()) {
+            if let Some(creds) =
+                credentials(connection, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")?
+            {
+                builder = builder
+                    .access_key_id(&creds.access_key_id)
+                    .secret_access_key(&creds.secret_access_key);
+                if let Some(token) =
+                    creds
+                        .session_token
+                        .as_deref()
+                        .or(std::env::var("AWS_SESSION_TOKEN").ok().as_deref())
+                {
                     builder = builder.session_token(token);
                 }
             } else {
@@ -150,14 +195,20 @@ pub fn open(source_text: &str, connection: &Connection, defaults: AttrDefaults) 
             (Operator::new(builder).map_err(build)?, None)
         }
         Source::Oss { bucket, prefix } => {
-            let mut builder = services::Oss::default().bucket(bucket).root(&format!("/{prefix}"));
+            let mut builder = services::Oss::default()
+                .bucket(bucket)
+                .root(&format!("/{prefix}"));
             let endpoint = connection
                 .endpoint
                 .clone()
                 .unwrap_or_else(|| format!("https://oss-{}.aliyuncs.com", connection.region));
             builder = builder.endpoint(&endpoint);
-            if let Some(creds) = credentials(connection, "OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET")? {
-                builder = builder.access_key_id(&creds.access_key_id).access_key_secret(&creds.secret_access_key);
+            if let Some(creds) =
+                credentials(connection, "OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET")?
+            {
+                builder = builder
+                    .access_key_id(&creds.access_key_id)
+                    .access_key_secret(&creds.secret_access_key);
             }
             (Operator::new(builder).map_err(build)?, None)
         }
@@ -166,9 +217,11 @@ pub fn open(source_text: &str, connection: &Connection, defaults: AttrDefaults) 
     if let Some(limit) = connection.request_timeout {
         timeout = timeout.with_timeout(limit);
     }
-    let op = op
-        .layer(timeout)
-        .layer(RetryLayer::new().with_jitter().with_max_times(connection.retries));
+    let op = op.layer(timeout).layer(
+        RetryLayer::new()
+            .with_jitter()
+            .with_max_times(connection.retries),
+    );
     Ok(Backend::new(op, local_root, defaults, describe(&source)))
 }
 
@@ -182,14 +235,17 @@ fn describe(source: &Source) -> String {
 }
 
 fn prepare_local_root(source_text: &str, path: &Path) -> Result<PathBuf, SourceError> {
-    let fail = |message: String| SourceError::LocalDir { path: source_text.to_string(), message };
+    let fail = |message: String| SourceError::LocalDir {
+        path: source_text.to_string(),
+        message,
+    };
     let root = std::path::absolute(path).map_err(|err| fail(err.to_string()))?;
     match std::fs::metadata(&root) {
         Ok(meta) if meta.is_dir() => Ok(root),
         Ok(_) => Err(fail("is not a directory".to_string())),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            Err(fail("does not exist; create the directory first".to_string()))
-        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(fail(
+            "does not exist; create the directory first".to_string(),
+        )),
         Err(err) => Err(fail(err.to_string())),
     }
 }
@@ -200,26 +256,56 @@ mod tests {
 
     #[test]
     fn sources_parse() {
-        assert_eq!(Source::parse("/srv/b").expect("dir"), Source::Local("/srv/b".into()));
-        assert_eq!(Source::parse("fs:///srv/b").expect("fs"), Source::Local("/srv/b".into()));
+        assert_eq!(
+            Source::parse("/srv/b").expect("dir"),
+            Source::Local("/srv/b".into())
+        );
+        assert_eq!(
+            Source::parse("fs:///srv/b").expect("fs"),
+            Source::Local("/srv/b".into())
+        );
         assert_eq!(
             Source::parse("s3://bkt/some/prefix/").expect("s3"),
-            Source::S3 { bucket: "bkt".into(), prefix: "some/prefix".into() }
+            Source::S3 {
+                bucket: "bkt".into(),
+                prefix: "some/prefix".into()
+            }
         );
-        assert_eq!(Source::parse("oss://bkt").expect("oss"), Source::Oss { bucket: "bkt".into(), prefix: String::new() });
+        assert_eq!(
+            Source::parse("oss://bkt").expect("oss"),
+            Source::Oss {
+                bucket: "bkt".into(),
+                prefix: String::new()
+            }
+        );
         assert_eq!(Source::parse("memory://").expect("memory"), Source::Memory);
-        assert!(matches!(Source::parse("gcs://x"), Err(SourceError::Scheme(_))));
-        assert!(matches!(Source::parse("s3://"), Err(SourceError::NoBucket(_))));
+        assert!(matches!(
+            Source::parse("gcs://x"),
+            Err(SourceError::Scheme(_))
+        ));
+        assert!(matches!(
+            Source::parse("s3://"),
+            Err(SourceError::NoBucket(_))
+        ));
     }
 
     #[test]
     fn world_readable_credentials_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("creds.toml");
-        std::fs::write(&path, "access_key_id = \"a\"\nsecret_access_key = \"s3cr3t\"\n").expect("write");
+        std::fs::write(
+            &path,
+            "access_key_id = \"a\"\nsecret_access_key = \"s3cr3t\"\n",
+        )
+        .expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let err = read_credentials_file(&path).expect_err("0644 must be refused").to_string();
-        assert!(err.contains("chmod 600") && !err.contains("s3cr3t"), "{err}");
+        let err = read_credentials_file(&path)
+            .expect_err("0644 must be refused")
+            .to_string();
+        assert!(
+            err.contains("chmod 600") && !err.contains("s3cr3t"),
+            "{err}"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let creds = read_credentials_file(&path).expect("0600 is fine");
         assert_eq!(creds.access_key_id, "a");

@@ -82,7 +82,9 @@ fn blocks_covering(range: &Range<u64>) -> Range<u64> {
 
 impl CacheFile {
     pub fn lock(&self) -> MutexGuard<'_, FileState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Block runs in `range` that must come from the bucket.
@@ -91,7 +93,9 @@ impl CacheFile {
         if range.start >= end {
             return Vec::new();
         }
-        state.blocks.missing_runs(blocks_covering(&(range.start..end)))
+        state
+            .blocks
+            .missing_runs(blocks_covering(&(range.start..end)))
     }
 
     /// Reads locally if every needed byte is valid; `Ok(None)` means fetch first.
@@ -122,7 +126,10 @@ impl CacheFile {
     /// The block runs a read of `range` would fetch, widened by `read_ahead` bytes.
     pub fn missing_for_read(&self, range: Range<u64>, read_ahead: u64) -> Vec<Range<u64>> {
         let state = self.lock();
-        let end = range.end.saturating_add(read_ahead).min(state.size.max(range.end));
+        let end = range
+            .end
+            .saturating_add(read_ahead)
+            .min(state.size.max(range.end));
         Self::missing(&state, range.start..end)
     }
 
@@ -139,13 +146,23 @@ impl CacheFile {
         for run in runs {
             let (key, limit, still_missing) = {
                 let state = self.lock();
-                (state.source_key.clone(), state.fetch_limit, !state.blocks.missing_runs(run.clone()).is_empty())
+                (
+                    state.source_key.clone(),
+                    state.fetch_limit,
+                    !state.blocks.missing_runs(run.clone()).is_empty(),
+                )
             };
             if !still_missing {
                 continue;
             }
             let Some(key) = key else {
-                return Err(FsError::loud(libc::EIO, format!("inode {}: data missing and no object to fetch it from", self.ino)));
+                return Err(FsError::loud(
+                    libc::EIO,
+                    format!(
+                        "inode {}: data missing and no object to fetch it from",
+                        self.ino
+                    ),
+                ));
             };
             let start = run.start * BLOCK_SIZE;
             let end = (run.end * BLOCK_SIZE).min(limit);
@@ -155,7 +172,9 @@ impl CacheFile {
             let data = backend
                 .read_range(&key, start..end)
                 .await
-                .map_err(|err| FsError::backend(&format!("fetching {key} bytes {start}..{end}"), err))?
+                .map_err(|err| {
+                    FsError::backend(&format!("fetching {key} bytes {start}..{end}"), err)
+                })?
                 .to_bytes();
             if (data.len() as u64) < end - start {
                 return Err(FsError::loud(
@@ -174,7 +193,9 @@ impl CacheFile {
                 }
                 let to = ((block + 1) * BLOCK_SIZE).min(end);
                 let slice = &data[(from - start) as usize..(to - start) as usize];
-                self.file.write_all_at(slice, from).map_err(|err| FsError::io("writing cache file", err))?;
+                self.file
+                    .write_all_at(slice, from)
+                    .map_err(|err| FsError::io("writing cache file", err))?;
                 state.blocks.insert(block);
             }
         }
@@ -190,16 +211,19 @@ impl CacheFile {
         for edge in [touched.start, touched.end.saturating_sub(1)] {
             let block_start = edge * BLOCK_SIZE;
             let fully_covered = offset <= block_start && end >= block_start + BLOCK_SIZE;
-            if !fully_covered && !state.blocks.contains(edge) && block_start < state.fetch_limit.min(state.size) {
-                if need.last() != Some(&(edge..edge + 1)) {
-                    need.push(edge..edge + 1);
-                }
+            let must_fetch = !fully_covered
+                && !state.blocks.contains(edge)
+                && block_start < state.fetch_limit.min(state.size);
+            if must_fetch && need.last() != Some(&(edge..edge + 1)) {
+                need.push(edge..edge + 1);
             }
         }
         if !need.is_empty() {
             return Ok(WriteOutcome::NeedFetch(need));
         }
-        self.file.write_all_at(data, offset).map_err(|err| FsError::io("writing cache file", err))?;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|err| FsError::io("writing cache file", err))?;
         for block in touched {
             state.blocks.insert(block);
         }
@@ -213,7 +237,7 @@ impl CacheFile {
     /// The block run a truncation to `size` needs valid first (the block it cuts into).
     pub fn missing_for_truncate(&self, size: u64) -> Vec<Range<u64>> {
         let state = self.lock();
-        if size >= state.size || size % BLOCK_SIZE == 0 {
+        if size >= state.size || size.is_multiple_of(BLOCK_SIZE) {
             return Vec::new();
         }
         Self::missing(&state, size..size + 1)
@@ -222,7 +246,9 @@ impl CacheFile {
     /// Sets the size. Bytes cut off are never fetched again; growth reads as zeros.
     pub fn truncate(&self, size: u64) -> FsResult<()> {
         let mut state = self.lock();
-        self.file.set_len(size).map_err(|err| FsError::io("truncating cache file", err))?;
+        self.file
+            .set_len(size)
+            .map_err(|err| FsError::io("truncating cache file", err))?;
         state.blocks.truncate_from(size.div_ceil(BLOCK_SIZE));
         state.fetch_limit = state.fetch_limit.min(size);
         state.size = size;
@@ -233,7 +259,9 @@ impl CacheFile {
 
     /// Makes the file's bytes durable.
     pub fn sync_data(&self) -> FsResult<()> {
-        self.file.sync_data().map_err(|err| FsError::io("fsync of cache file", err))
+        self.file
+            .sync_data()
+            .map_err(|err| FsError::io("fsync of cache file", err))
     }
 
     /// Reads raw bytes for an upload (the caller made sure they are valid).
@@ -275,12 +303,20 @@ pub struct DataCache {
 
 impl DataCache {
     pub fn open(dir: &Path, limit: u64, saved_bytes: u64) -> FsResult<DataCache> {
-        std::fs::create_dir_all(dir).map_err(|err| FsError::io(&format!("creating {}", dir.display()), err))?;
-        Ok(DataCache { dir: dir.to_path_buf(), limit, files: Mutex::new(HashMap::new()), unloaded_bytes: AtomicU64::new(saved_bytes) })
+        std::fs::create_dir_all(dir)
+            .map_err(|err| FsError::io(&format!("creating {}", dir.display()), err))?;
+        Ok(DataCache {
+            dir: dir.to_path_buf(),
+            limit,
+            files: Mutex::new(HashMap::new()),
+            unloaded_bytes: AtomicU64::new(saved_bytes),
+        })
     }
 
     fn registry(&self) -> MutexGuard<'_, HashMap<u64, Arc<CacheFile>>> {
-        self.files.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.files
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn file_path(&self, ino: u64) -> PathBuf {
@@ -292,7 +328,11 @@ impl DataCache {
     }
 
     /// The cached file of an inode, loading it with `init` if needed.
-    pub fn get_or_load(&self, ino: u64, init: impl FnOnce() -> FsResult<FileInit>) -> FsResult<Arc<CacheFile>> {
+    pub fn get_or_load(
+        &self,
+        ino: u64,
+        init: impl FnOnce() -> FsResult<FileInit>,
+    ) -> FsResult<Arc<CacheFile>> {
         let mut files = self.registry();
         if let Some(file) = files.get(&ino) {
             return Ok(file.clone());
@@ -310,13 +350,19 @@ impl DataCache {
             Some(bytes) => BlockSet::from_bytes(bytes),
             None => {
                 // Without saved presence, nothing on disk is trusted.
-                file.set_len(0).map_err(|err| FsError::io("resetting cache file", err))?;
+                file.set_len(0)
+                    .map_err(|err| FsError::io("resetting cache file", err))?;
                 BlockSet::default()
             }
         };
         let saved = blocks.count() * BLOCK_SIZE;
-        let _ = self.unloaded_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(saved)));
-        file.set_len(init.size).map_err(|err| FsError::io("sizing cache file", err))?;
+        let _ = self
+            .unloaded_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(saved))
+            });
+        file.set_len(init.size)
+            .map_err(|err| FsError::io("sizing cache file", err))?;
         let cached = Arc::new(CacheFile {
             ino,
             file,

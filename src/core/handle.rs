@@ -42,7 +42,13 @@ const FIRST_READ_AHEAD: u64 = 1 << 20;
 
 impl Handle {
     pub fn new(ino: u64, mode: OpenMode, streamable: bool) -> Handle {
-        Handle { ino, mode, streamable, io: tokio::sync::Mutex::new(HandleIo::default()), read: Mutex::new(ReadState::default()) }
+        Handle {
+            ino,
+            mode,
+            streamable,
+            io: tokio::sync::Mutex::new(HandleIo::default()),
+            read: Mutex::new(ReadState::default()),
+        }
     }
 
     fn read_state(&self) -> std::sync::MutexGuard<'_, ReadState> {
@@ -54,7 +60,11 @@ impl Handle {
     pub fn read_ahead(&self, offset: u64, len: u64, max: u64) -> u64 {
         let mut state = self.read_state();
         let sequential = offset == state.next_offset;
-        state.ahead = if sequential { (state.ahead * 2).clamp(FIRST_READ_AHEAD, max) } else { 0 };
+        state.ahead = if sequential {
+            (state.ahead * 2).clamp(FIRST_READ_AHEAD, max)
+        } else {
+            0
+        };
         state.next_offset = offset + len;
         state.ahead
     }

@@ -13,7 +13,9 @@ use crate::backend::{AttrDefaults, Backend, Kind};
 use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE};
 use crate::config::Mode;
 use crate::error::{FsError, FsResult};
-use crate::meta::{AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, ROOT_INO};
+use crate::meta::{
+    AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, ROOT_INO,
+};
 use crate::sync::upload::StreamUpload;
 use crate::sync::{attrs_of, file_init, key_for, Uploader};
 use handle::Handle;
@@ -113,16 +115,24 @@ pub struct Core {
 
 fn check_name(name: &[u8]) -> FsResult<()> {
     if name.len() > MAX_NAME_BYTES {
-        return Err(FsError::new(libc::ENAMETOOLONG, format!("name of {} bytes is over {MAX_NAME_BYTES}", name.len())));
+        return Err(FsError::new(
+            libc::ENAMETOOLONG,
+            format!("name of {} bytes is over {MAX_NAME_BYTES}", name.len()),
+        ));
     }
     if std::str::from_utf8(name).is_err() {
-        return Err(FsError::loud(libc::EINVAL, "name is not UTF-8; object keys must be UTF-8"));
+        return Err(FsError::loud(
+            libc::EINVAL,
+            "name is not UTF-8; object keys must be UTF-8",
+        ));
     }
     Ok(())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Core {
@@ -188,7 +198,10 @@ impl Core {
     }
 
     fn key_of(&self, inode: &Inode) -> FsResult<String> {
-        let names = self.meta.path_of(inode.ino)?.ok_or_else(FsError::not_found)?;
+        let names = self
+            .meta
+            .path_of(inode.ino)?
+            .ok_or_else(FsError::not_found)?;
         key_for(&names, inode.kind)
     }
 
@@ -222,11 +235,12 @@ impl Core {
             return Ok(());
         }
         let key = self.key_of(dir)?;
-        let listed = self
-            .backend
-            .list_dir(&key)
-            .await
-            .map_err(|err| FsError::backend(&format!("listing {}", if key.is_empty() { "/" } else { &key }), err))?;
+        let listed = self.backend.list_dir(&key).await.map_err(|err| {
+            FsError::backend(
+                &format!("listing {}", if key.is_empty() { "/" } else { &key }),
+                err,
+            )
+        })?;
         let defaults = self.config.defaults;
         let found: Vec<(Vec<u8>, NewInode)> = listed
             .into_iter()
@@ -237,7 +251,11 @@ impl Core {
                     Kind::Dir => 0o777 & !defaults.umask,
                     _ => 0o666 & !defaults.umask,
                 };
-                let child_key = if entry.is_dir { format!("{key}{}/", entry.name) } else { format!("{key}{}", entry.name) };
+                let child_key = if entry.is_dir {
+                    format!("{key}{}/", entry.name)
+                } else {
+                    format!("{key}{}", entry.name)
+                };
                 let new = NewInode {
                     kind,
                     perm,
@@ -246,7 +264,11 @@ impl Core {
                     size: entry.size,
                     mtime: entry.last_modified.unwrap_or(SystemTime::UNIX_EPOCH),
                     target: None,
-                    remote: Some(RemoteState { key: child_key, etag: entry.etag, size: entry.size }),
+                    remote: Some(RemoteState {
+                        key: child_key,
+                        etag: entry.etag,
+                        size: entry.size,
+                    }),
                     attrs_loaded: false,
                     listed: false,
                     dirty: false,
@@ -262,11 +284,24 @@ impl Core {
         if inode.attrs_loaded {
             return Ok(inode);
         }
-        let Some(key) = inode.remote_key.clone() else { return Ok(inode) };
-        let info = self.backend.stat(&key).await.map_err(|err| FsError::backend(&format!("HEAD {key}"), err))?;
+        let Some(key) = inode.remote_key.clone() else {
+            return Ok(inode);
+        };
+        let info = self
+            .backend
+            .stat(&key)
+            .await
+            .map_err(|err| FsError::backend(&format!("HEAD {key}"), err))?;
         if let Some(info) = info {
             let attrs = info.attrs;
-            self.meta.set_loaded_attrs(inode.ino, attrs.perm, attrs.uid, attrs.gid, attrs.mtime, attrs.kind)?;
+            self.meta.set_loaded_attrs(
+                inode.ino,
+                attrs.perm,
+                attrs.uid,
+                attrs.gid,
+                attrs.mtime,
+                attrs.kind,
+            )?;
             if attrs.kind == Kind::Symlink {
                 let target = self
                     .backend
@@ -279,7 +314,14 @@ impl Core {
         } else {
             // A directory known only from a common prefix has no marker: keep defaults.
             let loaded = &inode;
-            self.meta.set_loaded_attrs(loaded.ino, loaded.perm, loaded.uid, loaded.gid, loaded.mtime, loaded.kind)?;
+            self.meta.set_loaded_attrs(
+                loaded.ino,
+                loaded.perm,
+                loaded.uid,
+                loaded.gid,
+                loaded.mtime,
+                loaded.kind,
+            )?;
         }
         self.inode(inode.ino)
     }
@@ -295,7 +337,10 @@ impl Core {
 
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
-        let inode = self.child(parent, name).await?.ok_or_else(FsError::not_found)?;
+        let inode = self
+            .child(parent, name)
+            .await?
+            .ok_or_else(FsError::not_found)?;
         let inode = self.ensure_attrs(inode).await?;
         Ok(self.attr_of(&inode))
     }
@@ -313,12 +358,24 @@ impl Core {
         self.ensure_listed(&dir).await?;
         let parent = dir.parent.unwrap_or(ROOT_INO);
         let mut entries = vec![
-            DirEntry { ino, kind: Kind::Dir, name: b".".to_vec() },
-            DirEntry { ino: parent, kind: Kind::Dir, name: b"..".to_vec() },
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: parent,
+                kind: Kind::Dir,
+                name: b"..".to_vec(),
+            },
         ];
         for child in self.meta.children(ino)? {
             if let Some(name) = child.name {
-                entries.push(DirEntry { ino: child.ino, kind: child.kind, name });
+                entries.push(DirEntry {
+                    ino: child.ino,
+                    kind: child.kind,
+                    name,
+                });
             }
         }
         Ok(entries)
@@ -332,7 +389,14 @@ impl Core {
         Ok(inode.target.unwrap_or_default())
     }
 
-    fn new_entry(&self, kind: Kind, perm: u32, uid: u32, gid: u32, target: Option<Vec<u8>>) -> NewInode {
+    fn new_entry(
+        &self,
+        kind: Kind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        target: Option<Vec<u8>>,
+    ) -> NewInode {
         NewInode {
             kind,
             perm,
@@ -367,27 +431,59 @@ impl Core {
         Ok(inode)
     }
 
-    pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
-        let inode = self.create_node(parent, name, self.new_entry(Kind::Dir, mode & 0o7777, uid, gid, None)).await?;
-        self.sync_now_or_later(vec![JournalOp::Sync(inode.ino)]).await?;
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        let inode = self
+            .create_node(
+                parent,
+                name,
+                self.new_entry(Kind::Dir, mode & 0o7777, uid, gid, None),
+            )
+            .await?;
+        self.sync_now_or_later(vec![JournalOp::Sync(inode.ino)])
+            .await?;
         Ok(self.attr_of(&inode))
     }
 
-    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
         let new = self.new_entry(Kind::Symlink, 0o777, uid, gid, Some(target.to_vec()));
         let inode = self.create_node(parent, name, new).await?;
-        self.sync_now_or_later(vec![JournalOp::Sync(inode.ino)]).await?;
+        self.sync_now_or_later(vec![JournalOp::Sync(inode.ino)])
+            .await?;
         Ok(self.attr_of(&inode))
     }
 
     /// Removes an entry's inode (or parks it while open) and queues deletion of its object.
-    fn remove_inode_tx(&self, tx: &rusqlite::Transaction<'_>, inode: &Inode, ops: &mut Vec<JournalOp>) -> FsResult<()> {
+    fn remove_inode_tx(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        inode: &Inode,
+        ops: &mut Vec<JournalOp>,
+    ) -> FsResult<()> {
         if let Some(key) = inode.remote_key.clone().filter(|k| !k.is_empty()) {
             let op = JournalOp::Delete(key);
             self.meta.enqueue(tx, &op, Duration::ZERO)?;
             ops.push(op);
         }
-        if lock(&self.open_counts).get(&inode.ino).copied().unwrap_or(0) > 0 {
+        if lock(&self.open_counts)
+            .get(&inode.ino)
+            .copied()
+            .unwrap_or(0)
+            > 0
+        {
             self.meta.detach(tx, inode.ino)
         } else {
             self.meta.delete_inode(tx, inode.ino)
@@ -403,19 +499,26 @@ impl Core {
 
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         self.check_writable()?;
-        let inode = self.child(parent, name).await?.ok_or_else(FsError::not_found)?;
+        let inode = self
+            .child(parent, name)
+            .await?
+            .ok_or_else(FsError::not_found)?;
         if inode.kind == Kind::Dir {
             return Err(FsError::new(libc::EISDIR, "is a directory"));
         }
         let mut ops = Vec::new();
-        self.meta.transaction(|tx| self.remove_inode_tx(tx, &inode, &mut ops))?;
+        self.meta
+            .transaction(|tx| self.remove_inode_tx(tx, &inode, &mut ops))?;
         self.drop_cached_data(inode.ino)?;
         self.sync_now_or_later(ops).await
     }
 
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         self.check_writable()?;
-        let inode = self.child(parent, name).await?.ok_or_else(FsError::not_found)?;
+        let inode = self
+            .child(parent, name)
+            .await?
+            .ok_or_else(FsError::not_found)?;
         if inode.kind != Kind::Dir {
             return Err(FsError::new(libc::ENOTDIR, "not a directory"));
         }
@@ -424,7 +527,8 @@ impl Core {
             return Err(FsError::new(libc::ENOTEMPTY, "directory not empty"));
         }
         let mut ops = Vec::new();
-        self.meta.transaction(|tx| self.remove_inode_tx(tx, &inode, &mut ops))?;
+        self.meta
+            .transaction(|tx| self.remove_inode_tx(tx, &inode, &mut ops))?;
         self.sync_now_or_later(ops).await
     }
 
@@ -443,20 +547,35 @@ impl Core {
         Ok(())
     }
 
-    pub async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], no_replace: bool) -> FsResult<()> {
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        no_replace: bool,
+    ) -> FsResult<()> {
         self.check_writable()?;
         check_name(new_name)?;
-        let source = self.child(parent, name).await?.ok_or_else(FsError::not_found)?;
+        let source = self
+            .child(parent, name)
+            .await?
+            .ok_or_else(FsError::not_found)?;
         let target = self.child(new_parent, new_name).await?;
         if let Some(target) = &target {
             if target.ino == source.ino {
                 return Ok(());
             }
             if no_replace {
-                return Err(FsError::new(libc::EEXIST, "target exists (RENAME_NOREPLACE)"));
+                return Err(FsError::new(
+                    libc::EEXIST,
+                    "target exists (RENAME_NOREPLACE)",
+                ));
             }
             match (source.kind == Kind::Dir, target.kind == Kind::Dir) {
-                (true, false) => return Err(FsError::new(libc::ENOTDIR, "target is not a directory")),
+                (true, false) => {
+                    return Err(FsError::new(libc::ENOTDIR, "target is not a directory"))
+                }
                 (false, true) => return Err(FsError::new(libc::EISDIR, "target is a directory")),
                 (true, true) => {
                     self.ensure_listed(target).await?;
@@ -469,16 +588,28 @@ impl Core {
         }
         // A directory cannot move below itself.
         if source.kind == Kind::Dir {
-            let mut names = self.meta.path_of(new_parent)?.ok_or_else(FsError::not_found)?;
-            let own = self.meta.path_of(source.ino)?.ok_or_else(FsError::not_found)?;
+            let mut names = self
+                .meta
+                .path_of(new_parent)?
+                .ok_or_else(FsError::not_found)?;
+            let own = self
+                .meta
+                .path_of(source.ino)?
+                .ok_or_else(FsError::not_found)?;
             if names.starts_with(&own) {
-                return Err(FsError::new(libc::EINVAL, "cannot move a directory below itself"));
+                return Err(FsError::new(
+                    libc::EINVAL,
+                    "cannot move a directory below itself",
+                ));
             }
             names.push(new_name.to_vec());
             key_for(&names, Kind::Dir)?;
             self.ensure_subtree_listed(&source).await?;
         }
-        let mut new_names = self.meta.path_of(new_parent)?.ok_or_else(FsError::not_found)?;
+        let mut new_names = self
+            .meta
+            .path_of(new_parent)?
+            .ok_or_else(FsError::not_found)?;
         new_names.push(new_name.to_vec());
         let new_key = key_for(&new_names, source.kind)?;
         let delay = self.delay();
@@ -512,7 +643,11 @@ impl Core {
 
     pub async fn setattr(&self, ino: u64, change: SetAttr) -> FsResult<Attr> {
         let inode = self.ensure_attrs(self.inode(ino)?).await?;
-        let touches = change.mode.is_some() || change.uid.is_some() || change.gid.is_some() || change.size.is_some() || change.mtime.is_some();
+        let touches = change.mode.is_some()
+            || change.uid.is_some()
+            || change.gid.is_some()
+            || change.size.is_some()
+            || change.mtime.is_some();
         if !touches {
             return Ok(self.attr_of(&inode));
         }
@@ -569,11 +704,15 @@ impl Core {
     // --- files ---
 
     fn cache_file(&self, inode: &Inode) -> FsResult<Arc<CacheFile>> {
-        self.cache.get_or_load(inode.ino, || file_init(&self.meta, inode))
+        self.cache
+            .get_or_load(inode.ino, || file_init(&self.meta, inode))
     }
 
     fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
-        lock(&self.handles).get(&fh).cloned().ok_or_else(|| FsError::new(libc::EBADF, "no such file handle"))
+        lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| FsError::new(libc::EBADF, "no such file handle"))
     }
 
     fn add_handle(&self, handle: Handle) -> u64 {
@@ -612,7 +751,15 @@ impl Core {
         Ok(self.add_handle(handle))
     }
 
-    pub async fn create(&self, parent: u64, name: &[u8], mode: u32, flags: i32, uid: u32, gid: u32) -> FsResult<(Attr, u64)> {
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Attr, u64)> {
         let open_mode = OpenMode::from_flags(flags);
         let new = self.new_entry(Kind::File, mode & 0o7777, uid, gid, None);
         let inode = self.create_node(parent, name, new).await?;
@@ -629,7 +776,9 @@ impl Core {
         let read_ahead = handle.read_ahead(offset, size as u64, MAX_READ_AHEAD);
         let staged = self.cache.loaded(inode.ino);
         if self.write_through() && staged.is_none() {
-            return self.read_streamed(&handle, &inode, offset, size as u64, read_ahead).await;
+            return self
+                .read_streamed(&handle, &inode, offset, size as u64, read_ahead)
+                .await;
         }
         let file = match staged {
             Some(file) => file,
@@ -643,12 +792,25 @@ impl Core {
             let missing = file.missing_for_read(offset..offset + size as u64, read_ahead);
             file.fetch(&self.backend, missing).await?;
         }
-        Err(FsError::loud(libc::EIO, format!("inode {}: data could not be kept in the cache", inode.ino)))
+        Err(FsError::loud(
+            libc::EIO,
+            format!("inode {}: data could not be kept in the cache", inode.ino),
+        ))
     }
 
     /// Write-through reads: ranged GETs into a per-handle window, nothing on disk.
-    async fn read_streamed(&self, handle: &Handle, inode: &Inode, offset: u64, size: u64, read_ahead: u64) -> FsResult<Vec<u8>> {
-        let total = lock(&self.live_sizes).get(&inode.ino).copied().unwrap_or(inode.size);
+    async fn read_streamed(
+        &self,
+        handle: &Handle,
+        inode: &Inode,
+        offset: u64,
+        size: u64,
+        read_ahead: u64,
+    ) -> FsResult<Vec<u8>> {
+        let total = lock(&self.live_sizes)
+            .get(&inode.ino)
+            .copied()
+            .unwrap_or(inode.size);
         let end = (offset + size).min(total);
         if offset >= end {
             return Ok(Vec::new());
@@ -656,8 +818,14 @@ impl Core {
         if let Some(data) = handle.window_read(offset, end) {
             return Ok(data);
         }
-        let key = inode.remote_key.clone().filter(|k| !k.is_empty()).ok_or_else(|| FsError::loud(libc::EIO, "object not in the bucket yet"))?;
-        let fetch_end = (end + read_ahead).min(inode.remote_size.unwrap_or(total)).max(end);
+        let key = inode
+            .remote_key
+            .clone()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| FsError::loud(libc::EIO, "object not in the bucket yet"))?;
+        let fetch_end = (end + read_ahead)
+            .min(inode.remote_size.unwrap_or(total))
+            .max(end);
         let data = self
             .backend
             .read_range(&key, offset..fetch_end)
@@ -665,7 +833,9 @@ impl Core {
             .map_err(|err| FsError::backend(&format!("reading {key}"), err))?
             .to_bytes();
         handle.set_window(offset, data);
-        handle.window_read(offset, end).ok_or_else(|| FsError::loud(libc::EIO, format!("{key}: short read")))
+        handle
+            .window_read(offset, end)
+            .ok_or_else(|| FsError::loud(libc::EIO, format!("{key}: short read")))
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -676,7 +846,11 @@ impl Core {
         let inode = self.inode(handle.ino)?;
         if self.write_through() {
             let mut io = handle.io.lock().await;
-            let offset = if handle.mode.append { self.size_now(&inode) } else { offset };
+            let offset = if handle.mode.append {
+                self.size_now(&inode)
+            } else {
+                offset
+            };
             if !io.staged {
                 let position = io.stream.as_ref().map_or(0, StreamUpload::len);
                 if handle.streamable && offset == position {
@@ -690,7 +864,11 @@ impl Core {
             drop(io);
             return self.write_cached(&inode, offset, data).await;
         }
-        let offset = if handle.mode.append { self.size_now(&inode) } else { offset };
+        let offset = if handle.mode.append {
+            self.size_now(&inode)
+        } else {
+            offset
+        };
         self.write_cached(&inode, offset, data).await
     }
 
@@ -706,17 +884,39 @@ impl Core {
                 WriteOutcome::NeedFetch(runs) => file.fetch(&self.backend, runs).await?,
             }
         }
-        Err(FsError::loud(libc::EIO, format!("inode {}: could not prepare the cache for a write", inode.ino)))
+        Err(FsError::loud(
+            libc::EIO,
+            format!(
+                "inode {}: could not prepare the cache for a write",
+                inode.ino
+            ),
+        ))
     }
 
-    async fn write_stream(&self, handle: &Handle, io: &mut handle::HandleIo, inode: &Inode, data: &[u8]) -> FsResult<u32> {
+    async fn write_stream(
+        &self,
+        handle: &Handle,
+        io: &mut handle::HandleIo,
+        inode: &Inode,
+        data: &[u8],
+    ) -> FsResult<u32> {
         if io.stream.is_none() {
             let key = self.key_of(inode)?;
             let metadata = attrs_of(inode).encode(None);
-            let stream = StreamUpload::start(&self.backend, &key, metadata, self.config.part_size, self.config.upload_concurrency).await?;
+            let stream = StreamUpload::start(
+                &self.backend,
+                &key,
+                metadata,
+                self.config.part_size,
+                self.config.upload_concurrency,
+            )
+            .await?;
             io.stream = Some(stream);
         }
-        let stream = io.stream.as_mut().ok_or_else(|| FsError::loud(libc::EIO, "stream vanished"))?;
+        let stream = io
+            .stream
+            .as_mut()
+            .ok_or_else(|| FsError::loud(libc::EIO, "stream vanished"))?;
         stream.push(data).await?;
         lock(&self.live_sizes).insert(handle.ino, stream.len());
         Ok(data.len() as u32)
@@ -725,22 +925,41 @@ impl Core {
     /// A write-through writer left the sequential path. Bytes still in memory move to the
     /// cache file; if parts already left, the object is completed with what was streamed
     /// and the cache file continues from it (fetching what it needs).
-    async fn stage_stream(&self, handle: &Handle, io: &mut handle::HandleIo, mut stream: StreamUpload) -> FsResult<()> {
+    async fn stage_stream(
+        &self,
+        handle: &Handle,
+        io: &mut handle::HandleIo,
+        mut stream: StreamUpload,
+    ) -> FsResult<()> {
         let inode = self.inode(handle.ino)?;
         let file = self.cache.get_or_load(inode.ino, || {
-            Ok(crate::cache::FileInit { size: 0, fetch_limit: 0, source_key: None, dirty: true, saved_blocks: None })
+            Ok(crate::cache::FileInit {
+                size: 0,
+                fetch_limit: 0,
+                source_key: None,
+                dirty: true,
+                saved_blocks: None,
+            })
         })?;
         if !stream.has_sent_parts() {
             let buffer = stream.take_buffer();
             stream.abort().await;
             file.truncate(0)?;
             if let WriteOutcome::NeedFetch(_) = file.write_local(0, &buffer)? {
-                return Err(FsError::loud(libc::EIO, "staging buffer could not be written"));
+                return Err(FsError::loud(
+                    libc::EIO,
+                    "staging buffer could not be written",
+                ));
             }
         } else {
             let uploaded = stream.finish().await?;
-            let remote = RemoteState { key: uploaded.key.clone(), etag: uploaded.etag, size: uploaded.size };
-            self.meta.transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, false))?;
+            let remote = RemoteState {
+                key: uploaded.key.clone(),
+                etag: uploaded.etag,
+                size: uploaded.size,
+            };
+            self.meta
+                .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, false))?;
             let mut state = file.lock();
             state.source_key = Some(uploaded.key);
             state.fetch_limit = uploaded.size;
@@ -762,7 +981,12 @@ impl Core {
             if state.gen == state.persisted_gen && !force {
                 return Ok(());
             }
-            (state.gen, state.size, state.fetch_limit, state.blocks.to_bytes())
+            (
+                state.gen,
+                state.size,
+                state.fetch_limit,
+                state.blocks.to_bytes(),
+            )
         };
         file.sync_data()?;
         let delay = self.delay();
@@ -799,13 +1023,25 @@ impl Core {
         let mut io = handle.io.lock().await;
         if let Some(stream) = io.stream.take() {
             let uploaded = stream.finish().await?;
-            let remote = RemoteState { key: uploaded.key.clone(), etag: uploaded.etag, size: uploaded.size };
-            let change = AttrChange { size: Some(uploaded.size), mtime: Some(SystemTime::now()), dirty: Some(false), ..Default::default() };
+            let remote = RemoteState {
+                key: uploaded.key.clone(),
+                etag: uploaded.etag,
+                size: uploaded.size,
+            };
+            let change = AttrChange {
+                size: Some(uploaded.size),
+                mtime: Some(SystemTime::now()),
+                dirty: Some(false),
+                ..Default::default()
+            };
             self.meta.transaction(|tx| {
                 self.meta.change_attrs(tx, inode.ino, &change)?;
                 self.meta.set_remote(tx, inode.ino, &remote, true)?;
                 // The stream replaced the object: a queued sync (from create) is moot.
-                tx.execute("DELETE FROM journal WHERE op = 'sync' AND ino = ?1", [inode.ino as i64])?;
+                tx.execute(
+                    "DELETE FROM journal WHERE op = 'sync' AND ino = ?1",
+                    [inode.ino as i64],
+                )?;
                 Ok(())
             })?;
             lock(&self.live_sizes).remove(&inode.ino);
@@ -816,17 +1052,30 @@ impl Core {
         if io.staged {
             let file = self.cache_file(&inode)?;
             self.persist(&file, inode.ino, false)?;
-            if self.meta.due_entries(usize::MAX >> 1, true)?.iter().any(|e| e.op == JournalOp::Sync(inode.ino)) {
+            if self
+                .meta
+                .due_entries(usize::MAX >> 1, true)?
+                .iter()
+                .any(|e| e.op == JournalOp::Sync(inode.ino))
+            {
                 self.uploader.run_now(JournalOp::Sync(inode.ino)).await?;
             }
             return Ok(());
         }
         if handle.streamable {
             // Opened with O_TRUNC (or created) and nothing written: an empty object.
-            let pending = self.meta.due_entries(usize::MAX >> 1, true)?.iter().any(|e| e.op == JournalOp::Sync(inode.ino));
+            let pending = self
+                .meta
+                .due_entries(usize::MAX >> 1, true)?
+                .iter()
+                .any(|e| e.op == JournalOp::Sync(inode.ino));
             if !pending {
                 let delay = self.delay();
-                let change = AttrChange { size: Some(0), dirty: Some(true), ..Default::default() };
+                let change = AttrChange {
+                    size: Some(0),
+                    dirty: Some(true),
+                    ..Default::default()
+                };
                 self.meta.transaction(|tx| {
                     self.meta.change_attrs(tx, inode.ino, &change)?;
                     self.meta.enqueue(tx, &JournalOp::Sync(inode.ino), delay)
@@ -846,7 +1095,9 @@ impl Core {
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let result = self.flush(fh).await;
-        let Some(handle) = lock(&self.handles).remove(&fh) else { return result };
+        let Some(handle) = lock(&self.handles).remove(&fh) else {
+            return result;
+        };
         let ino = handle.ino;
         let remaining = {
             let mut counts = lock(&self.open_counts);
@@ -860,15 +1111,23 @@ impl Core {
         };
         if let Some(file) = self.cache.loaded(ino) {
             let mut state = file.lock();
-            let held = if self.write_through() { u32::from(handle.io.try_lock().is_ok_and(|io| io.holds_cache_file)) } else { 1 };
+            let held = if self.write_through() {
+                u32::from(handle.io.try_lock().is_ok_and(|io| io.holds_cache_file))
+            } else {
+                1
+            };
             state.open_handles = state.open_handles.saturating_sub(held);
         }
         let inode = self.meta.get(ino)?;
         if remaining == 0 {
             lock(&self.live_sizes).remove(&ino);
-            if inode.as_ref().is_some_and(|i| i.parent.is_none() && i.ino != ROOT_INO) {
+            if inode
+                .as_ref()
+                .is_some_and(|i| i.parent.is_none() && i.ino != ROOT_INO)
+            {
                 // Unlinked while open: its last close frees it.
-                self.meta.transaction(|tx| self.meta.delete_inode(tx, ino))?;
+                self.meta
+                    .transaction(|tx| self.meta.delete_inode(tx, ino))?;
                 self.cache.remove(ino)?;
             } else if self.write_through() {
                 if let Some(file) = self.cache.loaded(ino) {

@@ -47,14 +47,24 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
 pub fn request(mountpoint: &Path, command: Command, timeout: Duration) -> anyhow::Result<Response> {
     let path = socket_path(mountpoint);
     let mut stream = UnixStream::connect(&path).with_context(|| {
-        format!("no bucketgate daemon answers for {} (socket {})", mountpoint.display(), path.display())
+        format!(
+            "no bucketgate daemon answers for {} (socket {})",
+            mountpoint.display(),
+            path.display()
+        )
     })?;
-    stream.set_read_timeout(Some(timeout)).context("setting socket timeout")?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .context("setting socket timeout")?;
     let mut line = serde_json::to_string(&command).context("encoding command")?;
     line.push('\n');
-    stream.write_all(line.as_bytes()).context("sending command to the daemon")?;
+    stream
+        .write_all(line.as_bytes())
+        .context("sending command to the daemon")?;
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).context("reading the daemon's answer")?;
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .context("reading the daemon's answer")?;
     if answer.is_empty() {
         bail!("the daemon closed the connection without answering");
     }

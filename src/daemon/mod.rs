@@ -33,7 +33,8 @@ pub fn mount_in_background(config: &MountConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.cache_dir)
         .with_context(|| format!("creating cache dir {}", config.cache_dir.display()))?;
     let log_path = config.cache_dir.join("bucketgate.log");
-    let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let log =
+        File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let exe = std::env::current_exe().context("locating the bucketgate binary")?;
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     args.push("--foreground".to_string());
@@ -47,7 +48,11 @@ pub fn mount_in_background(config: &MountConfig) -> anyhow::Result<()> {
             .stderr(log);
         // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal.
         unsafe {
-            command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+            command.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
         }
         command.spawn().context("starting the daemon")?
     };
@@ -55,15 +60,29 @@ pub fn mount_in_background(config: &MountConfig) -> anyhow::Result<()> {
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait().context("watching the daemon")? {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!("the daemon exited ({status}) before the mount was ready:\n{}", log.trim_end());
+            bail!(
+                "the daemon exited ({status}) before the mount was ready:\n{}",
+                log.trim_end()
+            );
         }
-        if control::request(&config.mountpoint, Command::Status, Duration::from_secs(2)).is_ok_and(|r| r.ok) {
-            println!("mounted {} on {} ({} mode, pid {})", config.source, config.mountpoint.display(), config.mode.as_str(), child.id());
+        if control::request(&config.mountpoint, Command::Status, Duration::from_secs(2))
+            .is_ok_and(|r| r.ok)
+        {
+            println!(
+                "mounted {} on {} ({} mode, pid {})",
+                config.source,
+                config.mountpoint.display(),
+                config.mode.as_str(),
+                child.id()
+            );
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    bail!("the mount was not ready in time; see {}", log_path.display())
+    bail!(
+        "the mount was not ready in time; see {}",
+        log_path.display()
+    )
 }
 
 /// Runs a mount in the foreground until unmounted or signalled.
@@ -86,9 +105,18 @@ fn open_layers(config: &MountConfig) -> anyhow::Result<(Arc<MetaStore>, Arc<Data
         .map_err(|(_, err)| anyhow!("cache dir {} is in use by another bucketgate ({err}); give each mount its own --cache-dir", config.cache_dir.display()))
         .map(std::mem::forget)?;
     let defaults = attr_defaults(config);
-    let meta = MetaStore::open(&config.cache_dir.join("meta.db"), 0o777 & !defaults.umask, defaults.uid, defaults.gid)
-        .map_err(|err| anyhow!("opening metadata store: {err}"))?;
-    let unclean = meta.state("clean").map_err(|err| anyhow!("{err}"))?.as_deref() != Some("1");
+    let meta = MetaStore::open(
+        &config.cache_dir.join("meta.db"),
+        0o777 & !defaults.umask,
+        defaults.uid,
+        defaults.gid,
+    )
+    .map_err(|err| anyhow!("opening metadata store: {err}"))?;
+    let unclean = meta
+        .state("clean")
+        .map_err(|err| anyhow!("{err}"))?
+        .as_deref()
+        != Some("1");
     let data_dir = config.cache_dir.join("data");
     if unclean {
         // After a crash, clean cached blocks may not have reached the disk: refetch them.
@@ -96,17 +124,21 @@ fn open_layers(config: &MountConfig) -> anyhow::Result<(Arc<MetaStore>, Arc<Data
             let path = data_dir.join(ino.to_string());
             if let Err(err) = std::fs::remove_file(&path) {
                 if err.kind() != std::io::ErrorKind::NotFound {
-                    return Err(err).with_context(|| format!("removing stale cache file {}", path.display()));
+                    return Err(err)
+                        .with_context(|| format!("removing stale cache file {}", path.display()));
                 }
             }
         }
     }
-    meta.set_state("clean", "0").map_err(|err| anyhow!("{err}"))?;
+    meta.set_state("clean", "0")
+        .map_err(|err| anyhow!("{err}"))?;
     for orphan in meta.orphans().map_err(|err| anyhow!("{err}"))? {
-        meta.transaction(|tx| meta.delete_inode(tx, orphan)).map_err(|err| anyhow!("{err}"))?;
+        meta.transaction(|tx| meta.delete_inode(tx, orphan))
+            .map_err(|err| anyhow!("{err}"))?;
     }
     let saved_bytes = saved_cache_bytes(&meta)?;
-    let cache = DataCache::open(&data_dir, config.cache_size, saved_bytes).map_err(|err| anyhow!("{err}"))?;
+    let cache = DataCache::open(&data_dir, config.cache_size, saved_bytes)
+        .map_err(|err| anyhow!("{err}"))?;
     Ok((Arc::new(meta), Arc::new(cache), lock))
 }
 
@@ -116,7 +148,8 @@ fn saved_cache_bytes(meta: &MetaStore) -> anyhow::Result<u64> {
         let blobs = stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
         let mut total = 0u64;
         for blob in blobs {
-            total += crate::cache::blocks::BlockSet::from_bytes(&blob?).count() * crate::cache::BLOCK_SIZE;
+            total += crate::cache::blocks::BlockSet::from_bytes(&blob?).count()
+                * crate::cache::BLOCK_SIZE;
         }
         Ok(total)
     })
@@ -124,7 +157,11 @@ fn saved_cache_bytes(meta: &MetaStore) -> anyhow::Result<u64> {
 }
 
 fn attr_defaults(config: &MountConfig) -> AttrDefaults {
-    AttrDefaults { uid: config.options.uid, gid: config.options.gid, umask: config.options.umask }
+    AttrDefaults {
+        uid: config.options.uid,
+        gid: config.options.gid,
+        umask: config.options.umask,
+    }
 }
 
 async fn serve(config: MountConfig) -> anyhow::Result<()> {
@@ -137,11 +174,25 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
         retries: 4,
     };
     let backend = source::open(&config.source, &connection, attr_defaults(&config))?;
-    let check = source::open(&config.source, &source::Connection { retries: 0, ..connection }, attr_defaults(&config))?;
+    let check = source::open(
+        &config.source,
+        &source::Connection {
+            retries: 0,
+            ..connection
+        },
+        attr_defaults(&config),
+    )?;
     match tokio::time::timeout(CHECK_TIMEOUT, check.check()).await {
         Ok(Ok(())) => {}
-        Ok(Err(err)) => bail!("cannot reach {}: {}", backend.description, explain_backend_error(&err)),
-        Err(_) => bail!("cannot reach {}: no answer within {CHECK_TIMEOUT:?}; check --endpoint and the network", backend.description),
+        Ok(Err(err)) => bail!(
+            "cannot reach {}: {}",
+            backend.description,
+            explain_backend_error(&err)
+        ),
+        Err(_) => bail!(
+            "cannot reach {}: no answer within {CHECK_TIMEOUT:?}; check --endpoint and the network",
+            backend.description
+        ),
     }
     let uploader = Uploader::new(
         meta.clone(),
@@ -174,7 +225,13 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     let (stop_tx, mut stop_rx) = mpsc::channel::<Option<tokio::sync::oneshot::Sender<Response>>>(4);
     let socket = control::socket_path(&config.mountpoint);
     let listener = bind_socket(&socket)?;
-    tokio::spawn(serve_control(listener, core.clone(), backend.description.clone(), config.flush_timeout, stop_tx.clone()));
+    tokio::spawn(serve_control(
+        listener,
+        core.clone(),
+        backend.description.clone(),
+        config.flush_timeout,
+        stop_tx.clone(),
+    ));
     spawn_signal_handlers(stop_tx.clone())?;
     let reply_to = loop {
         tokio::select! {
@@ -189,7 +246,10 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     };
     let flushed = core.flush_all(config.flush_timeout).await;
     if let Err(err) = &flushed {
-        tracing::error!("{err}; the changes stay journaled in {} and upload at the next mount", config.cache_dir.display());
+        tracing::error!(
+            "{err}; the changes stay journaled in {} and upload at the next mount",
+            config.cache_dir.display()
+        );
     }
     if !session.guard.is_finished() {
         if let Err(err) = session.umount_and_join() {
@@ -201,10 +261,20 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     if let Err(err) = std::fs::remove_file(&socket) {
         tracing::debug!(error = %err, "removing control socket");
     }
-    meta.set_state("clean", "1").map_err(|err| anyhow!("{err}"))?;
+    meta.set_state("clean", "1")
+        .map_err(|err| anyhow!("{err}"))?;
     let response = match &flushed {
-        Ok(()) => Response { ok: true, ..Default::default() },
-        Err(err) => Response { ok: false, error: Some(format!("unmounted, but {err}; they upload at the next mount")), status: None },
+        Ok(()) => Response {
+            ok: true,
+            ..Default::default()
+        },
+        Err(err) => Response {
+            ok: false,
+            error: Some(format!(
+                "unmounted, but {err}; they upload at the next mount"
+            )),
+            status: None,
+        },
     };
     if let Some(reply) = reply_to {
         if reply.send(response).is_err() {
@@ -218,7 +288,9 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
 fn explain_backend_error(err: &opendal::Error) -> String {
     match err.kind() {
         opendal::ErrorKind::NotFound => format!("the bucket does not exist ({err})"),
-        opendal::ErrorKind::PermissionDenied => format!("access denied: check the credentials ({err})"),
+        opendal::ErrorKind::PermissionDenied => {
+            format!("access denied: check the credentials ({err})")
+        }
         _ => err.to_string(),
     }
 }
@@ -235,10 +307,17 @@ fn mount(config: &MountConfig, core: Arc<Core>) -> anyhow::Result<fuser::Backgro
     }
     let mut fuse_config = fuser::Config::default();
     fuse_config.mount_options = options;
-    fuse_config.acl = if config.options.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    fuse_config.acl = if config.options.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
     let fs = BucketFs::new(core, tokio::runtime::Handle::current());
     fuser::spawn_mount(fs, &config.mountpoint, &fuse_config).with_context(|| {
-        format!("mounting on {} (is fuse3 installed and the directory empty and not mounted?)", config.mountpoint.display())
+        format!(
+            "mounting on {} (is fuse3 installed and the directory empty and not mounted?)",
+            config.mountpoint.display()
+        )
     })
 }
 
@@ -248,18 +327,30 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another bucketgate already serves this mount point ({})", path.display());
+            bail!(
+                "another bucketgate already serves this mount point ({})",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).context("securing control socket")?;
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .context("securing control socket")?;
     Ok(listener)
 }
 
 type StopSender = mpsc::Sender<Option<tokio::sync::oneshot::Sender<Response>>>;
 
-async fn serve_control(listener: UnixListener, core: Arc<Core>, source: String, flush_timeout: Duration, stop: StopSender) {
+async fn serve_control(
+    listener: UnixListener,
+    core: Arc<Core>,
+    source: String,
+    flush_timeout: Duration,
+    stop: StopSender,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -277,24 +368,52 @@ async fn serve_control(listener: UnixListener, core: Arc<Core>, source: String, 
             }
             let response = match serde_json::from_str::<Command>(line.trim()) {
                 Ok(Command::Status) => match core.status(&source) {
-                    Ok(status) => Response { ok: true, error: None, status: serde_json::to_value(status).ok() },
-                    Err(err) => Response { ok: false, error: Some(err.to_string()), status: None },
+                    Ok(status) => Response {
+                        ok: true,
+                        error: None,
+                        status: serde_json::to_value(status).ok(),
+                    },
+                    Err(err) => Response {
+                        ok: false,
+                        error: Some(err.to_string()),
+                        status: None,
+                    },
                 },
                 Ok(Command::Flush) => match core.flush_all(flush_timeout).await {
-                    Ok(()) => Response { ok: true, ..Default::default() },
-                    Err(err) => Response { ok: false, error: Some(err.to_string()), status: None },
+                    Ok(()) => Response {
+                        ok: true,
+                        ..Default::default()
+                    },
+                    Err(err) => Response {
+                        ok: false,
+                        error: Some(err.to_string()),
+                        status: None,
+                    },
                 },
                 Ok(Command::Unmount) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     if stop.send(Some(tx)).await.is_err() {
-                        Response { ok: false, error: Some("daemon is already stopping".into()), status: None }
+                        Response {
+                            ok: false,
+                            error: Some("daemon is already stopping".into()),
+                            status: None,
+                        }
                     } else {
-                        rx.await.unwrap_or(Response { ok: false, error: Some("daemon stopped without answering".into()), status: None })
+                        rx.await.unwrap_or(Response {
+                            ok: false,
+                            error: Some("daemon stopped without answering".into()),
+                            status: None,
+                        })
                     }
                 }
-                Err(err) => Response { ok: false, error: Some(format!("bad request: {err}")), status: None },
+                Err(err) => Response {
+                    ok: false,
+                    error: Some(format!("bad request: {err}")),
+                    status: None,
+                },
             };
-            let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".to_string());
+            let mut text =
+                serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".to_string());
             text.push('\n');
             if let Err(err) = write.write_all(text.as_bytes()).await {
                 tracing::debug!(error = %err, "control client went away");

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::backend::Kind;
@@ -141,7 +142,14 @@ impl Filesystem for BucketFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let change = SetAttr { mode, uid, gid, size, mtime: mtime.map(time_of), fh: fh.map(|f| f.0) };
+        let change = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime: mtime.map(time_of),
+            fh: fh.map(|f| f.0),
+        };
         self.spawn("setattr", move |core| async move {
             match core.setattr(ino.0, change).await {
                 Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
@@ -159,7 +167,15 @@ impl Filesystem for BucketFs {
         });
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let (name, uid, gid) = (name_bytes(name), req.uid(), req.gid());
         self.spawn("mkdir", move |core| async move {
             match core.mkdir(parent.0, &name, mode & !umask, uid, gid).await {
@@ -189,8 +205,20 @@ impl Filesystem for BucketFs {
         });
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let (name, target, uid, gid) = (name_bytes(link_name), name_bytes(target.as_os_str()), req.uid(), req.gid());
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (name, target, uid, gid) = (
+            name_bytes(link_name),
+            name_bytes(target.as_os_str()),
+            req.uid(),
+            req.gid(),
+        );
         self.spawn("symlink", move |core| async move {
             match core.symlink(parent.0, &name, &target, uid, gid).await {
                 Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
@@ -217,14 +245,24 @@ impl Filesystem for BucketFs {
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (name, newname) = (name_bytes(name), name_bytes(newname));
         self.spawn("rename", move |core| async move {
-            match core.rename(parent.0, &name, newparent.0, &newname, no_replace).await {
+            match core
+                .rename(parent.0, &name, newparent.0, &newname, no_replace)
+                .await
+            {
                 Ok(()) => reply.ok(),
                 Err(err) => reply.error(errno("rename", err)),
             }
         });
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         // One object is one file: a second name for the same bytes has no object form.
         reply.error(Errno::EPERM);
     }
@@ -239,11 +277,29 @@ impl Filesystem for BucketFs {
         });
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let (name, uid, gid) = (name_bytes(name), req.uid(), req.gid());
         self.spawn("create", move |core| async move {
-            match core.create(parent.0, &name, mode & !umask, flags, uid, gid).await {
-                Ok((attr, fh)) => reply.created(&TTL, &file_attr(&attr), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            match core
+                .create(parent.0, &name, mode & !umask, flags, uid, gid)
+                .await
+            {
+                Ok((attr, fh)) => reply.created(
+                    &TTL,
+                    &file_attr(&attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
                 Err(err) => reply.error(errno("create", err)),
             }
         });
@@ -289,7 +345,14 @@ impl Filesystem for BucketFs {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         self.spawn("flush", move |core| async move {
             match core.flush(fh.0).await {
                 Ok(()) => reply.ok(),
@@ -316,7 +379,14 @@ impl Filesystem for BucketFs {
         });
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.spawn("fsync", move |core| async move {
             match core.fsync(fh.0).await {
                 Ok(()) => reply.ok(),
@@ -325,13 +395,25 @@ impl Filesystem for BucketFs {
         });
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         self.spawn("readdir", move |core| async move {
             match core.readdir(ino.0).await {
                 Ok(entries) => {
                     for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
                         let next = (index + 1) as u64;
-                        if reply.add(INodeNo(entry.ino), next, file_type(entry.kind), OsStr::from_bytes(&entry.name)) {
+                        if reply.add(
+                            INodeNo(entry.ino),
+                            next,
+                            file_type(entry.kind),
+                            OsStr::from_bytes(&entry.name),
+                        ) {
                             break;
                         }
                     }
@@ -342,14 +424,67 @@ impl Filesystem for BucketFs {
         });
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         // Directory changes are journaled in SQLite (synchronous=FULL) as they happen.
         reply.ok();
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // Extended attributes have no object form; say so without log noise.
+        reply.error(Errno::ENOTSUP);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOTSUP);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOTSUP);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let (bytes, block) = self.core.statfs();
         let blocks = bytes / block;
-        reply.statfs(blocks, blocks, blocks, 1 << 32, 1 << 32, block as u32, MAX_NAME_BYTES as u32, block as u32);
+        reply.statfs(
+            blocks,
+            blocks,
+            blocks,
+            1 << 32,
+            1 << 32,
+            block as u32,
+            MAX_NAME_BYTES as u32,
+            block as u32,
+        );
     }
 }

@@ -119,7 +119,8 @@ fn now_ms() -> i64 {
     to_ns(SystemTime::now()) / 1_000_000
 }
 
-const INODE_COLUMNS: &str = "ino, parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, \
+const INODE_COLUMNS: &str =
+    "ino, parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, \
      attrs_loaded, listed, remote_key, remote_etag, remote_size, fetch_limit, dirty";
 
 fn inode_from_row(row: &Row<'_>) -> rusqlite::Result<Inode> {
@@ -155,7 +156,9 @@ impl MetaStore {
     pub fn open(path: &Path, root_perm: u32, uid: u32, gid: u32) -> FsResult<MetaStore> {
         let mut conn = Connection::open(path)?;
         // FULL: a transaction acknowledged to a writer survives power loss.
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
+        )?;
         conn.busy_timeout(Duration::from_secs(10))?;
         schema::migrate(&mut conn)?;
         let now = to_ns(SystemTime::now());
@@ -164,12 +167,16 @@ impl MetaStore {
              VALUES (1, NULL, NULL, 2, ?1, ?2, ?3, ?4, ?4, '')",
             params![root_perm, uid, gid, now],
         )?;
-        Ok(MetaStore { conn: Mutex::new(conn) })
+        Ok(MetaStore {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite itself consistent; carry on.
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` in one transaction.
@@ -187,14 +194,19 @@ impl MetaStore {
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Option<Inode>> {
         let conn = self.lock();
-        let mut stmt = conn.prepare_cached(&format!("SELECT {INODE_COLUMNS} FROM inodes WHERE parent = ?1 AND name = ?2"))?;
-        Ok(stmt.query_row(params![parent as i64, name], inode_from_row).optional()?)
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {INODE_COLUMNS} FROM inodes WHERE parent = ?1 AND name = ?2"
+        ))?;
+        Ok(stmt
+            .query_row(params![parent as i64, name], inode_from_row)
+            .optional()?)
     }
 
     pub fn children(&self, parent: u64) -> FsResult<Vec<Inode>> {
         let conn = self.lock();
-        let mut stmt =
-            conn.prepare_cached(&format!("SELECT {INODE_COLUMNS} FROM inodes WHERE parent = ?1 ORDER BY name"))?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {INODE_COLUMNS} FROM inodes WHERE parent = ?1 ORDER BY name"
+        ))?;
         let rows = stmt.query_map(params![parent as i64], inode_from_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
@@ -206,7 +218,13 @@ impl MetaStore {
     }
 
     /// Creates a directory entry; EEXIST if the name is taken.
-    pub fn create_entry(&self, tx: &Transaction<'_>, parent: u64, name: &[u8], new: &NewInode) -> FsResult<Inode> {
+    pub fn create_entry(
+        &self,
+        tx: &Transaction<'_>,
+        parent: u64,
+        name: &[u8],
+        new: &NewInode,
+    ) -> FsResult<Inode> {
         let now = to_ns(SystemTime::now());
         let remote = new.remote.as_ref();
         let result = tx.execute(
@@ -235,7 +253,9 @@ impl MetaStore {
         );
         match result {
             Ok(_) => {}
-            Err(err) if is_unique_violation(&err) => return Err(FsError::new(libc::EEXIST, "file exists")),
+            Err(err) if is_unique_violation(&err) => {
+                return Err(FsError::new(libc::EEXIST, "file exists"))
+            }
             Err(err) => return Err(err.into()),
         }
         let ino = tx.last_insert_rowid() as u64;
@@ -253,13 +273,24 @@ impl MetaStore {
                     Err(err) => return Err(err),
                 }
             }
-            tx.execute("UPDATE inodes SET listed = 1 WHERE ino = ?1", params![parent as i64])?;
+            tx.execute(
+                "UPDATE inodes SET listed = 1 WHERE ino = ?1",
+                params![parent as i64],
+            )?;
             Ok(())
         })
     }
 
     /// Fills in attributes read by a HEAD of an inode found by listing.
-    pub fn set_loaded_attrs(&self, ino: u64, perm: u32, uid: u32, gid: u32, mtime: SystemTime, kind: Kind) -> FsResult<()> {
+    pub fn set_loaded_attrs(
+        &self,
+        ino: u64,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        mtime: SystemTime,
+        kind: Kind,
+    ) -> FsResult<()> {
         let conn = self.lock();
         conn.execute(
             "UPDATE inodes SET perm = ?2, uid = ?3, gid = ?4, mtime_ns = ?5, kind = ?6, attrs_loaded = 1 WHERE ino = ?1",
@@ -270,12 +301,20 @@ impl MetaStore {
 
     pub fn set_target(&self, ino: u64, target: &[u8]) -> FsResult<()> {
         let conn = self.lock();
-        conn.execute("UPDATE inodes SET target = ?2 WHERE ino = ?1", params![ino as i64, target])?;
+        conn.execute(
+            "UPDATE inodes SET target = ?2 WHERE ino = ?1",
+            params![ino as i64, target],
+        )?;
         Ok(())
     }
 
     /// Applies an attribute change inside a transaction.
-    pub fn change_attrs(&self, tx: &Transaction<'_>, ino: u64, change: &AttrChange) -> FsResult<()> {
+    pub fn change_attrs(
+        &self,
+        tx: &Transaction<'_>,
+        ino: u64,
+        change: &AttrChange,
+    ) -> FsResult<()> {
         let now = to_ns(SystemTime::now());
         tx.execute(
             "UPDATE inodes SET perm = COALESCE(?2, perm), uid = COALESCE(?3, uid), gid = COALESCE(?4, gid),
@@ -299,31 +338,55 @@ impl MetaStore {
 
     /// Records that the bucket now holds `remote` for the inode. `clean` clears the dirty
     /// flag (only when no newer change arrived during the upload).
-    pub fn set_remote(&self, tx: &Transaction<'_>, ino: u64, remote: &RemoteState, clean: bool) -> FsResult<()> {
+    pub fn set_remote(
+        &self,
+        tx: &Transaction<'_>,
+        ino: u64,
+        remote: &RemoteState,
+        clean: bool,
+    ) -> FsResult<()> {
         tx.execute(
             "UPDATE inodes SET remote_key = ?2, remote_etag = ?3, remote_size = ?4,
                  fetch_limit = CASE WHEN ?5 THEN ?4 ELSE fetch_limit END,
                  dirty = CASE WHEN ?5 THEN 0 ELSE dirty END
              WHERE ino = ?1",
-            params![ino as i64, remote.key, remote.etag, remote.size as i64, clean],
+            params![
+                ino as i64,
+                remote.key,
+                remote.etag,
+                remote.size as i64,
+                clean
+            ],
         )?;
         Ok(())
     }
 
     /// Removes a directory entry. Returns the inode; it stays (parentless) while open.
     pub fn detach(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<()> {
-        tx.execute("UPDATE inodes SET parent = NULL, name = NULL WHERE ino = ?1", params![ino as i64])?;
+        tx.execute(
+            "UPDATE inodes SET parent = NULL, name = NULL WHERE ino = ?1",
+            params![ino as i64],
+        )?;
         Ok(())
     }
 
     pub fn delete_inode(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<()> {
         tx.execute("DELETE FROM inodes WHERE ino = ?1", params![ino as i64])?;
-        tx.execute("DELETE FROM cache_blocks WHERE ino = ?1", params![ino as i64])?;
+        tx.execute(
+            "DELETE FROM cache_blocks WHERE ino = ?1",
+            params![ino as i64],
+        )?;
         Ok(())
     }
 
     /// Moves an entry to a new parent and name (the target name must be free).
-    pub fn move_entry(&self, tx: &Transaction<'_>, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<()> {
+    pub fn move_entry(
+        &self,
+        tx: &Transaction<'_>,
+        ino: u64,
+        new_parent: u64,
+        new_name: &[u8],
+    ) -> FsResult<()> {
         let now = to_ns(SystemTime::now());
         tx.execute(
             "UPDATE inodes SET parent = ?2, name = ?3, ctime_ns = ?4 WHERE ino = ?1",
@@ -340,7 +403,9 @@ impl MetaStore {
              SELECT ino FROM sub",
         )?;
         let rows = stmt.query_map(params![dir as i64], |row| row.get::<_, i64>(0))?;
-        Ok(rows.map(|r| r.map(|v| v as u64)).collect::<rusqlite::Result<Vec<_>>>()?)
+        Ok(rows
+            .map(|r| r.map(|v| v as u64))
+            .collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// The names from the root down to `ino`; `None` for an unlinked inode.
@@ -355,8 +420,11 @@ impl MetaStore {
                 names.reverse();
                 return Ok(Some(names));
             }
-            let row: Option<(Option<i64>, Option<Vec<u8>>)> =
-                stmt.query_row(params![current as i64], |row| Ok((row.get(0)?, row.get(1)?))).optional()?;
+            let row: Option<(Option<i64>, Option<Vec<u8>>)> = stmt
+                .query_row(params![current as i64], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()?;
             match row {
                 Some((Some(parent), Some(name))) => {
                     names.push(name);
@@ -365,7 +433,10 @@ impl MetaStore {
                 _ => return Ok(None),
             }
         }
-        Err(FsError::loud(libc::ELOOP, format!("inode {ino}: path deeper than 4096 levels")))
+        Err(FsError::loud(
+            libc::ELOOP,
+            format!("inode {ino}: path deeper than 4096 levels"),
+        ))
     }
 
     /// Resolves a path (names from the root) to an inode, without listing the bucket.
@@ -386,9 +457,12 @@ impl MetaStore {
     /// Inodes left parentless by a previous run (unlinked while open): deletable now.
     pub fn orphans(&self) -> FsResult<Vec<u64>> {
         let conn = self.lock();
-        let mut stmt = conn.prepare_cached("SELECT ino FROM inodes WHERE parent IS NULL AND ino != 1")?;
+        let mut stmt =
+            conn.prepare_cached("SELECT ino FROM inodes WHERE parent IS NULL AND ino != 1")?;
         let rows = stmt.query_map([], |row| row.get::<_, i64>(0))?;
-        Ok(rows.map(|r| r.map(|v| v as u64)).collect::<rusqlite::Result<Vec<_>>>()?)
+        Ok(rows
+            .map(|r| r.map(|v| v as u64))
+            .collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     // --- journal ---
@@ -422,7 +496,11 @@ impl MetaStore {
             let key: String = row.get(3)?;
             Ok(JournalEntry {
                 id: row.get(0)?,
-                op: if op == "sync" { JournalOp::Sync(ino as u64) } else { JournalOp::Delete(key) },
+                op: if op == "sync" {
+                    JournalOp::Sync(ino as u64)
+                } else {
+                    JournalOp::Delete(key)
+                },
                 gen: row.get(4)?,
                 attempts: row.get(5)?,
             })
@@ -433,7 +511,10 @@ impl MetaStore {
     /// The entry's work is done; it is dropped unless re-queued meanwhile.
     pub fn complete(&self, entry: &JournalEntry) -> FsResult<()> {
         let conn = self.lock();
-        conn.execute("DELETE FROM journal WHERE id = ?1 AND gen = ?2", params![entry.id, entry.gen])?;
+        conn.execute(
+            "DELETE FROM journal WHERE id = ?1 AND gen = ?2",
+            params![entry.id, entry.gen],
+        )?;
         Ok(())
     }
 
@@ -449,12 +530,16 @@ impl MetaStore {
 
     pub fn journal_len(&self) -> FsResult<u64> {
         let conn = self.lock();
-        Ok(conn.query_row("SELECT COUNT(*) FROM journal", [], |row| row.get::<_, i64>(0))? as u64)
+        Ok(conn.query_row("SELECT COUNT(*) FROM journal", [], |row| {
+            row.get::<_, i64>(0)
+        })? as u64)
     }
 
     pub fn summary(&self) -> FsResult<JournalSummary> {
         let conn = self.lock();
-        let pending = conn.query_row("SELECT COUNT(*) FROM journal", [], |row| row.get::<_, i64>(0))? as u64;
+        let pending = conn.query_row("SELECT COUNT(*) FROM journal", [], |row| {
+            row.get::<_, i64>(0)
+        })? as u64;
         let (dirty_files, dirty_bytes) = conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM inodes WHERE dirty = 1 AND kind = 1",
             [],
@@ -464,8 +549,15 @@ impl MetaStore {
             "SELECT op || ' ' || CASE WHEN op = 'sync' THEN 'inode ' || ino ELSE key END || ': ' || last_error
              FROM journal WHERE last_error IS NOT NULL ORDER BY id DESC LIMIT 5",
         )?;
-        let last_errors = stmt.query_map([], |row| row.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(JournalSummary { pending, dirty_files, dirty_bytes, last_errors })
+        let last_errors = stmt
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(JournalSummary {
+            pending,
+            dirty_files,
+            dirty_bytes,
+            last_errors,
+        })
     }
 
     // --- cache presence and state ---
@@ -482,9 +574,12 @@ impl MetaStore {
 
     pub fn load_blocks(&self, ino: u64) -> FsResult<Option<(u64, Vec<u8>)>> {
         let conn = self.lock();
-        let mut stmt = conn.prepare_cached("SELECT block_size, bitmap FROM cache_blocks WHERE ino = ?1")?;
+        let mut stmt =
+            conn.prepare_cached("SELECT block_size, bitmap FROM cache_blocks WHERE ino = ?1")?;
         Ok(stmt
-            .query_row(params![ino as i64], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))
+            .query_row(params![ino as i64], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get(1)?))
+            })
             .optional()?)
     }
 
@@ -492,20 +587,33 @@ impl MetaStore {
     /// bytes may not have reached the disk).
     pub fn drop_clean_blocks(&self) -> FsResult<Vec<u64>> {
         let conn = self.lock();
-        let mut stmt =
-            conn.prepare_cached("SELECT c.ino FROM cache_blocks c JOIN inodes i ON i.ino = c.ino WHERE i.dirty = 0")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT c.ino FROM cache_blocks c JOIN inodes i ON i.ino = c.ino WHERE i.dirty = 0",
+        )?;
         let inos = stmt
             .query_map([], |row| row.get::<_, i64>(0))?
             .map(|r| r.map(|v| v as u64))
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        conn.execute("DELETE FROM cache_blocks WHERE ino IN (SELECT ino FROM inodes WHERE dirty = 0)", [])?;
-        conn.execute("DELETE FROM cache_blocks WHERE ino NOT IN (SELECT ino FROM inodes)", [])?;
+        conn.execute(
+            "DELETE FROM cache_blocks WHERE ino IN (SELECT ino FROM inodes WHERE dirty = 0)",
+            [],
+        )?;
+        conn.execute(
+            "DELETE FROM cache_blocks WHERE ino NOT IN (SELECT ino FROM inodes)",
+            [],
+        )?;
         Ok(inos)
     }
 
     pub fn state(&self, name: &str) -> FsResult<Option<String>> {
         let conn = self.lock();
-        Ok(conn.query_row("SELECT value FROM state WHERE name = ?1", params![name], |row| row.get(0)).optional()?)
+        Ok(conn
+            .query_row(
+                "SELECT value FROM state WHERE name = ?1",
+                params![name],
+                |row| row.get(0),
+            )
+            .optional()?)
     }
 
     pub fn set_state(&self, name: &str, value: &str) -> FsResult<()> {
@@ -519,8 +627,12 @@ impl MetaStore {
 }
 
 fn get_in(conn: &Connection, ino: u64) -> FsResult<Option<Inode>> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {INODE_COLUMNS} FROM inodes WHERE ino = ?1"))?;
-    Ok(stmt.query_row(params![ino as i64], inode_from_row).optional()?)
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {INODE_COLUMNS} FROM inodes WHERE ino = ?1"
+    ))?;
+    Ok(stmt
+        .query_row(params![ino as i64], inode_from_row)
+        .optional()?)
 }
 
 #[cfg(test)]
@@ -548,17 +660,42 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = MetaStore::open(&dir.path().join("m.db"), 0o755, 0, 0).expect("open");
         let sub = store
-            .transaction(|tx| store.create_entry(tx, ROOT_INO, b"d", &NewInode { kind: Kind::Dir, ..file(0) }))
+            .transaction(|tx| {
+                store.create_entry(
+                    tx,
+                    ROOT_INO,
+                    b"d",
+                    &NewInode {
+                        kind: Kind::Dir,
+                        ..file(0)
+                    },
+                )
+            })
             .expect("mkdir");
-        let f = store.transaction(|tx| store.create_entry(tx, sub.ino, b"f", &file(3))).expect("create");
+        let f = store
+            .transaction(|tx| store.create_entry(tx, sub.ino, b"f", &file(3)))
+            .expect("create");
         let dup = store.transaction(|tx| store.create_entry(tx, sub.ino, b"f", &file(3)));
         assert_eq!(dup.expect_err("duplicate").errno, libc::EEXIST);
-        assert_eq!(store.path_of(f.ino).expect("path"), Some(vec![b"d".to_vec(), b"f".to_vec()]));
-        store.transaction(|tx| store.move_entry(tx, sub.ino, ROOT_INO, b"e")).expect("rename");
-        assert_eq!(store.path_of(f.ino).expect("path"), Some(vec![b"e".to_vec(), b"f".to_vec()]));
-        let found = store.resolve(&[b"e", b"f"]).expect("resolve").expect("exists");
+        assert_eq!(
+            store.path_of(f.ino).expect("path"),
+            Some(vec![b"d".to_vec(), b"f".to_vec()])
+        );
+        store
+            .transaction(|tx| store.move_entry(tx, sub.ino, ROOT_INO, b"e"))
+            .expect("rename");
+        assert_eq!(
+            store.path_of(f.ino).expect("path"),
+            Some(vec![b"e".to_vec(), b"f".to_vec()])
+        );
+        let found = store
+            .resolve(&[b"e", b"f"])
+            .expect("resolve")
+            .expect("exists");
         assert_eq!(found.ino, f.ino);
-        let below = store.transaction(|tx| store.descendants(tx, sub.ino)).expect("descendants");
+        let below = store
+            .transaction(|tx| store.descendants(tx, sub.ino))
+            .expect("descendants");
         assert_eq!(below, vec![f.ino]);
     }
 
@@ -566,12 +703,20 @@ mod tests {
     fn journal_requeue_while_running_keeps_the_entry() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = MetaStore::open(&dir.path().join("m.db"), 0o755, 0, 0).expect("open");
-        store.transaction(|tx| store.enqueue(tx, &JournalOp::Sync(5), Duration::ZERO)).expect("enqueue");
+        store
+            .transaction(|tx| store.enqueue(tx, &JournalOp::Sync(5), Duration::ZERO))
+            .expect("enqueue");
         let due = store.due_entries(10, false).expect("due");
         assert_eq!(due.len(), 1);
-        store.transaction(|tx| store.enqueue(tx, &JournalOp::Sync(5), Duration::ZERO)).expect("requeue");
+        store
+            .transaction(|tx| store.enqueue(tx, &JournalOp::Sync(5), Duration::ZERO))
+            .expect("requeue");
         store.complete(&due[0]).expect("complete");
-        assert_eq!(store.journal_len().expect("len"), 1, "a change during the upload must be uploaded again");
+        assert_eq!(
+            store.journal_len().expect("len"),
+            1,
+            "a change during the upload must be uploaded again"
+        );
         let due = store.due_entries(10, false).expect("due");
         store.complete(&due[0]).expect("complete");
         assert_eq!(store.journal_len().expect("len"), 0);

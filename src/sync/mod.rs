@@ -60,14 +60,26 @@ pub fn key_for(names: &[Vec<u8>], kind: Kind) -> FsResult<String> {
         key.push('/');
     }
     if key.len() > MAX_KEY_BYTES {
-        return Err(FsError::new(libc::ENAMETOOLONG, format!("key of {} bytes is over the bucket's {MAX_KEY_BYTES}", key.len())));
+        return Err(FsError::new(
+            libc::ENAMETOOLONG,
+            format!(
+                "key of {} bytes is over the bucket's {MAX_KEY_BYTES}",
+                key.len()
+            ),
+        ));
     }
     Ok(key)
 }
 
 /// The attributes an inode's object carries.
 pub fn attrs_of(inode: &Inode) -> ObjectAttrs {
-    ObjectAttrs { kind: inode.kind, perm: inode.perm, uid: inode.uid, gid: inode.gid, mtime: inode.mtime }
+    ObjectAttrs {
+        kind: inode.kind,
+        perm: inode.perm,
+        uid: inode.uid,
+        gid: inode.gid,
+        mtime: inode.mtime,
+    }
 }
 
 /// How to load an inode's cached file from its stored state.
@@ -75,7 +87,10 @@ pub fn file_init(meta: &MetaStore, inode: &Inode) -> FsResult<FileInit> {
     let saved = meta.load_blocks(inode.ino)?.map(|(_, bitmap)| bitmap);
     Ok(FileInit {
         size: inode.size,
-        fetch_limit: inode.fetch_limit.unwrap_or(inode.remote_size.unwrap_or(0)).min(inode.remote_size.unwrap_or(0)),
+        fetch_limit: inode
+            .fetch_limit
+            .unwrap_or(inode.remote_size.unwrap_or(0))
+            .min(inode.remote_size.unwrap_or(0)),
         source_key: inode.remote_key.clone().filter(|k| !k.is_empty()),
         dirty: inode.dirty,
         saved_blocks: saved,
@@ -83,7 +98,12 @@ pub fn file_init(meta: &MetaStore, inode: &Inode) -> FsResult<FileInit> {
 }
 
 impl Uploader {
-    pub fn new(meta: Arc<MetaStore>, backend: Backend, cache: Arc<DataCache>, config: UploaderConfig) -> Arc<Uploader> {
+    pub fn new(
+        meta: Arc<MetaStore>,
+        backend: Backend,
+        cache: Arc<DataCache>,
+        config: UploaderConfig,
+    ) -> Arc<Uploader> {
         let workers = Arc::new(Semaphore::new(config.concurrency));
         Arc::new(Uploader {
             meta,
@@ -130,7 +150,9 @@ impl Uploader {
                 if !self.claim(entry.id) {
                     continue;
                 }
-                let Ok(permit) = self.workers.clone().acquire_owned().await else { return };
+                let Ok(permit) = self.workers.clone().acquire_owned().await else {
+                    return;
+                };
                 let this = self.clone();
                 tokio::spawn(async move {
                     if let Err(err) = this.run_entry(&entry).await {
@@ -148,11 +170,17 @@ impl Uploader {
     }
 
     fn claim(&self, id: i64) -> bool {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id)
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id)
     }
 
     fn release(&self, id: i64) {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         self.wake.notify_one();
     }
 
@@ -164,7 +192,9 @@ impl Uploader {
         match &result {
             Ok(()) => self.meta.complete(entry)?,
             Err(err) => {
-                let delay = FIRST_RETRY_DELAY.saturating_mul(1 << entry.attempts.clamp(0, 7) as u32).min(MAX_RETRY_DELAY);
+                let delay = FIRST_RETRY_DELAY
+                    .saturating_mul(1 << entry.attempts.clamp(0, 7) as u32)
+                    .min(MAX_RETRY_DELAY);
                 tracing::error!(op = ?entry.op, attempt = entry.attempts + 1, retry_in = ?delay, error = %err, "bucket work failed; will retry");
                 self.meta.fail(entry, &err.message, delay)?;
             }
@@ -179,7 +209,9 @@ impl Uploader {
             .due_entries(usize::MAX >> 1, true)?
             .into_iter()
             .find(|e| e.op == op)
-            .ok_or_else(|| FsError::loud(libc::EIO, format!("journal entry for {op:?} vanished")))?;
+            .ok_or_else(|| {
+                FsError::loud(libc::EIO, format!("journal entry for {op:?} vanished"))
+            })?;
         // Wait out a background worker holding the same entry.
         for _ in 0..6000 {
             if self.claim(entry.id) {
@@ -222,8 +254,16 @@ impl Uploader {
             let notified = self.busy_changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.busy_inodes.lock().unwrap_or_else(|p| p.into_inner()).insert(ino) {
-                return InodeGuard { uploader: self, ino };
+            if self
+                .busy_inodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ino)
+            {
+                return InodeGuard {
+                    uploader: self,
+                    ino,
+                };
             }
             notified.await;
         }
@@ -241,20 +281,35 @@ impl Uploader {
 
     /// Deletes `key` unless a live inode sits at its path and already owns it.
     async fn delete_if_unclaimed(&self, key: &str) -> FsResult<()> {
-        let names: Vec<&[u8]> = key.trim_end_matches('/').split('/').filter(|n| !n.is_empty()).map(str::as_bytes).collect();
+        let names: Vec<&[u8]> = key
+            .trim_end_matches('/')
+            .split('/')
+            .filter(|n| !n.is_empty())
+            .map(str::as_bytes)
+            .collect();
         if let Some(inode) = self.meta.resolve(&names)? {
             if inode.remote_key.as_deref() == Some(key) {
                 return Ok(());
             }
         }
-        self.backend.delete(key).await.map_err(|err| FsError::backend(&format!("deleting {key}"), err))
+        self.backend
+            .delete(key)
+            .await
+            .map_err(|err| FsError::backend(&format!("deleting {key}"), err))
     }
 
     async fn sync_inode(&self, ino: u64) -> FsResult<()> {
-        let Some(inode) = self.meta.get(ino)? else { return Ok(()) };
-        let Some(names) = self.meta.path_of(ino)? else { return Ok(()) }; // unlinked: nothing to store
+        let Some(inode) = self.meta.get(ino)? else {
+            return Ok(());
+        };
+        let Some(names) = self.meta.path_of(ino)? else {
+            return Ok(());
+        }; // unlinked: nothing to store
         let key = key_for(&names, inode.kind)?;
-        let old_key = inode.remote_key.clone().filter(|k| !k.is_empty() && *k != key);
+        let old_key = inode
+            .remote_key
+            .clone()
+            .filter(|k| !k.is_empty() && *k != key);
         let metadata = attrs_of(&inode).encode(None);
         let remote = match inode.kind {
             Kind::Dir => {
@@ -265,9 +320,15 @@ impl Uploader {
                     self.backend
                         .put_dir_marker(&key, metadata)
                         .await
-                        .map_err(|err| FsError::backend(&format!("writing directory marker {key}"), err))?;
+                        .map_err(|err| {
+                            FsError::backend(&format!("writing directory marker {key}"), err)
+                        })?;
                 }
-                RemoteState { key: key.clone(), etag: None, size: 0 }
+                RemoteState {
+                    key: key.clone(),
+                    etag: None,
+                    size: 0,
+                }
             }
             Kind::Symlink => {
                 let target = inode.target.clone().unwrap_or_default();
@@ -277,11 +338,16 @@ impl Uploader {
                     .put(&key, target, metadata)
                     .await
                     .map_err(|err| FsError::backend(&format!("writing symlink {key}"), err))?;
-                RemoteState { key: key.clone(), etag, size }
+                RemoteState {
+                    key: key.clone(),
+                    etag,
+                    size,
+                }
             }
             Kind::File => return self.sync_file(&inode, &key, old_key).await,
         };
-        self.meta.transaction(|tx| self.meta.set_remote(tx, ino, &remote, true))?;
+        self.meta
+            .transaction(|tx| self.meta.set_remote(tx, ino, &remote, true))?;
         if let Some(old) = old_key {
             self.delete_if_unclaimed(&old).await?;
         }
@@ -294,16 +360,26 @@ impl Uploader {
         if !dirty {
             if let Some(old) = &old_key {
                 // A rename of an unchanged file: server-side copy, no data through us.
-                self.backend.copy(old, key).await.map_err(|err| FsError::backend(&format!("copying {old} to {key}"), err))?;
-                let remote = RemoteState { key: key.to_string(), etag: inode.remote_etag.clone(), size: inode.remote_size.unwrap_or(0) };
-                self.meta.transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, true))?;
+                self.backend
+                    .copy(old, key)
+                    .await
+                    .map_err(|err| FsError::backend(&format!("copying {old} to {key}"), err))?;
+                let remote = RemoteState {
+                    key: key.to_string(),
+                    etag: inode.remote_etag.clone(),
+                    size: inode.remote_size.unwrap_or(0),
+                };
+                self.meta
+                    .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, true))?;
                 self.delete_if_unclaimed(old).await?;
             }
             return Ok(());
         }
         let file = match cached {
             Some(file) => file,
-            None => self.cache.get_or_load(inode.ino, || file_init(&self.meta, inode))?,
+            None => self
+                .cache
+                .get_or_load(inode.ino, || file_init(&self.meta, inode))?,
         };
         let missing = file.missing_all();
         if !missing.is_empty() {
@@ -324,14 +400,26 @@ impl Uploader {
             }
             unchanged
         };
-        let remote = RemoteState { key: uploaded.key.clone(), etag: uploaded.etag.clone(), size: uploaded.size };
-        self.meta.transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, clean))?;
+        let remote = RemoteState {
+            key: uploaded.key.clone(),
+            etag: uploaded.etag.clone(),
+            size: uploaded.size,
+        };
+        self.meta
+            .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, clean))?;
         if clean {
-            self.meta.save_blocks(inode.ino, crate::cache::BLOCK_SIZE, &file.lock().blocks.to_bytes())?;
+            self.meta.save_blocks(
+                inode.ino,
+                crate::cache::BLOCK_SIZE,
+                &file.lock().blocks.to_bytes(),
+            )?;
             if !self.config.keep_data && file.lock().open_handles == 0 {
                 self.cache.remove(inode.ino)?;
                 self.meta.transaction(|tx| {
-                    tx.execute("DELETE FROM cache_blocks WHERE ino = ?1", [inode.ino as i64])?;
+                    tx.execute(
+                        "DELETE FROM cache_blocks WHERE ino = ?1",
+                        [inode.ino as i64],
+                    )?;
                     Ok(())
                 })?;
             }
@@ -343,14 +431,35 @@ impl Uploader {
     }
 
     /// Streams a cached file to `key` in growing parts.
-    async fn upload_from_cache(&self, file: &CacheFile, inode: &Inode, key: &str, size: u64) -> FsResult<Uploaded> {
+    async fn upload_from_cache(
+        &self,
+        file: &CacheFile,
+        inode: &Inode,
+        key: &str,
+        size: u64,
+    ) -> FsResult<Uploaded> {
         let metadata = attrs_of(inode).encode(None);
         if size < self.config.part_size {
             let body = file.read_for_upload(0, size as usize)?;
-            let etag = self.backend.put(key, body, metadata).await.map_err(|err| FsError::backend(&format!("uploading {key}"), err))?;
-            return Ok(Uploaded { key: key.to_string(), etag, size });
+            let etag = self
+                .backend
+                .put(key, body, metadata)
+                .await
+                .map_err(|err| FsError::backend(&format!("uploading {key}"), err))?;
+            return Ok(Uploaded {
+                key: key.to_string(),
+                etag,
+                size,
+            });
         }
-        let mut upload = StreamUpload::start(&self.backend, key, metadata, self.config.part_size, self.config.concurrency).await?;
+        let mut upload = StreamUpload::start(
+            &self.backend,
+            key,
+            metadata,
+            self.config.part_size,
+            self.config.concurrency,
+        )
+        .await?;
         let mut offset = 0u64;
         const CHUNK: u64 = 4 << 20;
         while offset < size {
@@ -373,7 +482,11 @@ struct InodeGuard<'a> {
 
 impl Drop for InodeGuard<'_> {
     fn drop(&mut self) {
-        self.uploader.busy_inodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.ino);
+        self.uploader
+            .busy_inodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.ino);
         self.uploader.busy_changed.notify_waiters();
     }
 }
@@ -389,6 +502,9 @@ mod tests {
         assert_eq!(key_for(&names, Kind::Dir).expect("key"), "a/b/");
         assert_eq!(key_for(&[], Kind::Dir).expect("root"), "");
         let long = vec![vec![b'x'; 200]; 6];
-        assert_eq!(key_for(&long, Kind::File).expect_err("too long").errno, libc::ENAMETOOLONG);
+        assert_eq!(
+            key_for(&long, Kind::File).expect_err("too long").errno,
+            libc::ENAMETOOLONG
+        );
     }
 }

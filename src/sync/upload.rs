@@ -54,7 +54,14 @@ impl StreamUpload {
             .writer(key, metadata, concurrency)
             .await
             .map_err(|err| FsError::backend(&format!("starting upload of {key}"), err))?;
-        Ok(StreamUpload { key: key.to_string(), writer, base_part, buffer: Vec::new(), parts_sent: 0, bytes: 0 })
+        Ok(StreamUpload {
+            key: key.to_string(),
+            writer,
+            base_part,
+            buffer: Vec::new(),
+            parts_sent: 0,
+            bytes: 0,
+        })
     }
 
     fn current_part_size(&self) -> usize {
@@ -103,10 +110,12 @@ impl StreamUpload {
 
     async fn send_part(&mut self) -> FsResult<()> {
         let part = std::mem::take(&mut self.buffer);
-        self.writer
-            .write(part)
-            .await
-            .map_err(|err| FsError::backend(&format!("uploading part {} of {}", self.parts_sent + 1, self.key), err))?;
+        self.writer.write(part).await.map_err(|err| {
+            FsError::backend(
+                &format!("uploading part {} of {}", self.parts_sent + 1, self.key),
+                err,
+            )
+        })?;
         self.parts_sent += 1;
         Ok(())
     }
@@ -120,10 +129,17 @@ impl StreamUpload {
             Ok(meta) => meta,
             Err(err) => {
                 self.abort_quietly().await;
-                return Err(FsError::backend(&format!("completing upload of {}", self.key), err));
+                return Err(FsError::backend(
+                    &format!("completing upload of {}", self.key),
+                    err,
+                ));
             }
         };
-        Ok(Uploaded { key: self.key, etag: meta.etag().map(str::to_string), size: self.bytes })
+        Ok(Uploaded {
+            key: self.key,
+            etag: meta.etag().map(str::to_string),
+            size: self.bytes,
+        })
     }
 
     /// Abandons the upload and its parts.
@@ -145,7 +161,11 @@ mod tests {
     #[test]
     fn a_one_tib_stream_fits_in_ten_thousand_parts_at_the_minimum_part_size() {
         let min_part = crate::config::MIN_PART_SIZE;
-        assert!(max_object_size(min_part) >= 1 << 40, "{}", max_object_size(min_part));
+        assert!(
+            max_object_size(min_part) >= 1 << 40,
+            "{}",
+            max_object_size(min_part)
+        );
         assert_eq!(part_size(8 << 20, 0), 8 << 20);
         assert_eq!(part_size(8 << 20, 999), 8 << 20);
         assert_eq!(part_size(8 << 20, 1000), 16 << 20);
@@ -157,11 +177,17 @@ mod tests {
         let backend = crate::backend::source::open(
             "memory://",
             &crate::backend::source::Connection::default(),
-            crate::backend::AttrDefaults { uid: 0, gid: 0, umask: 0o022 },
+            crate::backend::AttrDefaults {
+                uid: 0,
+                gid: 0,
+                umask: 0o022,
+            },
         )
         .expect("memory backend");
         let body: Vec<u8> = (0..(12u32 << 20)).map(|i| (i % 251) as u8).collect();
-        let mut upload = StreamUpload::start(&backend, "big", HashMap::new(), 5 << 20, 2).await.expect("start");
+        let mut upload = StreamUpload::start(&backend, "big", HashMap::new(), 5 << 20, 2)
+            .await
+            .expect("start");
         for chunk in body.chunks(128 << 10) {
             upload.push(chunk).await.expect("push");
         }
