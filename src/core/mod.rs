@@ -466,28 +466,28 @@ impl Core {
         Ok(self.attr_of(&inode))
     }
 
-    /// Removes an entry's inode (or parks it while open) and queues deletion of its object.
+    /// Removes an entry's inode and queues deletion of its object; an open inode is only
+    /// detached, and its object goes at the last close (readers may still need it).
     fn remove_inode_tx(
         &self,
         tx: &rusqlite::Transaction<'_>,
         inode: &Inode,
         ops: &mut Vec<JournalOp>,
     ) -> FsResult<()> {
-        if let Some(key) = inode.remote_key.clone().filter(|k| !k.is_empty()) {
-            let op = JournalOp::Delete(key);
-            self.meta.enqueue(tx, &op, Duration::ZERO)?;
-            ops.push(op);
-        }
         if lock(&self.open_counts)
             .get(&inode.ino)
             .copied()
             .unwrap_or(0)
             > 0
         {
-            self.meta.detach(tx, inode.ino)
-        } else {
-            self.meta.delete_inode(tx, inode.ino)
+            return self.meta.detach(tx, inode.ino);
         }
+        if let Some(key) = inode.remote_key.clone().filter(|k| !k.is_empty()) {
+            let op = JournalOp::Delete(key);
+            self.meta.enqueue(tx, &op, Duration::ZERO)?;
+            ops.push(op);
+        }
+        self.meta.delete_inode(tx, inode.ino)
     }
 
     fn drop_cached_data(&self, ino: u64) -> FsResult<()> {
@@ -628,8 +628,21 @@ impl Core {
             if source.kind == Kind::Dir {
                 moved.extend(self.meta.descendants(tx, source.ino)?);
             }
+            let mut old_dir_keys = Vec::new();
             for ino in moved {
                 let op = JournalOp::Sync(ino);
+                self.meta.enqueue(tx, &op, delay)?;
+                ops.push(op);
+                if let Some(inode) = self.meta.get_in_tx(tx, ino)? {
+                    if inode.kind == Kind::Dir {
+                        old_dir_keys.extend(inode.remote_key.filter(|k| !k.is_empty()));
+                    }
+                }
+            }
+            // Deepest first, after the moves: old markers go once their children left.
+            old_dir_keys.sort_by_key(|key| std::cmp::Reverse(key.len()));
+            for key in old_dir_keys {
+                let op = JournalOp::Delete(key);
                 self.meta.enqueue(tx, &op, delay)?;
                 ops.push(op);
             }
@@ -1125,10 +1138,14 @@ impl Core {
                 .as_ref()
                 .is_some_and(|i| i.parent.is_none() && i.ino != ROOT_INO)
             {
-                // Unlinked while open: its last close frees it.
-                self.meta
-                    .transaction(|tx| self.meta.delete_inode(tx, ino))?;
+                // Unlinked while open: its last close frees it and its object.
+                let mut ops = Vec::new();
+                if let Some(orphan) = &inode {
+                    self.meta
+                        .transaction(|tx| self.remove_inode_tx(tx, orphan, &mut ops))?;
+                }
                 self.cache.remove(ino)?;
+                self.sync_now_or_later(ops).await?;
             } else if self.write_through() {
                 if let Some(file) = self.cache.loaded(ino) {
                     if !file.lock().dirty {

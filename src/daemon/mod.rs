@@ -222,7 +222,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     ));
     let session = mount(&config, core.clone())?;
     tracing::info!(source = %backend.description, mountpoint = %config.mountpoint.display(), mode = config.mode.as_str(), "mounted");
-    let (stop_tx, mut stop_rx) = mpsc::channel::<Option<tokio::sync::oneshot::Sender<Response>>>(4);
+    let (stop_tx, mut stop_rx) = mpsc::channel::<Option<StopReply>>(4);
     let socket = control::socket_path(&config.mountpoint);
     let listener = bind_socket(&socket)?;
     tokio::spawn(serve_control(
@@ -276,9 +276,14 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             status: None,
         },
     };
-    if let Some(reply) = reply_to {
+    if let Some((reply, delivered)) = reply_to {
         if reply.send(response).is_err() {
             tracing::debug!("umount client went away");
+        } else if tokio::time::timeout(Duration::from_secs(5), delivered)
+            .await
+            .is_err()
+        {
+            tracing::debug!("umount client did not take the answer in time");
         }
     }
     tracing::info!("stopped");
@@ -342,7 +347,12 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-type StopSender = mpsc::Sender<Option<tokio::sync::oneshot::Sender<Response>>>;
+/// Where the umount answer goes, and how the daemon learns it was written out.
+type StopReply = (
+    tokio::sync::oneshot::Sender<Response>,
+    tokio::sync::oneshot::Receiver<()>,
+);
+type StopSender = mpsc::Sender<Option<StopReply>>;
 
 async fn serve_control(
     listener: UnixListener,
@@ -366,6 +376,7 @@ async fn serve_control(
             if BufReader::new(read).read_line(&mut line).await.is_err() {
                 return;
             }
+            let mut delivered = None;
             let response = match serde_json::from_str::<Command>(line.trim()) {
                 Ok(Command::Status) => match core.status(&source) {
                     Ok(status) => Response {
@@ -392,7 +403,9 @@ async fn serve_control(
                 },
                 Ok(Command::Unmount) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
-                    if stop.send(Some(tx)).await.is_err() {
+                    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+                    delivered = Some(written_tx);
+                    if stop.send(Some((tx, written_rx))).await.is_err() {
                         Response {
                             ok: false,
                             error: Some("daemon is already stopping".into()),
@@ -417,6 +430,12 @@ async fn serve_control(
             text.push('\n');
             if let Err(err) = write.write_all(text.as_bytes()).await {
                 tracing::debug!(error = %err, "control client went away");
+            }
+            if let Some(done) = delivered {
+                // The daemon waits for this before exiting, so the answer is not lost.
+                if done.send(()).is_err() {
+                    tracing::debug!("daemon stopped before the answer was written");
+                }
             }
         });
     }

@@ -192,6 +192,11 @@ impl MetaStore {
         get_in(&self.lock(), ino)
     }
 
+    /// Reads an inode inside a transaction.
+    pub fn get_in_tx(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<Option<Inode>> {
+        get_in(tx, ino)
+    }
+
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Option<Inode>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(&format!(

@@ -348,7 +348,9 @@ impl Uploader {
         };
         self.meta
             .transaction(|tx| self.meta.set_remote(tx, ino, &remote, true))?;
-        if let Some(old) = old_key {
+        // A moved directory's old marker is deleted by its own journal entry, queued by the
+        // rename after its children's moves (some stores refuse to drop a non-empty dir).
+        if let Some(old) = old_key.filter(|_| inode.kind != Kind::Dir) {
             self.delete_if_unclaimed(&old).await?;
         }
         Ok(())
