@@ -192,17 +192,19 @@ impl MountConfig {
             Some(dir) => absolute(&dir, "cache-dir")?,
             None => default_cache_dir(&mountpoint),
         };
-        let cache_size = pick_size(
+        let cache_size = pick(
             "cache-size",
             &args.cache_size,
             &file.cache_size,
             Defaults::CACHE_SIZE,
+            parse_size,
         )?;
-        let part_size = pick_size(
+        let part_size = pick(
             "part-size",
             &args.part_size,
             &file.part_size,
             Defaults::PART_SIZE,
+            parse_size,
         )?;
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
             return Err(ConfigError::Invalid {
@@ -222,17 +224,19 @@ impl MountConfig {
                 message: format!("{upload_concurrency} is outside 1..64"),
             });
         }
-        let upload_delay = pick_duration(
+        let upload_delay = pick(
             "upload-delay",
             &args.upload_delay,
             &file.upload_delay,
             Duration::from_millis(Defaults::UPLOAD_DELAY_MS),
+            parse_duration,
         )?;
-        let flush_timeout = pick_duration(
+        let flush_timeout = pick(
             "flush-timeout",
             &args.flush_timeout,
             &file.flush_timeout,
             Duration::from_secs(Defaults::FLUSH_TIMEOUT_SECS),
+            parse_duration,
         )?;
         let mut option_words = file.options.unwrap_or_default();
         option_words.extend(args.options.iter().cloned());
@@ -284,26 +288,16 @@ pub fn default_cache_dir(mountpoint: &Path) -> PathBuf {
     PathBuf::from("/var/cache/bucketgate").join(&digest[..16])
 }
 
-fn pick_size(
+/// The flag's text, else the file's, parsed; else the default. Errors name the key.
+fn pick<T>(
     key: &'static str,
     flag: &Option<String>,
     file: &Option<String>,
-    default: u64,
-) -> Result<u64, ConfigError> {
+    default: T,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
     match flag.as_ref().or(file.as_ref()) {
-        Some(text) => parse_size(text).map_err(|message| ConfigError::Invalid { key, message }),
-        None => Ok(default),
-    }
-}
-
-fn pick_duration(
-    key: &'static str,
-    flag: &Option<String>,
-    file: &Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match flag.as_ref().or(file.as_ref()) {
-        Some(text) => parse_duration(text).map_err(|message| ConfigError::Invalid { key, message }),
+        Some(text) => parse(text).map_err(|message| ConfigError::Invalid { key, message }),
         None => Ok(default),
     }
 }

@@ -1065,24 +1065,14 @@ impl Core {
         if io.staged {
             let file = self.cache_file(&inode)?;
             self.persist(&file, inode.ino, false)?;
-            if self
-                .meta
-                .due_entries(usize::MAX >> 1, true)?
-                .iter()
-                .any(|e| e.op == JournalOp::Sync(inode.ino))
-            {
+            if self.meta.queued(&JournalOp::Sync(inode.ino))?.is_some() {
                 self.uploader.run_now(JournalOp::Sync(inode.ino)).await?;
             }
             return Ok(());
         }
         if handle.streamable {
             // Opened with O_TRUNC (or created) and nothing written: an empty object.
-            let pending = self
-                .meta
-                .due_entries(usize::MAX >> 1, true)?
-                .iter()
-                .any(|e| e.op == JournalOp::Sync(inode.ino));
-            if !pending {
+            if self.meta.queued(&JournalOp::Sync(inode.ino))?.is_none() {
                 let delay = self.delay();
                 let change = AttrChange {
                     size: Some(0),

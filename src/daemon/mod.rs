@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::{source, AttrDefaults};
 use crate::cache::DataCache;
-use crate::config::{Mode, MountConfig};
+use crate::config::MountConfig;
 use crate::core::{Core, CoreConfig};
 use crate::fs::BucketFs;
 use crate::meta::MetaStore;
@@ -455,9 +455,4 @@ fn spawn_signal_handlers(stop: StopSender) -> anyhow::Result<()> {
         }
     });
     Ok(())
-}
-
-/// Whether a mode keeps data (re-exported for the CLI's status line).
-pub fn describe_mode(mode: Mode) -> &'static str {
-    mode.as_str()
 }

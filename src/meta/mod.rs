@@ -475,10 +475,7 @@ impl MetaStore {
     /// Queues bucket work. Re-queuing a pending entry bumps its generation, so a worker
     /// that is running it knows to run it again.
     pub fn enqueue(&self, tx: &Transaction<'_>, op: &JournalOp, delay: Duration) -> FsResult<()> {
-        let (name, ino, key) = match op {
-            JournalOp::Sync(ino) => ("sync", *ino as i64, String::new()),
-            JournalOp::Delete(key) => ("delete", 0, key.clone()),
-        };
+        let (name, ino, key) = journal_target(op);
         let not_before = now_ms() + delay.as_millis() as i64;
         tx.execute(
             "INSERT INTO journal(op, ino, key, not_before_ms) VALUES (?1, ?2, ?3, ?4)
@@ -495,22 +492,23 @@ impl MetaStore {
             "SELECT id, op, ino, key, gen, attempts FROM journal
              WHERE ?1 OR not_before_ms <= ?2 ORDER BY id LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![ignore_delay, now_ms(), limit as i64], |row| {
-            let op: String = row.get(1)?;
-            let ino: i64 = row.get(2)?;
-            let key: String = row.get(3)?;
-            Ok(JournalEntry {
-                id: row.get(0)?,
-                op: if op == "sync" {
-                    JournalOp::Sync(ino as u64)
-                } else {
-                    JournalOp::Delete(key)
-                },
-                gen: row.get(4)?,
-                attempts: row.get(5)?,
-            })
-        })?;
+        let rows = stmt.query_map(
+            params![ignore_delay, now_ms(), limit as i64],
+            entry_from_row,
+        )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// The queued entry for `op`, if any (one indexed lookup).
+    pub fn queued(&self, op: &JournalOp) -> FsResult<Option<JournalEntry>> {
+        let (name, ino, key) = journal_target(op);
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, op, ino, key, gen, attempts FROM journal WHERE op = ?1 AND ino = ?2 AND key = ?3",
+        )?;
+        Ok(stmt
+            .query_row(params![name, ino, key], entry_from_row)
+            .optional()?)
     }
 
     /// The entry's work is done; it is dropped unless re-queued meanwhile.
@@ -629,6 +627,30 @@ impl MetaStore {
         )?;
         Ok(())
     }
+}
+
+/// The journal's unique target columns (op, ino, key) of an operation.
+fn journal_target(op: &JournalOp) -> (&'static str, i64, String) {
+    match op {
+        JournalOp::Sync(ino) => ("sync", *ino as i64, String::new()),
+        JournalOp::Delete(key) => ("delete", 0, key.clone()),
+    }
+}
+
+fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<JournalEntry> {
+    let op: String = row.get(1)?;
+    let ino: i64 = row.get(2)?;
+    let key: String = row.get(3)?;
+    Ok(JournalEntry {
+        id: row.get(0)?,
+        op: if op == "sync" {
+            JournalOp::Sync(ino as u64)
+        } else {
+            JournalOp::Delete(key)
+        },
+        gen: row.get(4)?,
+        attempts: row.get(5)?,
+    })
 }
 
 fn get_in(conn: &Connection, ino: u64) -> FsResult<Option<Inode>> {

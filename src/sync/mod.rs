@@ -204,14 +204,9 @@ impl Uploader {
 
     /// Runs the queued entry for `op` now and waits for it (write-through mode).
     pub async fn run_now(&self, op: JournalOp) -> FsResult<()> {
-        let entry = self
-            .meta
-            .due_entries(usize::MAX >> 1, true)?
-            .into_iter()
-            .find(|e| e.op == op)
-            .ok_or_else(|| {
-                FsError::loud(libc::EIO, format!("journal entry for {op:?} vanished"))
-            })?;
+        let entry = self.meta.queued(&op)?.ok_or_else(|| {
+            FsError::loud(libc::EIO, format!("journal entry for {op:?} vanished"))
+        })?;
         // Wait out a background worker holding the same entry.
         for _ in 0..6000 {
             if self.claim(entry.id) {
