@@ -129,3 +129,101 @@ fn s3_bucket_round_trips_in_every_mode() {
         again.unmount();
     }
 }
+
+/// The bucket holds what `exercise` leaves, checked with boto3.
+fn check_s3_bucket(moto: &Moto, bucket: &str, mode: &str) {
+    assert_eq!(moto.get_object(bucket, "hello.txt"), b"short", "{mode}");
+    let head = moto
+        .head_object(bucket, "hello.txt")
+        .expect("hello.txt in bucket");
+    let meta = |k: &str| head.metadata.get(k).cloned();
+    assert_eq!(
+        (meta("mode"), meta("uid"), meta("gid"), meta("mtime")),
+        (
+            Some("33184".into()),
+            Some("1234".into()),
+            Some("4321".into()),
+            Some("1600000000".into())
+        ),
+        "{mode}"
+    );
+    assert_eq!(
+        moto.get_object(bucket, "moved/sub/leaf.txt"),
+        b"leaf",
+        "{mode}"
+    );
+    assert_eq!(
+        moto.get_object(bucket, "victim.txt"),
+        b"renamed file",
+        "{mode}"
+    );
+    assert_eq!(moto.get_object(bucket, "link"), b"hello.txt", "{mode}");
+    assert_eq!(
+        moto.head_object(bucket, "big.bin").expect("big.bin").size,
+        2_100_000,
+        "{mode}"
+    );
+    let keys = moto.list_keys(bucket, "");
+    for gone in [
+        "dir/",
+        "dir/inner.txt",
+        "dir/sub/",
+        "dir/sub/leaf.txt",
+        "old.txt",
+        "new.txt",
+        "open.txt",
+        "gone/",
+    ] {
+        assert!(
+            !keys.iter().any(|k| k == gone),
+            "{mode}: {gone} must not stay in the bucket: {keys:?}"
+        );
+    }
+    assert_eq!(moto.list_multipart_uploads(bucket), 0, "{mode}");
+}
+
+#[test]
+fn every_operation_in_every_mode_on_s3_and_listing_uses_readdirplus() {
+    let moto = Moto::start();
+    let env_owned: Vec<(String, String)> = Moto::env()
+        .into_iter()
+        .chain([(
+            "BUCKETGATE_LOG".to_string(),
+            "info,bucketgate::fs=trace".to_string(),
+        )])
+        .collect();
+    let env: Vec<(&str, &str)> = env_owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let connect = moto.mount_args();
+    for mode in common::posix::MODES {
+        let bucket = unique_name(&format!("ops-{mode}"));
+        moto.create_bucket(&bucket);
+        let source = format!("s3://{bucket}");
+        let mut args: Vec<&str> = connect.iter().map(String::as_str).collect();
+        args.extend(["--part-size", "5M", "--upload-delay", "100ms"]);
+        let mount = Mount::start(&source, mode, &args, &env);
+        common::posix::exercise(&mount);
+        common::posix::flush(&mount);
+        check_s3_bucket(&moto, &bucket, mode);
+        mount.unmount();
+
+        let args: Vec<&str> = connect.iter().map(String::as_str).collect();
+        let again = Mount::start(&source, mode, &args, &env);
+        common::posix::check_tree(&again);
+        let listed = fs::read_dir(again.path("moved"))
+            .expect("list moved")
+            .count();
+        assert_eq!(listed, 2, "{mode}: moved/ holds inner.txt and sub");
+        assert!(
+            again
+                .log()
+                .lines()
+                .any(|l| l.contains("readdirplus") && l.contains("request")),
+            "{mode}: the kernel should list through readdirplus\n{}",
+            again.log()
+        );
+        again.unmount();
+    }
+}

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use futures::StreamExt;
+
 use crate::backend::{AttrDefaults, Backend, Kind};
 use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE};
 use crate::config::Mode;
@@ -22,6 +24,8 @@ use handle::Handle;
 
 /// Longest name of one path component.
 pub const MAX_NAME_BYTES: usize = 255;
+/// HEAD requests in flight while readdirplus fills in attributes.
+const PARALLEL_HEADS: usize = 16;
 /// Largest read-ahead for a sequential reader.
 const MAX_READ_AHEAD: u64 = 16 << 20;
 
@@ -85,6 +89,8 @@ pub struct DirEntry {
     pub ino: u64,
     pub kind: Kind,
     pub name: Vec<u8>,
+    /// Filled for readdirplus.
+    pub attr: Option<Attr>,
 }
 
 /// What `status` reports.
@@ -350,32 +356,35 @@ impl Core {
         Ok(self.attr_of(&inode))
     }
 
-    pub async fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+    /// A directory's entries. With `with_attrs` (readdirplus), each carries its
+    /// attributes; those not known yet are fetched with parallel HEADs, not one by one.
+    pub async fn readdir(&self, ino: u64, with_attrs: bool) -> FsResult<Vec<DirEntry>> {
         let dir = self.inode(ino)?;
         if dir.kind != Kind::Dir {
             return Err(FsError::new(libc::ENOTDIR, "not a directory"));
         }
         self.ensure_listed(&dir).await?;
-        let parent = dir.parent.unwrap_or(ROOT_INO);
-        let mut entries = vec![
-            DirEntry {
-                ino,
-                kind: Kind::Dir,
-                name: b".".to_vec(),
-            },
-            DirEntry {
-                ino: parent,
-                kind: Kind::Dir,
-                name: b"..".to_vec(),
-            },
-        ];
-        for child in self.meta.children(ino)? {
-            if let Some(name) = child.name {
-                entries.push(DirEntry {
-                    ino: child.ino,
-                    kind: child.kind,
-                    name,
-                });
+        let parent = self.inode(dir.parent.unwrap_or(ROOT_INO))?;
+        let mut children = self.meta.children(ino)?;
+        if with_attrs {
+            children =
+                futures::stream::iter(children.into_iter().map(|child| self.ensure_attrs(child)))
+                    .buffered(PARALLEL_HEADS)
+                    .collect::<Vec<FsResult<Inode>>>()
+                    .await
+                    .into_iter()
+                    .collect::<FsResult<Vec<Inode>>>()?;
+        }
+        let entry = |inode: &Inode, name: Vec<u8>| DirEntry {
+            ino: inode.ino,
+            kind: inode.kind,
+            name,
+            attr: with_attrs.then(|| self.attr_of(inode)),
+        };
+        let mut entries = vec![entry(&dir, b".".to_vec()), entry(&parent, b"..".to_vec())];
+        for child in &children {
+            if let Some(name) = &child.name {
+                entries.push(entry(child, name.clone()));
             }
         }
         Ok(entries)

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::backend::Kind;
@@ -93,6 +93,12 @@ fn name_bytes(name: &OsStr) -> Vec<u8> {
 
 impl Filesystem for BucketFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // readdirplus: `ls -l` gets names and attributes in one round trip; AUTO lets the
+        // kernel use plain readdir where it would not help.
+        let plus = fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO;
+        if let Err(missing) = config.add_capabilities(plus) {
+            tracing::info!(?missing, "kernel lacks readdirplus; using readdir");
+        }
         // 1 MiB writes and reads: fewer round trips through the daemon.
         if let Err(max) = config.set_max_write(1 << 20) {
             tracing::debug!(max, "kernel caps max_write");
@@ -404,7 +410,7 @@ impl Filesystem for BucketFs {
         mut reply: ReplyDirectory,
     ) {
         self.spawn("readdir", move |core| async move {
-            match core.readdir(ino.0).await {
+            match core.readdir(ino.0, false).await {
                 Ok(entries) => {
                     for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
                         let next = (index + 1) as u64;
@@ -420,6 +426,39 @@ impl Filesystem for BucketFs {
                     reply.ok();
                 }
                 Err(err) => reply.error(errno("readdir", err)),
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        self.spawn("readdirplus", move |core| async move {
+            match core.readdir(ino.0, true).await {
+                Ok(entries) => {
+                    for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+                        let Some(attr) = &entry.attr else { continue };
+                        let next = (index + 1) as u64;
+                        let name = OsStr::from_bytes(&entry.name);
+                        if reply.add(
+                            INodeNo(entry.ino),
+                            next,
+                            name,
+                            &TTL,
+                            &file_attr(attr),
+                            Generation(0),
+                        ) {
+                            break;
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(err) => reply.error(errno("readdirplus", err)),
             }
         });
     }

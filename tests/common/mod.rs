@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod posix;
+
 /// The only host anything in the harness talks to.
 pub const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 pub const REGION: &str = "us-east-1";
