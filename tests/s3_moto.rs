@@ -227,3 +227,102 @@ fn every_operation_in_every_mode_on_s3_and_listing_uses_readdirplus() {
         again.unmount();
     }
 }
+
+/// The ETag S3 gives a multipart object: MD5 of the parts' MD5s, then `-` and the count.
+fn multipart_etag(body: &[u8], part_size: usize) -> String {
+    use md5::Digest;
+    let parts: Vec<_> = body.chunks(part_size).map(md5::Md5::digest).collect();
+    let mut all = md5::Md5::new();
+    for digest in &parts {
+        all.update(digest);
+    }
+    let hex: String = all.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}-{}", parts.len())
+}
+
+#[test]
+fn memory_stays_bounded_while_a_file_ten_times_the_bound_is_written() {
+    const FILE: usize = 256 << 20;
+    const PART: usize = 5 << 20;
+    const BOUND_MIB: u64 = 96;
+    let moto = Moto::start();
+    let body = pattern(FILE, 11);
+    let expected = multipart_etag(&body, PART);
+    for mode in ["write-through", "cached"] {
+        let bucket = unique_name(&format!("mem-{mode}"));
+        moto.create_bucket(&bucket);
+        let mount = Mount::s3(
+            &moto,
+            &bucket,
+            mode,
+            &[
+                "--part-size",
+                "5M",
+                "--upload-concurrency",
+                "4",
+                "--upload-delay",
+                "0ms",
+            ],
+        );
+        let mut f = fs::File::create(mount.path("backup.img")).expect("create");
+        for chunk in body.chunks(1 << 20) {
+            f.write_all(chunk).expect("write");
+        }
+        f.sync_all().expect("fsync");
+        drop(f);
+        common::posix::flush(&mount);
+        let hwm_mib = vm_hwm_kib(mount.pid()) / 1024;
+        mount.unmount();
+        let head = moto
+            .head_object(&bucket, "backup.img")
+            .expect("object in bucket");
+        assert_eq!(head.size, FILE as u64, "{mode}");
+        assert_eq!(
+            head.etag, expected,
+            "{mode}: the parts in the bucket differ from what was written"
+        );
+        eprintln!(
+            "{mode}: peak RSS {hwm_mib} MiB for a {} MiB file",
+            FILE >> 20
+        );
+        assert!(
+            hwm_mib <= BOUND_MIB,
+            "{mode}: peak RSS {hwm_mib} MiB over {BOUND_MIB} MiB"
+        );
+    }
+}
+
+/// Backup tools fork helpers while writing; each child closes its copy of the descriptor
+/// at exec, which the kernel reports as a flush. That must neither publish part of the
+/// file nor lose the bytes streamed so far.
+#[test]
+fn a_forked_child_closing_its_descriptor_does_not_cut_a_write_through_stream() {
+    let moto = Moto::start();
+    let bucket = unique_name("fork-close");
+    moto.create_bucket(&bucket);
+    let mount = Mount::s3(&moto, &bucket, "write-through", &["--part-size", "5M"]);
+    let body = pattern(24 << 20, 17);
+    let (first, second) = body.split_at(12 << 20);
+    let mut f = fs::File::create(mount.path("stream.bin")).expect("create");
+    f.write_all(first).expect("first half");
+    let status = std::process::Command::new("true")
+        .status()
+        .expect("fork and exec a child");
+    assert!(status.success());
+    assert!(
+        moto.head_object(&bucket, "stream.bin").is_none(),
+        "a child's close must not complete the object half-written"
+    );
+    f.write_all(second).expect("second half");
+    drop(f);
+    let head = moto
+        .head_object(&bucket, "stream.bin")
+        .expect("complete after the writer's close");
+    assert_eq!(head.size, body.len() as u64);
+    assert_eq!(
+        head.etag,
+        multipart_etag(&body, 5 << 20),
+        "the object must hold every byte, in order"
+    );
+    mount.unmount();
+}

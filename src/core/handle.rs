@@ -34,6 +34,8 @@ pub struct Handle {
     pub mode: OpenMode,
     /// Write-through: opened empty (created or O_TRUNC), so sequential writes can stream.
     pub streamable: bool,
+    /// The process (thread group) that opened the handle, when known.
+    pub opener: Option<u32>,
     pub io: tokio::sync::Mutex<HandleIo>,
     read: Mutex<ReadState>,
 }
@@ -41,11 +43,12 @@ pub struct Handle {
 const FIRST_READ_AHEAD: u64 = 1 << 20;
 
 impl Handle {
-    pub fn new(ino: u64, mode: OpenMode, streamable: bool) -> Handle {
+    pub fn new(ino: u64, mode: OpenMode, streamable: bool, opener: Option<u32>) -> Handle {
         Handle {
             ino,
             mode,
             streamable,
+            opener,
             io: tokio::sync::Mutex::new(HandleIo::default()),
             read: Mutex::new(ReadState::default()),
         }
@@ -86,4 +89,14 @@ impl Handle {
         state.window_start = start;
         state.window = data;
     }
+}
+
+/// The process (thread group id) a kernel-reported caller id belongs to: FUSE reports the
+/// calling thread, and a writer's threads are one process.
+pub fn process_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }

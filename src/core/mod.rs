@@ -20,7 +20,7 @@ use crate::meta::{
 };
 use crate::sync::upload::StreamUpload;
 use crate::sync::{attrs_of, file_init, key_for, Uploader};
-use handle::Handle;
+use handle::{process_of, Handle};
 
 /// Longest name of one path component.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -81,6 +81,14 @@ impl OpenMode {
             append: flags & libc::O_APPEND != 0,
         }
     }
+}
+
+/// Who asks: the kernel's caller of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
 }
 
 /// One directory entry for readdir.
@@ -744,7 +752,8 @@ impl Core {
         fh
     }
 
-    pub async fn open(&self, ino: u64, mode: OpenMode) -> FsResult<u64> {
+    /// Opens a file for process `pid` (the kernel's caller).
+    pub async fn open(&self, ino: u64, mode: OpenMode, pid: u32) -> FsResult<u64> {
         let inode = self.ensure_attrs(self.inode(ino)?).await?;
         if inode.kind == Kind::Dir {
             return Err(FsError::new(libc::EISDIR, "is a directory"));
@@ -753,11 +762,22 @@ impl Core {
             self.check_writable()?;
         }
         let fresh = mode.write && mode.truncate;
-        self.open_inode(&inode, mode, fresh).await
+        self.open_inode(&inode, mode, fresh, pid).await
     }
 
-    async fn open_inode(&self, inode: &Inode, mode: OpenMode, fresh: bool) -> FsResult<u64> {
-        let handle = Handle::new(inode.ino, mode, fresh && self.write_through());
+    async fn open_inode(
+        &self,
+        inode: &Inode,
+        mode: OpenMode,
+        fresh: bool,
+        pid: u32,
+    ) -> FsResult<u64> {
+        let handle = Handle::new(
+            inode.ino,
+            mode,
+            fresh && self.write_through(),
+            process_of(pid),
+        );
         if self.write_through() {
             if fresh {
                 lock(&self.live_sizes).insert(inode.ino, 0);
@@ -779,13 +799,12 @@ impl Core {
         name: &[u8],
         mode: u32,
         flags: i32,
-        uid: u32,
-        gid: u32,
+        caller: Caller,
     ) -> FsResult<(Attr, u64)> {
         let open_mode = OpenMode::from_flags(flags);
-        let new = self.new_entry(Kind::File, mode & 0o7777, uid, gid, None);
+        let new = self.new_entry(Kind::File, mode & 0o7777, caller.uid, caller.gid, None);
         let inode = self.create_node(parent, name, new).await?;
-        let fh = self.open_inode(&inode, open_mode, true).await?;
+        let fh = self.open_inode(&inode, open_mode, true, caller.pid).await?;
         if !self.write_through() {
             self.uploader.wake();
         }
@@ -865,9 +884,11 @@ impl Core {
         if !handle.mode.write {
             return Err(FsError::new(libc::EBADF, "file not open for writing"));
         }
-        let inode = self.inode(handle.ino)?;
         if self.write_through() {
             let mut io = handle.io.lock().await;
+            // Read under the handle's lock: a flush that ran meanwhile may have completed
+            // the stream and recorded the object this write now builds on.
+            let inode = self.inode(handle.ino)?;
             let offset = if handle.mode.append {
                 self.size_now(&inode)
             } else {
@@ -886,6 +907,7 @@ impl Core {
             drop(io);
             return self.write_cached(&inode, offset, data).await;
         }
+        let inode = self.inode(handle.ino)?;
         let offset = if handle.mode.append {
             self.size_now(&inode)
         } else {
@@ -1028,9 +1050,21 @@ impl Core {
         Ok(())
     }
 
-    /// close(): cached/sync make the data durable locally; write-through completes the
-    /// object in the bucket. Errors reach the writer.
-    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+    /// close() by process `pid`. A close by another process (a forked child closing its
+    /// copy of the descriptor at exec) must not complete a write-through stream: that
+    /// would publish part of the file. The opener's close, fsync or the release do.
+    pub async fn flush(&self, fh: u64, pid: u32) -> FsResult<()> {
+        let handle = self.handle(fh)?;
+        let other_process = handle.opener.is_some() && process_of(pid) != handle.opener;
+        if self.write_through() && other_process {
+            return Ok(());
+        }
+        self.complete(fh).await
+    }
+
+    /// Cached/sync: makes the data durable locally. Write-through: completes the object in
+    /// the bucket. Errors reach the writer.
+    async fn complete(&self, fh: u64) -> FsResult<()> {
         let handle = self.handle(fh)?;
         if !handle.mode.write {
             return Ok(());
@@ -1102,11 +1136,11 @@ impl Core {
     }
 
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh).await
+        self.complete(fh).await
     }
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
-        let result = self.flush(fh).await;
+        let result = self.complete(fh).await;
         let Some(handle) = lock(&self.handles).remove(&fh) else {
             return result;
         };
@@ -1184,7 +1218,7 @@ impl Core {
     pub async fn flush_all(&self, timeout: Duration) -> FsResult<()> {
         let handles: Vec<u64> = lock(&self.handles).keys().copied().collect();
         for fh in handles {
-            self.flush(fh).await?;
+            self.complete(fh).await?;
         }
         self.uploader.flush(timeout).await
     }

@@ -16,7 +16,7 @@ use fuser::{
 };
 
 use crate::backend::Kind;
-use crate::core::{Attr, Core, OpenMode, SetAttr, MAX_NAME_BYTES};
+use crate::core::{Attr, Caller, Core, OpenMode, SetAttr, MAX_NAME_BYTES};
 use crate::error::{FsError, Level};
 
 /// How long the kernel may cache entries and attributes.
@@ -273,10 +273,10 @@ impl Filesystem for BucketFs {
         reply.error(Errno::EPERM);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let mode = OpenMode::from_flags(flags.0);
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (mode, pid) = (OpenMode::from_flags(flags.0), req.pid());
         self.spawn("open", move |core| async move {
-            match core.open(ino.0, mode).await {
+            match core.open(ino.0, mode, pid).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(err) => reply.error(errno("open", err)),
             }
@@ -293,10 +293,15 @@ impl Filesystem for BucketFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (name, uid, gid) = (name_bytes(name), req.uid(), req.gid());
+        let name = name_bytes(name);
+        let caller = Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        };
         self.spawn("create", move |core| async move {
             match core
-                .create(parent.0, &name, mode & !umask, flags, uid, gid)
+                .create(parent.0, &name, mode & !umask, flags, caller)
                 .await
             {
                 Ok((attr, fh)) => reply.created(
@@ -353,14 +358,15 @@ impl Filesystem for BucketFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let pid = req.pid();
         self.spawn("flush", move |core| async move {
-            match core.flush(fh.0).await {
+            match core.flush(fh.0, pid).await {
                 Ok(()) => reply.ok(),
                 Err(err) => reply.error(errno("flush", err)),
             }
