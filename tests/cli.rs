@@ -1,0 +1,218 @@
+//! The command-line contract: background mounts that return once ready, `status`, two
+//! mounts with their own caches, and clear, fast failures.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{force_unmount, is_fuse_mounted, run_bounded, temp_dir, Ran};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bucketgate");
+
+fn bucketgate(args: &[&str]) -> Ran {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    run_bounded(
+        &mut cmd,
+        &format!("bucketgate {}", args.join(" ")),
+        Duration::from_secs(60),
+    )
+}
+
+/// The daemon's pid, from the line `mount` prints.
+fn daemon_pid(ran: &Ran) -> Option<i32> {
+    let out = String::from_utf8_lossy(&ran.stdout);
+    out.split("pid ")
+        .nth(1)?
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .ok()
+}
+
+/// Ends a background daemon the test started, if it is still there.
+struct Daemon {
+    pid: Option<i32>,
+    mountpoint: std::path::PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if is_fuse_mounted(&self.mountpoint) {
+            force_unmount(&self.mountpoint);
+        }
+        if let Some(pid) = self.pid {
+            if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+                if let Err(err) = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                ) {
+                    eprintln!("could not end daemon {pid}: {err}");
+                }
+            }
+        }
+    }
+}
+
+fn status_json(mountpoint: &Path) -> serde_json::Value {
+    let ran = bucketgate(&["status", &mountpoint.to_string_lossy(), "--json"]);
+    assert!(ran.status.success(), "status failed: {}", ran.stderr);
+    serde_json::from_slice(&ran.stdout).expect("status --json prints JSON")
+}
+
+#[test]
+fn background_mounts_report_status_keep_separate_caches_and_unmount() {
+    let bucket_a = temp_dir("cli-bucket-a");
+    let bucket_b = temp_dir("cli-bucket-b");
+    let mnt_a = temp_dir("cli-mnt-a");
+    let mnt_b = temp_dir("cli-mnt-b");
+    let cache_a = temp_dir("cli-cache-a");
+    let (mp_a, mp_b) = (
+        mnt_a.path().to_string_lossy().into_owned(),
+        mnt_b.path().to_string_lossy().into_owned(),
+    );
+
+    let ran = bucketgate(&[
+        "mount",
+        &bucket_a.path().to_string_lossy(),
+        &mp_a,
+        "--cache-dir",
+        &cache_a.path().to_string_lossy(),
+    ]);
+    let _a = Daemon {
+        pid: daemon_pid(&ran),
+        mountpoint: mnt_a.path().to_path_buf(),
+    };
+    assert!(ran.status.success(), "mount a: {}", ran.stderr);
+    assert!(
+        is_fuse_mounted(mnt_a.path()),
+        "mount returned before the mount was ready"
+    );
+
+    // The second mount uses the default cache dir, one per mount point.
+    let ran = bucketgate(&[
+        "mount",
+        &bucket_b.path().to_string_lossy(),
+        &mp_b,
+        "--mode",
+        "write-through",
+    ]);
+    let _b = Daemon {
+        pid: daemon_pid(&ran),
+        mountpoint: mnt_b.path().to_path_buf(),
+    };
+    assert!(ran.status.success(), "mount b: {}", ran.stderr);
+
+    std::fs::write(mnt_a.path().join("a.txt"), b"in a").expect("write a");
+    std::fs::write(mnt_b.path().join("b.txt"), b"in b").expect("write b");
+    let (status_a, status_b) = (status_json(mnt_a.path()), status_json(mnt_b.path()));
+    assert_eq!(status_a["mode"], "cached");
+    assert_eq!(status_b["mode"], "write-through");
+    assert!(
+        status_a["cache_limit_bytes"]
+            .as_u64()
+            .is_some_and(|v| v > 0),
+        "{status_a}"
+    );
+    assert!(
+        cache_a.path().join("meta.db").exists(),
+        "mount a keeps its metadata in its --cache-dir"
+    );
+    let default_cache = bucketgate::config::default_cache_dir(mnt_b.path());
+    assert!(
+        default_cache.join("meta.db").exists(),
+        "mount b uses its own default cache {}",
+        default_cache.display()
+    );
+    assert_ne!(default_cache, cache_a.path());
+
+    for mp in [&mp_a, &mp_b] {
+        let ran = bucketgate(&["umount", mp]);
+        assert!(ran.status.success(), "umount {mp}: {}", ran.stderr);
+    }
+    assert_eq!(
+        std::fs::read(bucket_a.path().join("a.txt")).expect("a in bucket"),
+        b"in a"
+    );
+    assert_eq!(
+        std::fs::read(bucket_b.path().join("b.txt")).expect("b in bucket"),
+        b"in b"
+    );
+    assert!(
+        !bucketgate(&["status", &mp_a]).status.success(),
+        "status of an unmounted point must fail"
+    );
+    if let Err(err) = std::fs::remove_dir_all(&default_cache) {
+        eprintln!("leaving {}: {err}", default_cache.display());
+    }
+}
+
+#[test]
+fn an_unreachable_endpoint_fails_fast_with_the_cause() {
+    let mnt = temp_dir("cli-unreachable");
+    let cache = temp_dir("cli-unreachable-cache");
+    let started = Instant::now();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "mount",
+        "s3://nowhere",
+        &mnt.path().to_string_lossy(),
+        "--cache-dir",
+        &cache.path().to_string_lossy(),
+    ])
+    .args(["--endpoint", "http://127.0.0.1:9", "--foreground"])
+    .env("AWS_ACCESS_KEY_ID", "test")
+    .env("AWS_SECRET_ACCESS_KEY", "test");
+    let ran = run_bounded(
+        &mut cmd,
+        "mount against a closed port",
+        Duration::from_secs(60),
+    );
+    assert!(!ran.status.success());
+    assert!(
+        ran.stderr.contains("cannot reach s3://nowhere"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!is_fuse_mounted(mnt.path()));
+}
+
+#[test]
+fn invalid_options_name_the_offending_key() {
+    let mnt = temp_dir("cli-invalid");
+    let ran = bucketgate(&[
+        "mount",
+        "/tmp",
+        &mnt.path().to_string_lossy(),
+        "--part-size",
+        "1M",
+        "--foreground",
+    ]);
+    assert!(!ran.status.success());
+    assert!(ran.stderr.contains("part-size"), "{}", ran.stderr);
+    let ran = bucketgate(&[
+        "mount",
+        "/tmp",
+        &mnt.path().to_string_lossy(),
+        "-o",
+        "uid=abc",
+        "--foreground",
+    ]);
+    assert!(!ran.status.success());
+    assert!(ran.stderr.contains("uid=`abc`"), "{}", ran.stderr);
+    let missing = "/nonexistent/bucketgate-bucket";
+    let ran = bucketgate(&[
+        "mount",
+        missing,
+        &mnt.path().to_string_lossy(),
+        "--foreground",
+    ]);
+    assert!(ran.stderr.contains("does not exist"), "{}", ran.stderr);
+    assert!(!is_fuse_mounted(mnt.path()));
+}
