@@ -44,11 +44,20 @@ fn s3_bucket_round_trips_in_every_mode() {
             ],
         );
 
+        // And one written by a tool that sets no metadata: mount defaults apply.
+        moto.put_object(&bucket, "plain.txt", b"no metadata", &[]);
         let mount = Mount::s3(
             &moto,
             &bucket,
             mode,
             &["--part-size", "5M", "--upload-delay", "100ms"],
+        );
+        let plain = fs::metadata(mount.path("plain.txt")).expect("stat plain object");
+        let me = nix::unistd::getuid().as_raw();
+        assert_eq!(
+            (plain.mode(), plain.uid(), plain.len()),
+            (0o100644, me, 11),
+            "{mode}: defaults for objects without metadata"
         );
         let meta = fs::metadata(mount.path("from-s3fs/report.txt")).expect("stat s3fs object");
         assert_eq!(
@@ -314,15 +323,25 @@ fn a_forked_child_closing_its_descriptor_does_not_cut_a_write_through_stream() {
         "a child's close must not complete the object half-written"
     );
     f.write_all(second).expect("second half");
-    drop(f);
+    // fsync completes the object, and the file stays writable afterwards.
+    f.sync_all().expect("fsync");
     let head = moto
         .head_object(&bucket, "stream.bin")
-        .expect("complete after the writer's close");
+        .expect("complete after fsync");
     assert_eq!(head.size, body.len() as u64);
     assert_eq!(
         head.etag,
         multipart_etag(&body, 5 << 20),
         "the object must hold every byte, in order"
+    );
+    f.write_all(b"appended after fsync")
+        .expect("write after fsync");
+    drop(f);
+    let mut expected = body.clone();
+    expected.extend_from_slice(b"appended after fsync");
+    assert!(
+        moto.get_object(&bucket, "stream.bin") == expected,
+        "the close after fsync stores the appended bytes"
     );
     mount.unmount();
 }

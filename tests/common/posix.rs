@@ -66,6 +66,24 @@ pub fn exercise(mount: &Mount) {
     fs::write(p("hello.txt"), b"short").expect("truncate-write");
     assert_eq!(fs::read(p("hello.txt")).expect("read"), b"short");
 
+    // backup software: write, truncate, reopen and append
+    fs::write(p("backup.log"), b"generation one").expect("write log");
+    OpenOptions::new()
+        .write(true)
+        .open(p("backup.log"))
+        .expect("open log")
+        .set_len(0)
+        .expect("truncate log");
+    for part in [b"v2;".as_slice(), b"v3;"] {
+        OpenOptions::new()
+            .append(true)
+            .open(p("backup.log"))
+            .expect("reopen append")
+            .write_all(part)
+            .expect("append");
+    }
+    assert_eq!(fs::read(p("backup.log")).expect("read log"), b"v2;v3;");
+
     // write at an offset in the middle of a multi-block file, then truncate down and up
     let big = pattern(3 << 20, 7);
     fs::write(p("big.bin"), &big).expect("write big");
@@ -193,7 +211,14 @@ pub fn exercise(mount: &Mount) {
     names.sort();
     assert_eq!(
         names,
-        ["big.bin", "hello.txt", "link", "moved", "victim.txt"]
+        [
+            "backup.log",
+            "big.bin",
+            "hello.txt",
+            "link",
+            "moved",
+            "victim.txt"
+        ]
     );
 }
 
@@ -201,6 +226,7 @@ pub fn exercise(mount: &Mount) {
 pub fn check_tree(mount: &Mount) {
     let p = |rel: &str| mount.path(rel);
     assert_eq!(fs::read(p("hello.txt")).expect("hello"), b"short");
+    assert_eq!(fs::read(p("backup.log")).expect("backup.log"), b"v2;v3;");
     let meta = fs::metadata(p("hello.txt")).expect("stat hello");
     assert_eq!(
         (meta.mode() & 0o7777, meta.uid(), meta.gid(), meta.mtime()),
