@@ -61,6 +61,9 @@ impl Defaults {
     pub const UPLOAD_CONCURRENCY: usize = 4;
     pub const UPLOAD_DELAY_MS: u64 = 1000;
     pub const FLUSH_TIMEOUT_SECS: u64 = 300;
+    pub const DIRTY_WAIT_SECS: u64 = 60;
+    pub const RETRIES: usize = 4;
+    pub const REQUEST_TIMEOUT_SECS: u64 = 60;
     pub const REGION: &'static str = "us-east-1";
     pub const UMASK: u32 = 0o022;
 }
@@ -100,6 +103,16 @@ pub struct MountArgs {
     /// How long `umount`/SIGTERM wait for uploads before unmounting anyway, e.g. 300s
     #[arg(long)]
     pub flush_timeout: Option<String>,
+    /// How long a writer waits for uploads to make room when unsent data fills the cache,
+    /// before it gets ENOSPC, e.g. 60s
+    #[arg(long)]
+    pub dirty_wait: Option<String>,
+    /// Retries of a failed bucket request (exponential backoff with jitter; default 4)
+    #[arg(long)]
+    pub retries: Option<usize>,
+    /// Time limit of one bucket request, e.g. 60s
+    #[arg(long)]
+    pub request_timeout: Option<String>,
     /// S3/OSS endpoint URL, e.g. http://127.0.0.1:9000
     #[arg(long)]
     pub endpoint: Option<String>,
@@ -133,6 +146,9 @@ struct FileConfig {
     upload_concurrency: Option<usize>,
     upload_delay: Option<String>,
     flush_timeout: Option<String>,
+    dirty_wait: Option<String>,
+    retries: Option<usize>,
+    request_timeout: Option<String>,
     endpoint: Option<String>,
     region: Option<String>,
     credentials: Option<PathBuf>,
@@ -163,6 +179,9 @@ pub struct MountConfig {
     pub upload_concurrency: usize,
     pub upload_delay: Duration,
     pub flush_timeout: Duration,
+    pub dirty_wait: Duration,
+    pub retries: usize,
+    pub request_timeout: Duration,
     pub endpoint: Option<String>,
     pub region: String,
     pub credentials: Option<PathBuf>,
@@ -238,6 +257,33 @@ impl MountConfig {
             Duration::from_secs(Defaults::FLUSH_TIMEOUT_SECS),
             parse_duration,
         )?;
+        let dirty_wait = pick(
+            "dirty-wait",
+            &args.dirty_wait,
+            &file.dirty_wait,
+            Duration::from_secs(Defaults::DIRTY_WAIT_SECS),
+            parse_duration,
+        )?;
+        let request_timeout = pick(
+            "request-timeout",
+            &args.request_timeout,
+            &file.request_timeout,
+            Duration::from_secs(Defaults::REQUEST_TIMEOUT_SECS),
+            parse_duration,
+        )?;
+        if request_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "request-timeout",
+                message: "must be more than 0s".to_string(),
+            });
+        }
+        let retries = args.retries.or(file.retries).unwrap_or(Defaults::RETRIES);
+        if retries > 100 {
+            return Err(ConfigError::Invalid {
+                key: "retries",
+                message: format!("{retries} is outside 0..100"),
+            });
+        }
         let mut option_words = file.options.unwrap_or_default();
         option_words.extend(args.options.iter().cloned());
         let options = parse_mount_options(&option_words)?;
@@ -251,6 +297,9 @@ impl MountConfig {
             upload_concurrency,
             upload_delay,
             flush_timeout,
+            dirty_wait,
+            retries,
+            request_timeout,
             endpoint: args.endpoint.clone().or(file.endpoint),
             region: args
                 .region

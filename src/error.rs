@@ -53,7 +53,9 @@ impl FsError {
     }
 
     pub fn meta(err: rusqlite::Error) -> Self {
-        Self::loud(libc::EIO, format!("metadata store: {err}"))
+        let full = matches!(err.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull));
+        let errno = if full { libc::ENOSPC } else { libc::EIO };
+        Self::loud(errno, format!("metadata store: {err}"))
     }
 
     pub fn backend(context: &str, err: opendal::Error) -> Self {

@@ -8,5 +8,6 @@ pub mod core;
 pub mod daemon;
 pub mod error;
 pub mod fs;
+pub mod integrity;
 pub mod meta;
 pub mod sync;

@@ -158,7 +158,11 @@ pub fn open(
     let (op, local_root) = match &source {
         Source::Local(path) => {
             let root = prepare_local_root(source_text, path)?;
-            let builder = services::Fs::default().root(&root.to_string_lossy());
+            // Writes land in a temporary file renamed into place when complete, so a
+            // crash never leaves a truncated object under a real name.
+            let builder = services::Fs::default()
+                .root(&root.to_string_lossy())
+                .atomic_write_dir(&root.join(LOCAL_TMP_DIR).to_string_lossy());
             (Operator::new(builder).map_err(build)?, Some(root))
         }
         Source::Memory => (
@@ -233,6 +237,9 @@ fn describe(source: &Source) -> String {
         Source::Oss { bucket, prefix } => format!("oss://{bucket}/{prefix}"),
     }
 }
+
+/// Where the embedded directory bucket keeps writes in progress (under the reserved prefix).
+pub const LOCAL_TMP_DIR: &str = ".bucketgate/tmp";
 
 fn prepare_local_root(source_text: &str, path: &Path) -> Result<PathBuf, SourceError> {
     let fail = |message: String| SourceError::LocalDir {

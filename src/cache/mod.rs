@@ -18,6 +18,7 @@ use blocks::BlockSet;
 
 use crate::backend::Backend;
 use crate::error::{FsError, FsResult};
+use crate::integrity::ReadVerifier;
 
 /// Cache granularity: what one ranged GET fills at the least.
 pub const BLOCK_SIZE: u64 = 1 << 20;
@@ -41,6 +42,19 @@ pub struct FileState {
     pub open_handles: u32,
     /// `gen` when the state was last made durable and journaled.
     pub persisted_gen: u64,
+    /// Checks fetched bytes against the object's stored crc64.
+    pub verifier: Option<ReadVerifier>,
+    /// Set when the object failed its check: reads fail until the content is replaced.
+    pub corrupt: Option<String>,
+}
+
+impl FileState {
+    fn check_not_corrupt(&self) -> FsResult<()> {
+        match &self.corrupt {
+            Some(message) => Err(FsError::new(libc::EIO, message.clone())),
+            None => Ok(()),
+        }
+    }
 }
 
 /// How to initialise a cached file that is not loaded yet.
@@ -51,6 +65,7 @@ pub struct FileInit {
     pub source_key: Option<String>,
     pub dirty: bool,
     pub saved_blocks: Option<Vec<u8>>,
+    pub verifier: Option<ReadVerifier>,
 }
 
 pub struct CacheFile {
@@ -101,6 +116,7 @@ impl CacheFile {
     /// Reads locally if every needed byte is valid; `Ok(None)` means fetch first.
     pub fn read_local(&self, offset: u64, len: u64) -> FsResult<Option<Vec<u8>>> {
         let mut state = self.lock();
+        state.check_not_corrupt()?;
         let end = offset.saturating_add(len).min(state.size);
         if offset >= end {
             return Ok(Some(Vec::new()));
@@ -146,6 +162,7 @@ impl CacheFile {
         for run in runs {
             let (key, limit, still_missing) = {
                 let state = self.lock();
+                state.check_not_corrupt()?;
                 (
                     state.source_key.clone(),
                     state.fetch_limit,
@@ -183,6 +200,7 @@ impl CacheFile {
                 ));
             }
             let mut state = self.lock();
+            Self::verify(&mut state, start, &data)?;
             for block in run {
                 if state.blocks.contains(block) {
                     continue;
@@ -198,6 +216,24 @@ impl CacheFile {
                     .map_err(|err| FsError::io("writing cache file", err))?;
                 state.blocks.insert(block);
             }
+        }
+        Ok(())
+    }
+
+    /// Feeds fetched bytes to the crc64 check. On a mismatch nothing of the object stays
+    /// servable: fetched blocks are dropped (unless local writes are mixed in) and every
+    /// later read fails.
+    fn verify(state: &mut FileState, start: u64, data: &[u8]) -> FsResult<()> {
+        let Some(verifier) = state.verifier.as_mut() else {
+            return Ok(());
+        };
+        if let Err(err) = verifier.feed(start, data) {
+            state.verifier = None;
+            state.corrupt = Some(err.message.clone());
+            if !state.dirty {
+                state.blocks.clear();
+            }
+            return Err(err);
         }
         Ok(())
     }
@@ -251,6 +287,11 @@ impl CacheFile {
             .map_err(|err| FsError::io("truncating cache file", err))?;
         state.blocks.truncate_from(size.div_ceil(BLOCK_SIZE));
         state.fetch_limit = state.fetch_limit.min(size);
+        if state.fetch_limit == 0 {
+            // Nothing of the object is used any more: its check no longer matters.
+            state.corrupt = None;
+            state.verifier = None;
+        }
         state.size = size;
         state.gen += 1;
         state.dirty = true;
@@ -377,6 +418,8 @@ impl DataCache {
                 last_access: Instant::now(),
                 open_handles: 0,
                 persisted_gen: 0,
+                verifier: init.verifier,
+                corrupt: None,
             }),
             fetch_lock: tokio::sync::Mutex::new(()),
         });
@@ -402,6 +445,21 @@ impl DataCache {
 
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+
+    /// Bytes held for files with changes not yet in the bucket (never evicted).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.registry()
+            .values()
+            .map(|f| {
+                let state = f.lock();
+                if state.dirty {
+                    state.blocks.count() * BLOCK_SIZE
+                } else {
+                    0
+                }
+            })
+            .sum()
     }
 
     /// Evicts clean, closed files, least recently used first, until under the limit.

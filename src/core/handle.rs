@@ -5,6 +5,8 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 use super::OpenMode;
+use crate::error::{FsError, FsResult};
+use crate::integrity::ReadVerifier;
 use crate::sync::upload::StreamUpload;
 
 /// State a handle's I/O owns; one writer at a time.
@@ -27,6 +29,9 @@ struct ReadState {
     /// Write-through reads: bytes fetched ahead, and where they start.
     window_start: u64,
     window: Bytes,
+    /// Write-through reads: the object's crc64 check, and its verdict once it failed.
+    verifier: Option<ReadVerifier>,
+    corrupt: Option<String>,
 }
 
 pub struct Handle {
@@ -82,6 +87,28 @@ impl Handle {
             return Some(state.window[from..to].to_vec());
         }
         None
+    }
+
+    pub fn set_verifier(&self, verifier: Option<ReadVerifier>) {
+        self.read_state().verifier = verifier;
+    }
+
+    /// Checks bytes fetched for a write-through read; once the object failed its check,
+    /// every read of this handle fails.
+    pub fn verify(&self, offset: u64, data: &[u8]) -> FsResult<()> {
+        let mut state = self.read_state();
+        if let Some(message) = &state.corrupt {
+            return Err(FsError::new(libc::EIO, message.clone()));
+        }
+        let Some(verifier) = state.verifier.as_mut() else {
+            return Ok(());
+        };
+        if let Err(err) = verifier.feed(offset, data) {
+            state.verifier = None;
+            state.corrupt = Some(err.message.clone());
+            return Err(err);
+        }
+        Ok(())
     }
 
     pub fn set_window(&self, start: u64, data: Bytes) {

@@ -19,7 +19,7 @@ use crate::meta::{
     AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, ROOT_INO,
 };
 use crate::sync::upload::StreamUpload;
-use crate::sync::{attrs_of, file_init, key_for, Uploader};
+use crate::sync::{attrs_of, file_init, key_for, read_verifier, Uploader};
 use handle::{process_of, Handle};
 
 /// Longest name of one path component.
@@ -36,6 +36,8 @@ pub struct CoreConfig {
     pub upload_concurrency: usize,
     pub upload_delay: Duration,
     pub flush_timeout: Duration,
+    /// How long a writer waits for room when unsent data fills the cache.
+    pub dirty_wait: Duration,
     pub read_only: bool,
     pub defaults: AttrDefaults,
 }
@@ -123,6 +125,8 @@ pub struct Core {
     next_fh: AtomicU64,
     /// Sizes of files being streamed (write-through), ahead of the metadata store.
     live_sizes: Mutex<HashMap<u64, u64>>,
+    /// The last dirty-bytes count and when it was taken (back-pressure).
+    dirty_sample: Mutex<(std::time::Instant, u64)>,
     /// Open handles per inode (all modes); an unlinked inode lives until this drops to 0.
     open_counts: Mutex<HashMap<u64, u32>>,
 }
@@ -166,6 +170,7 @@ impl Core {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             live_sizes: Mutex::new(HashMap::new()),
+            dirty_sample: Mutex::new((std::time::Instant::now(), 0)),
             open_counts: Mutex::new(HashMap::new()),
         }
     }
@@ -282,6 +287,7 @@ impl Core {
                         key: child_key,
                         etag: entry.etag,
                         size: entry.size,
+                        crc64: None,
                     }),
                     attrs_loaded: false,
                     listed: false,
@@ -308,14 +314,7 @@ impl Core {
             .map_err(|err| FsError::backend(&format!("HEAD {key}"), err))?;
         if let Some(info) = info {
             let attrs = info.attrs;
-            self.meta.set_loaded_attrs(
-                inode.ino,
-                attrs.perm,
-                attrs.uid,
-                attrs.gid,
-                attrs.mtime,
-                attrs.kind,
-            )?;
+            self.meta.set_loaded_attrs(inode.ino, &attrs, info.crc64)?;
             if attrs.kind == Kind::Symlink {
                 let target = self
                     .backend
@@ -327,15 +326,8 @@ impl Core {
             }
         } else {
             // A directory known only from a common prefix has no marker: keep defaults.
-            let loaded = &inode;
-            self.meta.set_loaded_attrs(
-                loaded.ino,
-                loaded.perm,
-                loaded.uid,
-                loaded.gid,
-                loaded.mtime,
-                loaded.kind,
-            )?;
+            self.meta
+                .set_loaded_attrs(inode.ino, &attrs_of(&inode), None)?;
         }
         self.inode(inode.ino)
     }
@@ -781,6 +773,8 @@ impl Core {
         if self.write_through() {
             if fresh {
                 lock(&self.live_sizes).insert(inode.ino, 0);
+            } else {
+                handle.set_verifier(read_verifier(inode));
             }
         } else {
             let file = self.cache_file(inode)?;
@@ -857,6 +851,7 @@ impl Core {
             return Ok(Vec::new());
         }
         if let Some(data) = handle.window_read(offset, end) {
+            handle.verify(offset, &[])?;
             return Ok(data);
         }
         let key = inode
@@ -873,6 +868,7 @@ impl Core {
             .await
             .map_err(|err| FsError::backend(&format!("reading {key}"), err))?
             .to_bytes();
+        handle.verify(offset, &data)?;
         handle.set_window(offset, data);
         handle
             .window_read(offset, end)
@@ -921,6 +917,7 @@ impl Core {
     }
 
     async fn write_cached(&self, inode: &Inode, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.wait_for_room(data.len() as u64).await?;
         let file = self.cache_file(inode)?;
         for _ in 0..4 {
             match file.write_local(offset, data)? {
@@ -935,6 +932,67 @@ impl Core {
                 inode.ino
             ),
         ))
+    }
+
+    /// Back-pressure: while data not yet in the bucket fills the cache, a writer waits for
+    /// uploads to make room, up to `dirty_wait`, then gets ENOSPC. Clean data is evicted
+    /// first; dirty data never is.
+    async fn wait_for_room(&self, incoming: u64) -> FsResult<()> {
+        let limit = self.cache.limit();
+        if self.dirty_bytes_recent() + incoming <= limit {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut waited_log = false;
+        // Bounded by `dirty_wait`.
+        loop {
+            self.evict_clean()?;
+            self.uploader.wake();
+            let dirty = self.cache.dirty_bytes();
+            *lock(&self.dirty_sample) = (std::time::Instant::now(), dirty);
+            if dirty + incoming <= limit {
+                return Ok(());
+            }
+            if started.elapsed() >= self.config.dirty_wait {
+                let errors = self.meta.summary()?.last_errors;
+                return Err(FsError::loud(
+                    libc::ENOSPC,
+                    format!(
+                        "the cache holds {dirty} bytes not yet uploaded, at its limit of {limit} (--cache-size); uploads made no room within {:?} (--dirty-wait); last upload errors: {errors:?}",
+                        self.config.dirty_wait
+                    ),
+                ));
+            }
+            if !waited_log {
+                tracing::warn!(
+                    dirty,
+                    limit,
+                    "cache full of data not yet uploaded; writers wait for uploads"
+                );
+                waited_log = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Dirty bytes, recomputed at most every 100 ms (it walks every loaded file).
+    fn dirty_bytes_recent(&self) -> u64 {
+        let mut sample = lock(&self.dirty_sample);
+        if sample.0.elapsed() >= Duration::from_millis(100) {
+            *sample = (std::time::Instant::now(), self.cache.dirty_bytes());
+        }
+        sample.1
+    }
+
+    /// Evicts clean, closed files beyond the cache limit and forgets their saved blocks.
+    fn evict_clean(&self) -> FsResult<()> {
+        for evicted in self.cache.evict_to_limit()? {
+            self.meta.transaction(|tx| {
+                tx.execute("DELETE FROM cache_blocks WHERE ino = ?1", [evicted as i64])?;
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     async fn write_stream(
@@ -953,6 +1011,7 @@ impl Core {
                 metadata,
                 self.config.part_size,
                 self.config.upload_concurrency,
+                Some(self.meta.clone()),
             )
             .await?;
             io.stream = Some(stream);
@@ -961,59 +1020,69 @@ impl Core {
             .stream
             .as_mut()
             .ok_or_else(|| FsError::loud(libc::EIO, "stream vanished"))?;
-        stream.push(data).await?;
+        let offset = stream.len();
+        self.spool(io, inode.ino, offset, data)?;
+        let stream = io
+            .stream
+            .as_mut()
+            .ok_or_else(|| FsError::loud(libc::EIO, "stream vanished"))?;
+        if let Err(err) = stream.push(data).await {
+            // The stream is broken: drop it; the spool still holds everything written.
+            if let Some(broken) = io.stream.take() {
+                broken.abort().await;
+            }
+            io.staged = true;
+            lock(&self.live_sizes).remove(&handle.ino);
+            return Err(err);
+        }
         lock(&self.live_sizes).insert(handle.ino, stream.len());
         Ok(data.len() as u32)
     }
 
-    /// A write-through writer left the sequential path. Bytes still in memory move to the
-    /// cache file; if parts already left, the object is completed with what was streamed
-    /// and the cache file continues from it (fetching what it needs).
-    async fn stage_stream(
-        &self,
-        handle: &Handle,
-        io: &mut handle::HandleIo,
-        mut stream: StreamUpload,
-    ) -> FsResult<()> {
-        let inode = self.inode(handle.ino)?;
-        let file = self.cache.get_or_load(inode.ino, || {
+    /// Keeps a local copy of what a write-through stream sent, so that a writer who seeks
+    /// back can continue from it after the stream is abandoned: the bucket never sees a
+    /// partial object. The copy is dropped once the object is complete.
+    fn spool(&self, io: &mut handle::HandleIo, ino: u64, offset: u64, data: &[u8]) -> FsResult<()> {
+        let file = self.cache.get_or_load(ino, || {
             Ok(crate::cache::FileInit {
                 size: 0,
                 fetch_limit: 0,
                 source_key: None,
                 dirty: true,
                 saved_blocks: None,
+                verifier: None,
             })
         })?;
-        if !stream.has_sent_parts() {
-            let buffer = stream.take_buffer();
-            stream.abort().await;
-            file.truncate(0)?;
-            if let WriteOutcome::NeedFetch(_) = file.write_local(0, &buffer)? {
-                return Err(FsError::loud(
-                    libc::EIO,
-                    "staging buffer could not be written",
-                ));
-            }
-        } else {
-            let uploaded = stream.finish().await?;
-            let remote = RemoteState {
-                key: uploaded.key.clone(),
-                etag: uploaded.etag,
-                size: uploaded.size,
-            };
-            self.meta
-                .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, false))?;
-            let mut state = file.lock();
-            state.source_key = Some(uploaded.key);
-            state.fetch_limit = uploaded.size;
-            state.size = uploaded.size;
-            state.dirty = true;
-            state.gen += 1;
+        if !io.holds_cache_file {
+            file.lock().open_handles += 1;
+            io.holds_cache_file = true;
         }
-        file.lock().open_handles += 1;
-        io.holds_cache_file = true;
-        lock(&self.live_sizes).remove(&inode.ino);
+        match file.write_local(offset, data)? {
+            WriteOutcome::Written => Ok(()),
+            WriteOutcome::NeedFetch(_) => Err(FsError::loud(
+                libc::EIO,
+                format!("inode {ino}: the write-through spool needs data it never had"),
+            )),
+        }
+    }
+
+    /// A write-through writer left the sequential path (or truncated): the stream is
+    /// abandoned, nothing of it becomes visible, and writes continue on the spooled copy,
+    /// uploaded whole at close.
+    async fn stage_stream(
+        &self,
+        handle: &Handle,
+        io: &mut handle::HandleIo,
+        stream: StreamUpload,
+    ) -> FsResult<()> {
+        stream.abort().await;
+        if self.cache.loaded(handle.ino).is_none() || !io.holds_cache_file {
+            return Err(FsError::loud(
+                libc::EIO,
+                format!("inode {}: the write-through spool is missing", handle.ino),
+            ));
+        }
+        lock(&self.live_sizes).remove(&handle.ino);
         Ok(())
     }
 
@@ -1078,12 +1147,17 @@ impl Core {
         }
         let mut io = handle.io.lock().await;
         if let Some(stream) = io.stream.take() {
-            let uploaded = stream.finish().await?;
-            let remote = RemoteState {
-                key: uploaded.key.clone(),
-                etag: uploaded.etag,
-                size: uploaded.size,
+            let uploaded = match stream.finish().await {
+                Ok(uploaded) => uploaded,
+                Err(err) => {
+                    // Nothing became visible; the spool keeps the bytes for a staged
+                    // upload at the next close (and the journal after that).
+                    io.staged = true;
+                    lock(&self.live_sizes).remove(&inode.ino);
+                    return Err(err);
+                }
             };
+            let remote = uploaded.remote();
             let change = AttrChange {
                 size: Some(uploaded.size),
                 mtime: Some(SystemTime::now()),
@@ -1101,6 +1175,14 @@ impl Core {
                 Ok(())
             })?;
             lock(&self.live_sizes).remove(&inode.ino);
+            if let Some(file) = self.cache.loaded(inode.ino) {
+                // The spool now equals the object: clean, and the base of any later write.
+                let mut state = file.lock();
+                state.dirty = false;
+                state.source_key = Some(uploaded.key.clone());
+                state.fetch_limit = uploaded.size;
+                state.persisted_gen = state.gen;
+            }
             // Further writes append to a complete object: they go through the cache file.
             io.staged = true;
             return Ok(());
@@ -1188,12 +1270,7 @@ impl Core {
             }
         }
         if self.config.mode == Mode::Cached {
-            for evicted in self.cache.evict_to_limit()? {
-                self.meta.transaction(|tx| {
-                    tx.execute("DELETE FROM cache_blocks WHERE ino = ?1", [evicted as i64])?;
-                    Ok(())
-                })?;
-            }
+            self.evict_clean()?;
         }
         result
     }

@@ -170,8 +170,8 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
         endpoint: config.endpoint.clone(),
         region: config.region.clone(),
         credentials_file: config.credentials.clone(),
-        request_timeout: Some(Duration::from_secs(60)),
-        retries: 4,
+        request_timeout: Some(config.request_timeout),
+        retries: config.retries,
     };
     let backend = source::open(&config.source, &connection, attr_defaults(&config))?;
     let check = source::open(
@@ -212,6 +212,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             upload_concurrency: config.upload_concurrency,
             upload_delay: config.upload_delay,
             flush_timeout: config.flush_timeout,
+            dirty_wait: config.dirty_wait,
             read_only: config.options.read_only,
             defaults: attr_defaults(&config),
         },

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
-use crate::backend::Kind;
+use crate::backend::{Kind, ObjectAttrs};
 use crate::error::{FsError, FsResult};
 
 pub const ROOT_INO: u64 = 1;
@@ -35,6 +35,8 @@ pub struct Inode {
     pub remote_size: Option<u64>,
     pub fetch_limit: Option<u64>,
     pub dirty: bool,
+    /// The crc64 of the object at `remote_key`, when known.
+    pub remote_crc64: Option<u64>,
 }
 
 /// Attributes of a new inode.
@@ -60,6 +62,7 @@ pub struct RemoteState {
     pub key: String,
     pub etag: Option<String>,
     pub size: u64,
+    pub crc64: Option<u64>,
 }
 
 /// Changes to an inode's attributes; `None` leaves a field alone.
@@ -121,7 +124,7 @@ fn now_ms() -> i64 {
 
 const INODE_COLUMNS: &str =
     "ino, parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, \
-     attrs_loaded, listed, remote_key, remote_etag, remote_size, fetch_limit, dirty";
+     attrs_loaded, listed, remote_key, remote_etag, remote_size, fetch_limit, dirty, remote_crc64";
 
 fn inode_from_row(row: &Row<'_>) -> rusqlite::Result<Inode> {
     let kind: i64 = row.get(3)?;
@@ -144,6 +147,7 @@ fn inode_from_row(row: &Row<'_>) -> rusqlite::Result<Inode> {
         remote_size: row.get::<_, Option<i64>>(15)?.map(|s| s as u64),
         fetch_limit: row.get::<_, Option<i64>>(16)?.map(|s| s as u64),
         dirty: row.get(17)?,
+        remote_crc64: row.get::<_, Option<i64>>(18)?.map(|c| c as u64),
     })
 }
 
@@ -234,8 +238,8 @@ impl MetaStore {
         let remote = new.remote.as_ref();
         let result = tx.execute(
             "INSERT INTO inodes(parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, attrs_loaded,
-                                listed, remote_key, remote_etag, remote_size, fetch_limit, dirty)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                                listed, remote_key, remote_etag, remote_size, fetch_limit, dirty, remote_crc64)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             params![
                 parent as i64,
                 name,
@@ -254,6 +258,7 @@ impl MetaStore {
                 remote.map(|r| r.size as i64),
                 remote.map(|r| r.size as i64).unwrap_or(0),
                 new.dirty,
+                remote.and_then(|r| r.crc64).map(|c| c as i64),
             ],
         );
         match result {
@@ -290,16 +295,22 @@ impl MetaStore {
     pub fn set_loaded_attrs(
         &self,
         ino: u64,
-        perm: u32,
-        uid: u32,
-        gid: u32,
-        mtime: SystemTime,
-        kind: Kind,
+        attrs: &ObjectAttrs,
+        crc64: Option<u64>,
     ) -> FsResult<()> {
         let conn = self.lock();
         conn.execute(
-            "UPDATE inodes SET perm = ?2, uid = ?3, gid = ?4, mtime_ns = ?5, kind = ?6, attrs_loaded = 1 WHERE ino = ?1",
-            params![ino as i64, perm, uid, gid, to_ns(mtime), kind.as_i64()],
+            "UPDATE inodes SET perm = ?2, uid = ?3, gid = ?4, mtime_ns = ?5, kind = ?6, attrs_loaded = 1,
+                 remote_crc64 = ?7 WHERE ino = ?1",
+            params![
+                ino as i64,
+                attrs.perm,
+                attrs.uid,
+                attrs.gid,
+                to_ns(attrs.mtime),
+                attrs.kind.as_i64(),
+                crc64.map(|c| c as i64)
+            ],
         )?;
         Ok(())
     }
@@ -351,7 +362,7 @@ impl MetaStore {
         clean: bool,
     ) -> FsResult<()> {
         tx.execute(
-            "UPDATE inodes SET remote_key = ?2, remote_etag = ?3, remote_size = ?4,
+            "UPDATE inodes SET remote_key = ?2, remote_etag = ?3, remote_size = ?4, remote_crc64 = ?6,
                  fetch_limit = CASE WHEN ?5 THEN ?4 ELSE fetch_limit END,
                  dirty = CASE WHEN ?5 THEN 0 ELSE dirty END
              WHERE ino = ?1",
@@ -360,7 +371,8 @@ impl MetaStore {
                 remote.key,
                 remote.etag,
                 remote.size as i64,
-                clean
+                clean,
+                remote.crc64.map(|c| c as i64)
             ],
         )?;
         Ok(())
@@ -606,6 +618,32 @@ impl MetaStore {
             [],
         )?;
         Ok(inos)
+    }
+
+    /// Records that a multipart upload to `key` is starting.
+    pub fn upload_started(&self, key: &str) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO uploads(key, started_ms) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET started_ms = ?2",
+            params![key, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Records that the upload to `key` was completed or aborted.
+    pub fn upload_ended(&self, key: &str) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute("DELETE FROM uploads WHERE key = ?1", params![key])?;
+        Ok(())
+    }
+
+    /// Keys of uploads started and never ended (a crash interrupted them).
+    pub fn unfinished_uploads(&self) -> FsResult<Vec<String>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT key FROM uploads ORDER BY key")?;
+        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     pub fn state(&self, name: &str) -> FsResult<Option<String>> {

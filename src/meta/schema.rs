@@ -3,7 +3,7 @@
 use rusqlite::Connection;
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 1;
+pub const VERSION: i64 = 2;
 
 const V1: &str = "
 CREATE TABLE inodes(
@@ -46,6 +46,15 @@ CREATE UNIQUE INDEX journal_target ON journal(op, ino, key);
 CREATE TABLE state(name TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
 
+/// Version 2: the crc64 the bucket's object carries (or that this gateway computed while
+/// streaming it), as the bits of a u64; NULL when unknown.
+/// And the ledger of multipart uploads started and not yet completed or aborted, so the
+/// ones a crash abandoned can be aborted at the next mount.
+const V2: &str = "
+ALTER TABLE inodes ADD COLUMN remote_crc64 INTEGER;
+CREATE TABLE uploads(key TEXT PRIMARY KEY, started_ms INTEGER NOT NULL);
+";
+
 /// Brings a database to [`VERSION`], in one transaction.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
@@ -55,6 +64,9 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     if version < 1 {
         tx.execute_batch(V1)?;
+    }
+    if version < 2 {
+        tx.execute_batch(V2)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {VERSION}"))?;
     tx.commit()

@@ -13,6 +13,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::backend::{Backend, Kind, ObjectAttrs, MAX_KEY_BYTES};
 use crate::cache::{CacheFile, DataCache, FileInit};
 use crate::error::{FsError, FsResult};
+use crate::integrity::{crc64, Crc64, ReadVerifier};
 use crate::meta::{Inode, JournalEntry, JournalOp, MetaStore, RemoteState};
 use upload::{StreamUpload, Uploaded};
 
@@ -94,7 +95,18 @@ pub fn file_init(meta: &MetaStore, inode: &Inode) -> FsResult<FileInit> {
         source_key: inode.remote_key.clone().filter(|k| !k.is_empty()),
         dirty: inode.dirty,
         saved_blocks: saved,
+        verifier: read_verifier(inode),
     })
+}
+
+/// The check of an inode's object against its crc64, when one is known and the file
+/// still reads the whole object.
+pub fn read_verifier(inode: &Inode) -> Option<ReadVerifier> {
+    let key = inode.remote_key.as_deref().filter(|k| !k.is_empty())?;
+    let size = inode.remote_size?;
+    let crc = inode.remote_crc64?;
+    let whole = inode.fetch_limit.is_none_or(|limit| limit >= size);
+    whole.then(|| ReadVerifier::new(key, crc, size))
 }
 
 impl Uploader {
@@ -323,6 +335,7 @@ impl Uploader {
                     key: key.clone(),
                     etag: None,
                     size: 0,
+                    crc64: None,
                 }
             }
             Kind::Symlink => {
@@ -337,6 +350,7 @@ impl Uploader {
                     key: key.clone(),
                     etag,
                     size,
+                    crc64: None,
                 }
             }
             Kind::File => return self.sync_file(&inode, &key, old_key).await,
@@ -365,6 +379,7 @@ impl Uploader {
                     key: key.to_string(),
                     etag: inode.remote_etag.clone(),
                     size: inode.remote_size.unwrap_or(0),
+                    crc64: inode.remote_crc64,
                 };
                 self.meta
                     .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, true))?;
@@ -394,14 +409,11 @@ impl Uploader {
                 state.dirty = false;
                 state.source_key = Some(uploaded.key.clone());
                 state.fetch_limit = uploaded.size;
+                state.verifier = None; // every block is local: nothing left to fetch
             }
             unchanged
         };
-        let remote = RemoteState {
-            key: uploaded.key.clone(),
-            etag: uploaded.etag.clone(),
-            size: uploaded.size,
-        };
+        let remote = uploaded.remote();
         self.meta
             .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, clean))?;
         if clean {
@@ -427,7 +439,10 @@ impl Uploader {
         Ok(())
     }
 
-    /// Streams a cached file to `key` in growing parts.
+    /// Uploads a cached file to `key`: one PUT when small, else growing parts. The
+    /// object carries the crc64 of its bytes; a multipart upload reads the file twice (the
+    /// checksum must go out with the first request) and is abandoned if the bytes changed
+    /// in between, so no object ever carries a checksum that does not match it.
     async fn upload_from_cache(
         &self,
         file: &CacheFile,
@@ -435,41 +450,79 @@ impl Uploader {
         key: &str,
         size: u64,
     ) -> FsResult<Uploaded> {
-        let metadata = attrs_of(inode).encode(None);
+        let attrs = attrs_of(inode);
         if size < self.config.part_size {
             let body = file.read_for_upload(0, size as usize)?;
+            let crc = crc64(&body);
             let etag = self
                 .backend
-                .put(key, body, metadata)
+                .put(key, body, attrs.encode(Some(crc)))
                 .await
                 .map_err(|err| FsError::backend(&format!("uploading {key}"), err))?;
             return Ok(Uploaded {
                 key: key.to_string(),
                 etag,
                 size,
+                crc64: Some(crc),
             });
         }
+        let mut expected = Crc64::default();
+        for_each_chunk(file, size, |chunk| {
+            expected.update(&chunk);
+            Ok(())
+        })?;
+        let expected = expected.value();
         let mut upload = StreamUpload::start(
             &self.backend,
             key,
-            metadata,
+            attrs.encode(Some(expected)),
             self.config.part_size,
             self.config.concurrency,
+            Some(self.meta.clone()),
         )
         .await?;
-        let mut offset = 0u64;
-        const CHUNK: u64 = 4 << 20;
-        while offset < size {
-            let len = CHUNK.min(size - offset) as usize;
-            let chunk = file.read_for_upload(offset, len)?;
-            if let Err(err) = upload.push(&chunk).await {
-                upload.abort().await;
-                return Err(err);
-            }
-            offset += len as u64;
+        if let Err(err) = push_file(&mut upload, file, size).await {
+            upload.abort().await;
+            return Err(err);
+        }
+        if upload.crc64() != expected {
+            upload.abort().await;
+            return Err(FsError::new(
+                libc::EAGAIN,
+                format!("{key}: the file changed while it was uploading; uploading again"),
+            ));
         }
         upload.finish().await
     }
+}
+
+/// Bytes read from the cache file per step of an upload.
+const UPLOAD_CHUNK: u64 = 4 << 20;
+
+/// Streams the file's bytes `0..size` into an upload.
+async fn push_file(upload: &mut StreamUpload, file: &CacheFile, size: u64) -> FsResult<()> {
+    let mut offset = 0u64;
+    while offset < size {
+        let len = UPLOAD_CHUNK.min(size - offset) as usize;
+        upload.push(&file.read_for_upload(offset, len)?).await?;
+        offset += len as u64;
+    }
+    Ok(())
+}
+
+/// Calls `each` with the file's bytes `0..size` in order, a chunk at a time.
+fn for_each_chunk(
+    file: &CacheFile,
+    size: u64,
+    mut each: impl FnMut(Vec<u8>) -> FsResult<()>,
+) -> FsResult<()> {
+    let mut offset = 0u64;
+    while offset < size {
+        let len = UPLOAD_CHUNK.min(size - offset) as usize;
+        each(file.read_for_upload(offset, len)?)?;
+        offset += len as u64;
+    }
+    Ok(())
 }
 
 struct InodeGuard<'a> {

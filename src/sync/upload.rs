@@ -3,10 +3,13 @@
 //! fits in S3's 10,000 parts without any setting.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::config::MAX_PART_SIZE;
 use crate::error::{FsError, FsResult};
+use crate::integrity::Crc64;
+use crate::meta::{MetaStore, RemoteState};
 
 /// S3's limit on parts per upload.
 pub const MAX_PARTS: u64 = 10_000;
@@ -32,6 +35,10 @@ pub struct StreamUpload {
     buffer: Vec<u8>,
     parts_sent: u64,
     bytes: u64,
+    /// Over every byte accepted, so the finished object's checksum is known at once.
+    crc: Crc64,
+    /// Where the upload is recorded while it runs, so a crash's leftovers get aborted.
+    ledger: Option<Arc<MetaStore>>,
 }
 
 /// What a finished upload left in the bucket.
@@ -40,6 +47,19 @@ pub struct Uploaded {
     pub key: String,
     pub etag: Option<String>,
     pub size: u64,
+    pub crc64: Option<u64>,
+}
+
+impl Uploaded {
+    /// What the bucket now holds, as local metadata records it.
+    pub fn remote(&self) -> RemoteState {
+        RemoteState {
+            key: self.key.clone(),
+            etag: self.etag.clone(),
+            size: self.size,
+            crc64: self.crc64,
+        }
+    }
 }
 
 impl StreamUpload {
@@ -49,7 +69,11 @@ impl StreamUpload {
         metadata: HashMap<String, String>,
         base_part: u64,
         concurrency: usize,
+        ledger: Option<Arc<MetaStore>>,
     ) -> FsResult<StreamUpload> {
+        if let Some(ledger) = &ledger {
+            ledger.upload_started(key)?;
+        }
         let writer = backend
             .writer(key, metadata, concurrency)
             .await
@@ -61,11 +85,18 @@ impl StreamUpload {
             buffer: Vec::new(),
             parts_sent: 0,
             bytes: 0,
+            crc: Crc64::default(),
+            ledger,
         })
     }
 
     fn current_part_size(&self) -> usize {
         part_size(self.base_part, self.parts_sent) as usize
+    }
+
+    /// The crc64 of the bytes accepted so far.
+    pub fn crc64(&self) -> u64 {
+        self.crc.value()
     }
 
     /// Bytes accepted so far.
@@ -91,6 +122,7 @@ impl StreamUpload {
     /// concurrency, so this waits when that many parts are in flight).
     pub async fn push(&mut self, mut data: &[u8]) -> FsResult<()> {
         self.bytes += data.len() as u64;
+        self.crc.update(data);
         // Bounded: each pass consumes input or sends a part.
         while !data.is_empty() {
             let part = self.current_part_size();
@@ -123,7 +155,10 @@ impl StreamUpload {
     /// Sends the last part and completes the object.
     pub async fn finish(mut self) -> FsResult<Uploaded> {
         if !self.buffer.is_empty() {
-            self.send_part().await?;
+            if let Err(err) = self.send_part().await {
+                self.abort_quietly().await;
+                return Err(err);
+            }
         }
         let meta = match self.writer.close().await {
             Ok(meta) => meta,
@@ -135,10 +170,12 @@ impl StreamUpload {
                 ));
             }
         };
+        self.end_in_ledger();
         Ok(Uploaded {
             key: self.key,
             etag: meta.etag().map(str::to_string),
             size: self.bytes,
+            crc64: Some(self.crc.value()),
         })
     }
 
@@ -148,8 +185,20 @@ impl StreamUpload {
     }
 
     async fn abort_quietly(&mut self) {
-        if let Err(err) = self.writer.abort().await {
-            tracing::warn!(key = %self.key, error = %err, "aborting multipart upload failed; the bucket may keep its parts until a lifecycle rule removes them");
+        match self.writer.abort().await {
+            Ok(()) => self.end_in_ledger(),
+            // The ledger keeps the key: the next mount aborts what is left.
+            Err(err) => {
+                tracing::warn!(key = %self.key, error = %err, "aborting multipart upload failed; the next mount retries")
+            }
+        }
+    }
+
+    fn end_in_ledger(&self) {
+        if let Some(ledger) = &self.ledger {
+            if let Err(err) = ledger.upload_ended(&self.key) {
+                tracing::warn!(key = %self.key, error = %err, "could not record the end of an upload; the next mount checks the bucket for its parts");
+            }
         }
     }
 }
@@ -185,7 +234,7 @@ mod tests {
         )
         .expect("memory backend");
         let body: Vec<u8> = (0..(12u32 << 20)).map(|i| (i % 251) as u8).collect();
-        let mut upload = StreamUpload::start(&backend, "big", HashMap::new(), 5 << 20, 2)
+        let mut upload = StreamUpload::start(&backend, "big", HashMap::new(), 5 << 20, 2, None)
             .await
             .expect("start");
         for chunk in body.chunks(128 << 10) {
@@ -194,6 +243,7 @@ mod tests {
         assert!(upload.has_sent_parts());
         let done = upload.finish().await.expect("finish");
         assert_eq!(done.size, body.len() as u64);
+        assert_eq!(done.crc64, Some(crate::integrity::crc64(&body)));
         let stored = backend.read_all("big").await.expect("read back").to_vec();
         assert!(stored == body, "stored object differs");
     }
