@@ -10,4 +10,5 @@ pub mod error;
 pub mod fs;
 pub mod integrity;
 pub mod meta;
+pub mod scrub;
 pub mod sync;

@@ -106,6 +106,17 @@ impl Backend {
         self.op.read_with(key).range(range).await
     }
 
+    /// Every object key under `prefix` (recursively), without directory markers and the
+    /// gateway's reserved prefix.
+    pub async fn list_objects(&self, prefix: &str) -> opendal::Result<Vec<String>> {
+        let entries = self.op.list_with(prefix).recursive(true).await?;
+        Ok(entries
+            .into_iter()
+            .map(|entry| entry.path().to_string())
+            .filter(|path| !path.ends_with('/') && !path.starts_with(RESERVED_PREFIX))
+            .collect())
+    }
+
     /// Reads a whole (small) object.
     pub async fn read_all(&self, key: &str) -> opendal::Result<Buffer> {
         self.op.read(key).await
