@@ -3,6 +3,7 @@
 
 pub mod attrs;
 pub mod source;
+pub mod uploads;
 
 use std::collections::HashMap;
 use std::ops::Range;

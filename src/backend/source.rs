@@ -142,6 +142,19 @@ fn credentials(
     }
 }
 
+/// S3 credentials: the credentials file or `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, with
+/// the file's session token or else `AWS_SESSION_TOKEN`; `None` means anonymous. Shared
+/// with the upload janitor, so both sign with the same keys.
+pub(crate) fn s3_credentials(connection: &Connection) -> Result<Option<Credentials>, SourceError> {
+    let creds = credentials(connection, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")?;
+    Ok(creds.map(|mut creds| {
+        if creds.session_token.is_none() {
+            creds.session_token = std::env::var("AWS_SESSION_TOKEN").ok();
+        }
+        creds
+    }))
+}
+
 /// Builds the backend for a SOURCE.
 pub fn open(
     source_text: &str,
@@ -179,18 +192,11 @@ pub fn open(
             if let Some(endpoint) = &connection.endpoint {
                 builder = builder.endpoint(endpoint);
             }
-            if let Some(creds) =
-                credentials(connection, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")?
-            {
+            if let Some(creds) = s3_credentials(connection)? {
                 builder = builder
                     .access_key_id(&creds.access_key_id)
                     .secret_access_key(&creds.secret_access_key);
-                if let Some(token) =
-                    creds
-                        .session_token
-                        .as_deref()
-                        .or(std::env::var("AWS_SESSION_TOKEN").ok().as_deref())
-                {
+                if let Some(token) = &creds.session_token {
                     builder = builder.session_token(token);
                 }
             } else {

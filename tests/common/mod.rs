@@ -444,6 +444,17 @@ impl Moto {
             panic!("list_multipart_uploads({bucket}): helper output {v} is not a count")
         }) as usize
     }
+
+    /// Start a multipart upload of `key` with one uploaded part and leave it open.
+    /// Returns its upload ID.
+    pub fn create_multipart_upload(&self, bucket: &str, key: &str) -> String {
+        let v = self.helper("create_multipart_upload", &[bucket, key]);
+        v.as_str()
+            .unwrap_or_else(|| {
+                panic!("create_multipart_upload({bucket}/{key}): helper output {v} is not an upload ID")
+            })
+            .to_string()
+    }
 }
 
 impl Drop for Moto {

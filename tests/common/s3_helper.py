@@ -92,5 +92,11 @@ elif op == "list_multipart_uploads":
     for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
         n += len(page.get("Uploads", []))
     out(n)
+elif op == "create_multipart_upload":
+    # An upload left open with one part, as a crashed writer leaves it.
+    bucket, key = args
+    upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=b"part")
+    out(upload_id)
 else:
     sys.exit("s3_helper.py: unknown op " + op)

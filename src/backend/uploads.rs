@@ -1,0 +1,472 @@
+//! Orphaned multipart uploads: list and abort them with two direct S3 calls.
+//!
+//! A daemon that crashes mid-write leaves its multipart uploads open, and their parts are
+//! billed until someone aborts them. OpenDAL 0.59 can neither list nor abort an upload it
+//! did not start in this process (its S3 core is private), so this module speaks just
+//! ListMultipartUploads and AbortMultipartUpload itself, signed with the same SigV4 code
+//! and credentials OpenDAL uses, path-style against the same endpoint.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::HOST;
+use http::Method;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use reqsign_aws_v4::{Credential, RequestSigner, StaticCredentialProvider};
+use reqsign_core::{Context, Signer};
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::source::{s3_credentials, Connection, Source, SourceError};
+
+/// OpenDAL's default per-request timeout, used when the connection sets none.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// At most this many pages (1000 uploads each on S3) per `list`: a server that keeps
+/// answering "truncated" must not keep us looping.
+const MAX_PAGES: usize = 1000;
+/// First pause before retrying a failed request; doubles on each retry.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// SigV4's URI encoding: everything but unreserved characters (`A-Za-z0-9-._~`).
+const AWS_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+#[derive(Debug, Error)]
+pub enum UploadsError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("bucket `{bucket}`: endpoint `{endpoint}` is not a valid URL: {message}")]
+    Endpoint {
+        bucket: String,
+        endpoint: String,
+        message: String,
+    },
+    #[error("bucket `{bucket}`: building the HTTP client: {message}")]
+    Client { bucket: String, message: String },
+    #[error("bucket `{bucket}`: {what}: signing the request: {message}")]
+    Sign {
+        bucket: String,
+        what: String,
+        message: String,
+    },
+    #[error("bucket `{bucket}`: {what}: {message}")]
+    Request {
+        bucket: String,
+        what: String,
+        message: String,
+    },
+    #[error("bucket `{bucket}`: {what}: the server answered {status} {code}: {message}")]
+    Status {
+        bucket: String,
+        what: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("bucket `{bucket}`: {what}: {message}")]
+    Response {
+        bucket: String,
+        what: String,
+        message: String,
+    },
+}
+
+/// An in-progress multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    /// The object key, relative to the source prefix.
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: SystemTime,
+}
+
+/// Lists and aborts the multipart uploads of one S3 source.
+pub struct UploadJanitor {
+    client: reqwest::Client,
+    /// Signs with static keys; `None` sends anonymous requests, as the operator does.
+    signer: Option<Signer<Credential>>,
+    /// Normalized endpoint, no trailing slash.
+    endpoint: String,
+    bucket: String,
+    /// The source prefix with a trailing `/`, or empty.
+    root: String,
+    retries: usize,
+}
+
+impl UploadJanitor {
+    /// The janitor for `source`, or `None` when it has no multipart uploads to clean:
+    /// local directories and memory. OSS also gives `None` for now: it signs differently
+    /// (not SigV4) and is not handled yet.
+    pub fn for_source(
+        source: &Source,
+        connection: &Connection,
+    ) -> Result<Option<UploadJanitor>, UploadsError> {
+        match source {
+            Source::S3 { bucket, prefix } => Self::s3(bucket, prefix, connection).map(Some),
+            Source::Oss { .. } | Source::Local(_) | Source::Memory => Ok(None),
+        }
+    }
+
+    fn s3(bucket: &str, prefix: &str, connection: &Connection) -> Result<Self, UploadsError> {
+        let signer = s3_credentials(connection)?.map(|creds| {
+            let mut provider =
+                StaticCredentialProvider::new(&creds.access_key_id, &creds.secret_access_key);
+            if let Some(token) = &creds.session_token {
+                provider = provider.with_session_token(token);
+            }
+            Signer::new(
+                Context::new(),
+                provider,
+                RequestSigner::new("s3", &connection.region),
+            )
+        });
+        let prefix = prefix.trim_matches('/');
+        Ok(UploadJanitor {
+            client: http_client(bucket, connection)?,
+            signer,
+            endpoint: endpoint(bucket, connection)?,
+            bucket: bucket.to_string(),
+            root: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            retries: connection.retries,
+        })
+    }
+
+    /// Every in-progress multipart upload whose key starts with `prefix` (relative to the
+    /// source prefix), all pages, in the server's order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<PendingUpload>, UploadsError> {
+        let full_prefix = format!("{}{prefix}", self.root);
+        let what = if full_prefix.is_empty() {
+            "listing multipart uploads".to_string()
+        } else {
+            format!("listing multipart uploads under `{full_prefix}`")
+        };
+        let mut uploads = Vec::new();
+        let mut marker: Option<(String, String)> = None;
+        for _ in 0..MAX_PAGES {
+            let page = self.list_page(&what, &full_prefix, marker.as_ref()).await?;
+            for upload in page.uploads {
+                if let Some(pending) = self.pending(&what, upload)? {
+                    uploads.push(pending);
+                }
+            }
+            if !page.is_truncated {
+                return Ok(uploads);
+            }
+            let next = (page.next_key_marker, page.next_upload_id_marker);
+            // Markers that do not move would make the next page this one again.
+            if next.0.is_empty() || marker.as_ref() == Some(&next) {
+                return Err(self.bad_response(&what, "truncated page without a new key marker"));
+            }
+            marker = Some(next);
+        }
+        Err(self.bad_response(&what, &format!("still truncated after {MAX_PAGES} pages")))
+    }
+
+    /// Aborts `upload`, deleting its parts. An upload that is already gone counts as
+    /// aborted: that is also what a retry sees after a lost answer.
+    pub async fn abort(&self, upload: &PendingUpload) -> Result<(), UploadsError> {
+        let key = format!("{}{}", self.root, upload.key);
+        let what = format!(
+            "aborting multipart upload `{}` of `{key}`",
+            upload.upload_id
+        );
+        let path: Vec<String> = key
+            .split('/')
+            .map(|segment| utf8_percent_encode(segment, AWS_ENCODE).to_string())
+            .collect();
+        let url = format!(
+            "{}/{}/{}?uploadId={}",
+            self.endpoint,
+            self.bucket,
+            path.join("/"),
+            encode(&upload.upload_id)
+        );
+        let (status, body) = self.send(&what, Method::DELETE, &url).await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        let err = self.status_error(&what, status, &body);
+        match &err {
+            UploadsError::Status { code, .. } if code == "NoSuchUpload" => Ok(()),
+            _ => Err(err),
+        }
+    }
+
+    async fn list_page(
+        &self,
+        what: &str,
+        full_prefix: &str,
+        marker: Option<&(String, String)>,
+    ) -> Result<ListPage, UploadsError> {
+        // `uploads=` rather than `uploads`: the same bytes on the wire as in the signature.
+        let mut url = format!(
+            "{}/{}?uploads=&prefix={}",
+            self.endpoint,
+            self.bucket,
+            encode(full_prefix)
+        );
+        if let Some((key, upload_id)) = marker {
+            url.push_str(&format!(
+                "&key-marker={}&upload-id-marker={}",
+                encode(key),
+                encode(upload_id)
+            ));
+        }
+        let (status, body) = self.send(what, Method::GET, &url).await?;
+        if !status.is_success() {
+            return Err(self.status_error(what, status, &body));
+        }
+        let text = String::from_utf8_lossy(&body);
+        quick_xml::de::from_str(&text).map_err(|err| {
+            self.bad_response(what, &format!("unreadable ListMultipartUploads XML: {err}"))
+        })
+    }
+
+    /// One listed upload with its key made relative; `None` for a key outside the source
+    /// prefix, which this janitor must never touch.
+    fn pending(
+        &self,
+        what: &str,
+        upload: UploadXml,
+    ) -> Result<Option<PendingUpload>, UploadsError> {
+        let Some(key) = upload.key.strip_prefix(&self.root) else {
+            tracing::warn!(bucket = %self.bucket, key = %upload.key, "listed upload outside the prefix; skipped");
+            return Ok(None);
+        };
+        let initiated: jiff::Timestamp = upload.initiated.parse().map_err(|err| {
+            self.bad_response(
+                what,
+                &format!(
+                    "upload of `{}`: Initiated `{}` is not a timestamp: {err}",
+                    upload.key, upload.initiated
+                ),
+            )
+        })?;
+        Ok(Some(PendingUpload {
+            key: key.to_string(),
+            upload_id: upload.upload_id,
+            initiated: initiated.into(),
+        }))
+    }
+
+    /// Sends one signed request, retrying transport errors and 5xx answers up to
+    /// `retries` times; returns the last status and body.
+    async fn send(
+        &self,
+        what: &str,
+        method: Method,
+        url: &str,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), UploadsError> {
+        let mut pause = RETRY_PAUSE;
+        let mut attempt = 0;
+        loop {
+            let result = self.send_once(what, method.clone(), url).await;
+            let retryable = match &result {
+                Ok((status, _)) => status.is_server_error(),
+                Err(UploadsError::Request { .. }) => true,
+                Err(_) => false,
+            };
+            if !retryable || attempt >= self.retries {
+                return result;
+            }
+            attempt += 1;
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        what: &str,
+        method: Method,
+        url: &str,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), UploadsError> {
+        let request_error = |message: String| UploadsError::Request {
+            bucket: self.bucket.clone(),
+            what: what.to_string(),
+            message,
+        };
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|err| request_error(format!("invalid request URL {url}: {err}")))?;
+        let (mut parts, ()) = http::Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .body(())
+            .map_err(|err| request_error(format!("building the request: {err}")))?
+            .into_parts();
+        if let Some(signer) = &self.signer {
+            // Signed anew on every attempt: the signature carries the time.
+            signer
+                .sign(&mut parts, None)
+                .await
+                .map_err(|err| UploadsError::Sign {
+                    bucket: self.bucket.clone(),
+                    what: what.to_string(),
+                    message: err.to_string(),
+                })?;
+            // reqwest sets Host from the URL itself (OpenDAL drops it too).
+            parts.headers.remove(HOST);
+        }
+        let response = self
+            .client
+            .request(method, url)
+            .headers(parts.headers)
+            .send()
+            .await
+            .map_err(|err| request_error(error_chain(&err)))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|err| request_error(format!("reading the answer: {}", error_chain(&err))))?;
+        Ok((status, body))
+    }
+
+    fn status_error(&self, what: &str, status: reqwest::StatusCode, body: &[u8]) -> UploadsError {
+        let text = String::from_utf8_lossy(body);
+        let parsed: Option<ErrorXml> = quick_xml::de::from_str(&text).ok();
+        let (code, message) = match parsed {
+            Some(err) => (err.code, err.message),
+            None => (String::new(), text.chars().take(200).collect()),
+        };
+        UploadsError::Status {
+            bucket: self.bucket.clone(),
+            what: what.to_string(),
+            status: status.as_u16(),
+            code,
+            message,
+        }
+    }
+
+    fn bad_response(&self, what: &str, message: &str) -> UploadsError {
+        UploadsError::Response {
+            bucket: self.bucket.clone(),
+            what: what.to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The endpoint the operator talks to: the configured one (https when it has no scheme)
+/// or the region's AWS endpoint, path-style (the bucket goes in the path).
+fn endpoint(bucket: &str, connection: &Connection) -> Result<String, UploadsError> {
+    let configured = match &connection.endpoint {
+        Some(endpoint) if endpoint.starts_with("http") => endpoint.clone(),
+        Some(endpoint) => format!("https://{endpoint}"),
+        None => format!("https://s3.{}.amazonaws.com", connection.region),
+    };
+    // Parsing normalizes it as OpenDAL does (default ports dropped).
+    let url = reqwest::Url::parse(&configured).map_err(|err| UploadsError::Endpoint {
+        bucket: bucket.to_string(),
+        endpoint: configured.clone(),
+        message: err.to_string(),
+    })?;
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+/// No proxy and no redirects: requests go to the configured endpoint and nowhere else.
+fn http_client(bucket: &str, connection: &Connection) -> Result<reqwest::Client, UploadsError> {
+    reqwest::Client::builder()
+        .timeout(connection.request_timeout.unwrap_or(DEFAULT_TIMEOUT))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(|err| UploadsError::Client {
+            bucket: bucket.to_string(),
+            message: error_chain(&err),
+        })
+}
+
+fn encode(value: &str) -> String {
+    utf8_percent_encode(value, AWS_ENCODE).to_string()
+}
+
+/// An error with its causes: reqwest's own message omits the useful part
+/// ("connection refused", "timed out").
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        cause = err.source();
+    }
+    text
+}
+
+/// One page of ListMultipartUploads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+struct ListPage {
+    is_truncated: bool,
+    next_key_marker: String,
+    next_upload_id_marker: String,
+    #[serde(rename = "Upload")]
+    uploads: Vec<UploadXml>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UploadXml {
+    key: String,
+    upload_id: String,
+    initiated: String,
+}
+
+/// S3's error body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+struct ErrorXml {
+    code: String,
+    message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_page_parses_with_markers() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Bucket>b</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker>
+  <NextKeyMarker>p/b</NextKeyMarker><NextUploadIdMarker>id2</NextUploadIdMarker>
+  <MaxUploads>2</MaxUploads><IsTruncated>true</IsTruncated>
+  <Upload><Key>p/a</Key><UploadId>id1</UploadId><StorageClass>STANDARD</StorageClass>
+    <Initiated>2024-05-01T12:00:00.000Z</Initiated></Upload>
+  <Prefix>p/</Prefix>
+  <Upload><Key>p/b</Key><UploadId>id2</UploadId><Initiated>2024-05-01T12:00:01Z</Initiated></Upload>
+</ListMultipartUploadsResult>"#;
+        let page: ListPage = quick_xml::de::from_str(xml).expect("parses");
+        assert!(page.is_truncated);
+        assert_eq!(
+            (
+                page.next_key_marker.as_str(),
+                page.next_upload_id_marker.as_str()
+            ),
+            ("p/b", "id2")
+        );
+        let keys: Vec<&str> = page.uploads.iter().map(|u| u.key.as_str()).collect();
+        assert_eq!(keys, ["p/a", "p/b"]);
+    }
+
+    #[test]
+    fn empty_page_parses() {
+        let xml = "<ListMultipartUploadsResult><IsTruncated>false</IsTruncated>\
+                   <NextKeyMarker/></ListMultipartUploadsResult>";
+        let page: ListPage = quick_xml::de::from_str(xml).expect("parses");
+        assert!(!page.is_truncated && page.uploads.is_empty());
+    }
+
+    #[test]
+    fn keys_encode_as_sigv4_wants() {
+        assert_eq!(encode("a b+c/ü~.-_"), "a%20b%2Bc%2F%C3%BC~.-_");
+    }
+}
