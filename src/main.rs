@@ -34,6 +34,26 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Read objects back and check them against their stored crc64 (exit 1 on a mismatch)
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// A mount point (its daemon does the reading) or a SOURCE: s3://BUCKET[/PREFIX],
+    /// oss://BUCKET[/PREFIX] or a directory
+    target: String,
+    /// Only objects under this path (inside the mount point, or relative to the bucket)
+    path: Option<String>,
+    /// S3/OSS endpoint URL (SOURCE only)
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Region (SOURCE only; default us-east-1)
+    #[arg(long)]
+    region: Option<String>,
+    /// Credentials file (SOURCE only)
+    #[arg(long)]
+    credentials: Option<PathBuf>,
 }
 
 fn init_logging() {
@@ -93,6 +113,120 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_status(&status);
             }
             Ok(())
+        }
+        Commands::Verify(args) => verify(args),
+    }
+}
+
+/// `bucketgate verify`: through a running daemon when TARGET is its mount point, else
+/// straight against the SOURCE.
+fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let mut progress = Progress::default();
+    let mountpoint = PathBuf::from(&args.target);
+    let report = if control::socket_path(&mountpoint).exists() {
+        let path = relative_to_mount(&mountpoint, args.path.as_deref().unwrap_or(""));
+        let response = control::request_with_progress(
+            &mountpoint,
+            control::Command::Verify { path },
+            CONTROL_TIMEOUT,
+            |value| {
+                if let Ok(report) = serde_json::from_value(value.clone()) {
+                    progress.show(&report);
+                }
+            },
+        )?;
+        if !response.ok {
+            bail!(
+                "{}",
+                response.error.unwrap_or_else(|| "verify failed".into())
+            );
+        }
+        serde_json::from_value(response.status.context("the daemon sent no report")?)
+            .context("decoding the daemon's report")?
+    } else {
+        let connection = bucketgate::backend::source::Connection {
+            endpoint: args.endpoint.clone(),
+            region: args
+                .region
+                .clone()
+                .unwrap_or_else(|| "us-east-1".to_string()),
+            credentials_file: args.credentials.clone(),
+            request_timeout: Some(Duration::from_secs(60)),
+            retries: 4,
+        };
+        let defaults = bucketgate::backend::AttrDefaults {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            umask: 0o022,
+        };
+        let backend = bucketgate::backend::source::open(&args.target, &connection, defaults)?;
+        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        let path = args.path.clone().unwrap_or_default();
+        runtime.block_on(bucketgate::scrub::scrub(&backend, &path, |report| {
+            progress.show(report)
+        }))?
+    };
+    progress.finish();
+    println!(
+        "checked {} objects ({:.1} MiB): {} ok, {} mismatched, {} without checksum, {} unreadable",
+        report.checked,
+        report.bytes as f64 / (1u64 << 20) as f64,
+        report.ok,
+        report.mismatched.len(),
+        report.without_checksum,
+        report.errors.len()
+    );
+    for key in &report.mismatched {
+        println!("MISMATCH {key}");
+    }
+    for error in &report.errors {
+        println!("UNREADABLE {error}");
+    }
+    if !report.clean() {
+        bail!("some objects failed verification");
+    }
+    Ok(())
+}
+
+/// A PATH given inside the mount point, as the bucket-relative path the daemon wants.
+fn relative_to_mount(mountpoint: &std::path::Path, path: &str) -> String {
+    let absolute = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let given = std::path::Path::new(path);
+    given
+        .strip_prefix(&absolute)
+        .unwrap_or(given)
+        .to_string_lossy()
+        .trim_matches('/')
+        .to_string()
+}
+
+/// The progress line on stderr, redrawn at most five times a second.
+#[derive(Default)]
+struct Progress {
+    shown: Option<std::time::Instant>,
+}
+
+impl Progress {
+    fn show(&mut self, report: &bucketgate::scrub::ScrubReport) {
+        if self
+            .shown
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
+        {
+            return;
+        }
+        self.shown = Some(std::time::Instant::now());
+        eprint!(
+            "\rverifying: {}/{} objects, {:.1} MiB, {} mismatched",
+            report.checked,
+            report.total,
+            report.bytes as f64 / (1u64 << 20) as f64,
+            report.mismatched.len()
+        );
+    }
+
+    fn finish(&self) {
+        if self.shown.is_some() {
+            eprintln!();
         }
     }
 }

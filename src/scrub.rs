@@ -88,14 +88,14 @@ async fn keys_under(backend: &Backend, path: &str) -> anyhow::Result<Vec<String>
     if path.is_empty() {
         return Ok(backend.list_objects("").await?);
     }
+    let keys = backend.list_objects(&format!("{path}/")).await?;
+    if !keys.is_empty() {
+        return Ok(keys);
+    }
     if backend.stat(path).await?.is_some() {
         return Ok(vec![path.to_string()]);
     }
-    let keys = backend.list_objects(&format!("{path}/")).await?;
-    if keys.is_empty() {
-        anyhow::bail!("nothing in the bucket at `{path}`");
-    }
-    Ok(keys)
+    anyhow::bail!("nothing in the bucket at `{path}`")
 }
 
 async fn check_object(backend: &Backend, key: &str) -> Verdict {

@@ -12,13 +12,7 @@ use common::{force_unmount, is_fuse_mounted, run_bounded, temp_dir, Ran};
 const BIN: &str = env!("CARGO_BIN_EXE_bucketgate");
 
 fn bucketgate(args: &[&str]) -> Ran {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    run_bounded(
-        &mut cmd,
-        &format!("bucketgate {}", args.join(" ")),
-        Duration::from_secs(60),
-    )
+    common::bucketgate(args, Duration::from_secs(60))
 }
 
 /// The daemon's pid, from the line `mount` prints.

@@ -8,23 +8,7 @@ use std::fs;
 use std::path::Path;
 
 use common::posix::{check_tree, exercise, flush, pattern, MODES};
-use common::{temp_dir, Mount};
-
-fn xattr(path: &Path, name: &str) -> Option<String> {
-    let mut buf = vec![0u8; 256];
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-    let c_name = std::ffi::CString::new(format!("user.{name}")).expect("name");
-    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
-    let len = unsafe {
-        libc::getxattr(
-            c_path.as_ptr(),
-            c_name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    (len >= 0).then(|| String::from_utf8_lossy(&buf[..len as usize]).into_owned())
-}
+use common::{temp_dir, xattr, Mount};
 
 /// The bucket itself (the directory behind the mount) holds the objects and attributes.
 fn check_bucket(bucket: &Path) {

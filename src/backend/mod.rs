@@ -102,6 +102,11 @@ impl Backend {
         }
     }
 
+    /// The embedded directory bucket's root, if that is what this is.
+    pub fn local_root(&self) -> Option<&std::path::Path> {
+        self.local_root.as_deref()
+    }
+
     /// Reads `range` of an object.
     pub async fn read_range(&self, key: &str, range: Range<u64>) -> opendal::Result<Buffer> {
         self.op.read_with(key).range(range).await

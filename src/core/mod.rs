@@ -1275,6 +1275,11 @@ impl Core {
         result
     }
 
+    /// The bucket behind the mount.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
     pub fn statfs(&self) -> (u64, u64) {
         // Buckets have no fixed size: report plenty, as s3fs does.
         (1 << 48, 4096)

@@ -15,6 +15,11 @@ pub enum Command {
     Status,
     Flush,
     Unmount,
+    /// Scrub objects under `path` against their crc64; answered by progress lines, then
+    /// the final response.
+    Verify {
+        path: String,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -24,6 +29,9 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// Set on the intermediate lines of a long command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<serde_json::Value>,
 }
 
 fn runtime_dir() -> PathBuf {
@@ -45,6 +53,16 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
 
 /// Sends one command and reads the answer; `timeout` bounds the wait for a reply.
 pub fn request(mountpoint: &Path, command: Command, timeout: Duration) -> anyhow::Result<Response> {
+    request_with_progress(mountpoint, command, timeout, |_| {})
+}
+
+/// Like [`request`], handing each progress line to `progress` until the final answer.
+pub fn request_with_progress(
+    mountpoint: &Path,
+    command: Command,
+    timeout: Duration,
+    mut progress: impl FnMut(&serde_json::Value),
+) -> anyhow::Result<Response> {
     let path = socket_path(mountpoint);
     let mut stream = UnixStream::connect(&path).with_context(|| {
         format!(
@@ -61,12 +79,21 @@ pub fn request(mountpoint: &Path, command: Command, timeout: Duration) -> anyhow
     stream
         .write_all(line.as_bytes())
         .context("sending command to the daemon")?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .context("reading the daemon's answer")?;
-    if answer.is_empty() {
-        bail!("the daemon closed the connection without answering");
+    let mut reader = BufReader::new(stream);
+    // Bounded: each line is either progress or the answer; the daemon ends the stream.
+    loop {
+        let mut answer = String::new();
+        reader
+            .read_line(&mut answer)
+            .context("reading the daemon's answer")?;
+        if answer.is_empty() {
+            bail!("the daemon closed the connection without answering");
+        }
+        let response: Response =
+            serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+        match &response.progress {
+            Some(line) => progress(line),
+            None => return Ok(response),
+        }
     }
-    serde_json::from_str(&answer).context("decoding the daemon's answer")
 }

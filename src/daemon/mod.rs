@@ -2,6 +2,7 @@
 //! bounded flush on `umount`, SIGTERM or SIGINT.
 
 pub mod control;
+mod recovery;
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -178,7 +179,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
         &config.source,
         &source::Connection {
             retries: 0,
-            ..connection
+            ..connection.clone()
         },
         attr_defaults(&config),
     )?;
@@ -194,6 +195,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             backend.description
         ),
     }
+    recover(&config, &meta, &backend, &connection).await?;
     let uploader = Uploader::new(
         meta.clone(),
         backend.clone(),
@@ -275,6 +277,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
                 "unmounted, but {err}; they upload at the next mount"
             )),
             status: None,
+            progress: None,
         },
     };
     if let Some((reply, delivered)) = reply_to {
@@ -290,6 +293,41 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     tracing::info!("stopped");
     flushed.map_err(|err| anyhow!("{err}"))
 }
+
+/// Cleans up after an earlier run that stopped without ending its uploads.
+async fn recover(
+    config: &MountConfig,
+    meta: &MetaStore,
+    backend: &crate::backend::Backend,
+    connection: &source::Connection,
+) -> anyhow::Result<()> {
+    if let Some(root) = backend.local_root() {
+        recovery::sweep_local_tmp(root);
+    }
+    let source = source::Source::parse(&config.source)?;
+    let janitor = crate::backend::uploads::UploadJanitor::for_source(&source, connection)?;
+    let started = std::time::SystemTime::now();
+    match tokio::time::timeout(
+        RECOVERY_TIMEOUT,
+        recovery::abort_abandoned_uploads(meta, janitor.as_ref(), started),
+    )
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        // Not fatal: the ledger keeps the keys and the next mount tries again.
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "could not abort multipart uploads left by an earlier run; will retry at the next mount");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("aborting uploads left by an earlier run took over {RECOVERY_TIMEOUT:?}; will retry at the next mount");
+            Ok(())
+        }
+    }
+}
+
+/// How long cleaning up after an earlier run may delay a mount.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn explain_backend_error(err: &opendal::Error) -> String {
     match err.kind() {
@@ -384,11 +422,13 @@ async fn serve_control(
                         ok: true,
                         error: None,
                         status: serde_json::to_value(status).ok(),
+                        progress: None,
                     },
                     Err(err) => Response {
                         ok: false,
                         error: Some(err.to_string()),
                         status: None,
+                        progress: None,
                     },
                 },
                 Ok(Command::Flush) => match core.flush_all(flush_timeout).await {
@@ -400,6 +440,7 @@ async fn serve_control(
                         ok: false,
                         error: Some(err.to_string()),
                         status: None,
+                        progress: None,
                     },
                 },
                 Ok(Command::Unmount) => {
@@ -411,19 +452,24 @@ async fn serve_control(
                             ok: false,
                             error: Some("daemon is already stopping".into()),
                             status: None,
+                            progress: None,
                         }
                     } else {
                         rx.await.unwrap_or(Response {
                             ok: false,
                             error: Some("daemon stopped without answering".into()),
                             status: None,
+                            progress: None,
                         })
                     }
+                }
+                Ok(Command::Verify { path }) => {
+                    verify_for_client(core.backend(), &path, &mut write).await
                 }
                 Err(err) => Response {
                     ok: false,
                     error: Some(format!("bad request: {err}")),
-                    status: None,
+                    ..Default::default()
                 },
             };
             let mut text =
@@ -439,6 +485,59 @@ async fn serve_control(
                 }
             }
         });
+    }
+}
+
+/// Runs a scrub for `bucketgate verify`, sending a progress line per object.
+async fn verify_for_client(
+    backend: &crate::backend::Backend,
+    path: &str,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> Response {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let scrub = crate::scrub::scrub(backend, path, |report| {
+        if let Ok(value) = serde_json::to_value(report) {
+            // The client may have gone; the scrub still finishes its tally.
+            if tx.send(value).is_err() {
+                tracing::debug!("verify client went away");
+            }
+        }
+    });
+    tokio::pin!(scrub);
+    let result = loop {
+        tokio::select! {
+            result = &mut scrub => break result,
+            Some(value) = rx.recv() => send_progress(write, value).await,
+        }
+    };
+    while let Ok(value) = rx.try_recv() {
+        send_progress(write, value).await;
+    }
+    match result {
+        Ok(report) => Response {
+            ok: true,
+            status: serde_json::to_value(report).ok(),
+            ..Default::default()
+        },
+        Err(err) => Response {
+            ok: false,
+            error: Some(format!("{err:#}")),
+            ..Default::default()
+        },
+    }
+}
+
+async fn send_progress(write: &mut tokio::net::unix::OwnedWriteHalf, value: serde_json::Value) {
+    let line = Response {
+        ok: true,
+        progress: Some(value),
+        ..Default::default()
+    };
+    if let Ok(mut text) = serde_json::to_string(&line) {
+        text.push('\n');
+        if let Err(err) = write.write_all(text.as_bytes()).await {
+            tracing::debug!(error = %err, "verify client went away");
+        }
     }
 }
 

@@ -907,3 +907,28 @@ fn unescape_mountinfo(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A `user.NAME` extended attribute of a file (the directory bucket keeps object metadata
+/// there), or `None`.
+pub fn xattr(path: &Path, name: &str) -> Option<String> {
+    let mut buf = vec![0u8; 256];
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let c_name = std::ffi::CString::new(format!("user.{name}")).expect("name");
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let len = unsafe {
+        libc::getxattr(
+            c_path.as_ptr(),
+            c_name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (len >= 0).then(|| String::from_utf8_lossy(&buf[..len as usize]).into_owned())
+}
+
+/// Runs the `bucketgate` binary with `args`, bounded to `timeout`.
+pub fn bucketgate(args: &[&str], timeout: Duration) -> Ran {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bucketgate"));
+    cmd.args(args);
+    run_bounded(&mut cmd, &format!("bucketgate {}", args.join(" ")), timeout)
+}

@@ -1,0 +1,99 @@
+//! What a crash leaves behind in the bucket, cleaned up at the next mount: multipart
+//! uploads that were never completed (their parts cost storage forever) and the embedded
+//! directory bucket's temporary files.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::backend::source::LOCAL_TMP_DIR;
+use crate::backend::uploads::UploadJanitor;
+use crate::meta::MetaStore;
+
+/// Temporary files of the directory bucket older than this belong to no live writer.
+const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
+
+/// Aborts the multipart uploads the ledger says were running when the daemon stopped
+/// without ending them. Only uploads to those keys, initiated before `started`, are
+/// touched: another writer's uploads to other keys are not ours to abort.
+pub async fn abort_abandoned_uploads(
+    meta: &MetaStore,
+    janitor: Option<&UploadJanitor>,
+    started: SystemTime,
+) -> anyhow::Result<()> {
+    let keys = meta
+        .unfinished_uploads()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let Some(janitor) = janitor else {
+        // The directory bucket writes to temporary files; the memory bucket dies with us.
+        for key in &keys {
+            meta.upload_ended(key).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        return Ok(());
+    };
+    let mut aborted = 0;
+    for key in &keys {
+        for upload in janitor.list(key).await? {
+            if upload.key == *key && upload.initiated <= started {
+                janitor.abort(&upload).await?;
+                aborted += 1;
+            }
+        }
+        meta.upload_ended(key).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    tracing::info!(
+        keys = keys.len(),
+        aborted,
+        "aborted multipart uploads abandoned by an earlier run"
+    );
+    Ok(())
+}
+
+/// Removes the directory bucket's temporary files that no writer has touched for an hour.
+pub fn sweep_local_tmp(root: &Path) {
+    let dir = root.join(LOCAL_TMP_DIR);
+    let mut removed = 0;
+    // Bounded by the directory's size; nested dirs mirror key paths.
+    for entry in walk(&dir) {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_TMP_AGE);
+        if stale {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(err) => {
+                    tracing::warn!(path = %entry.path().display(), error = %err, "removing a stale temporary file")
+                }
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed stale temporary files of interrupted writes"
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::fs::DirEntry> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => pending.push(entry.path()),
+                Ok(kind) if kind.is_file() => files.push(entry),
+                _ => {}
+            }
+        }
+    }
+    files
+}
