@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod fault;
 pub mod posix;
 
 /// The only host anything in the harness talks to.
