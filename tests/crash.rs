@@ -10,8 +10,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::fd::IntoRawFd;
 use std::io::Write;
+use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -56,8 +56,14 @@ type Allowed = Vec<Option<Vec<u8>>>;
 
 /// The writer's report: each change, acknowledged or in flight when the daemon died.
 enum Event {
-    Done { path: String, now: Option<Vec<u8>> },
-    InFlight { path: String, maybe: Option<Vec<u8>> },
+    Done {
+        path: String,
+        now: Option<Vec<u8>>,
+    },
+    InFlight {
+        path: String,
+        maybe: Option<Vec<u8>>,
+    },
 }
 
 fn close_checked(file: fs::File) -> std::io::Result<()> {
@@ -268,12 +274,16 @@ fn acknowledged_data_survives_sigkill_on_the_directory_bucket() {
 #[test]
 fn acknowledged_data_survives_sigkill_on_s3_without_leftover_uploads() {
     let moto = Moto::start();
-    for (seed, mode) in [(101u64, "cached"), (102, "write-through"), (103, "sync"), (104, "cached")] {
+    for (seed, mode) in [
+        (101u64, "cached"),
+        (102, "write-through"),
+        (103, "sync"),
+        (104, "cached"),
+    ] {
         let bucket = common::unique_name("crash");
         moto.create_bucket(&bucket);
-        let start = |cache: &Path, extra: &[&str]| {
-            Mount::s3_with_cache(&moto, &bucket, mode, cache, extra)
-        };
+        let start =
+            |cache: &Path, extra: &[&str]| Mount::s3_with_cache(&moto, &bucket, mode, cache, extra);
         let allowed = crash_once(seed, mode, &start, 11 << 20);
         let mut objects = Bucket::new();
         for key in moto.list_keys(&bucket, "") {

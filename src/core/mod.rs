@@ -1174,6 +1174,7 @@ impl Core {
                 )?;
                 Ok(())
             })?;
+            self.meta.upload_ended(&uploaded.key)?;
             lock(&self.live_sizes).remove(&inode.ino);
             if let Some(file) = self.cache.loaded(inode.ino) {
                 // The spool now equals the object: clean, and the base of any later write.

@@ -195,7 +195,6 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             backend.description
         ),
     }
-    recover(&config, &meta, &backend, &connection).await?;
     let uploader = Uploader::new(
         meta.clone(),
         backend.clone(),
@@ -206,6 +205,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             keep_data: config.mode.keeps_data(),
         },
     );
+    recover(&config, &meta, &uploader, &backend, &connection).await?;
     let uploader_task = tokio::spawn(uploader.clone().run());
     let core = Arc::new(Core::new(
         CoreConfig {
@@ -298,6 +298,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
 async fn recover(
     config: &MountConfig,
     meta: &MetaStore,
+    uploader: &Uploader,
     backend: &crate::backend::Backend,
     connection: &source::Connection,
 ) -> anyhow::Result<()> {
@@ -309,7 +310,7 @@ async fn recover(
     let started = std::time::SystemTime::now();
     match tokio::time::timeout(
         RECOVERY_TIMEOUT,
-        recovery::abort_abandoned_uploads(meta, janitor.as_ref(), started),
+        recovery::abort_abandoned_uploads(meta, uploader, janitor.as_ref(), started),
     )
     .await
     {

@@ -8,45 +8,48 @@ use std::time::{Duration, SystemTime};
 use crate::backend::source::LOCAL_TMP_DIR;
 use crate::backend::uploads::UploadJanitor;
 use crate::meta::MetaStore;
+use crate::sync::Uploader;
 
 /// Temporary files of the directory bucket older than this belong to no live writer.
 const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 
-/// Aborts the multipart uploads the ledger says were running when the daemon stopped
-/// without ending them. Only uploads to those keys, initiated before `started`, are
-/// touched: another writer's uploads to other keys are not ours to abort.
+/// Settles the uploads the ledger says were running when the daemon stopped without
+/// recording them: their multipart uploads (initiated before `started`) are aborted, and
+/// an object that did get completed is deleted unless an inode owns it (the journal
+/// uploads the file again). Only those keys are touched: other writers' uploads are not
+/// ours. Runs before the uploader starts, so nothing races it.
 pub async fn abort_abandoned_uploads(
     meta: &MetaStore,
+    uploader: &Uploader,
     janitor: Option<&UploadJanitor>,
     started: SystemTime,
 ) -> anyhow::Result<()> {
-    let keys = meta
-        .unfinished_uploads()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let keys = meta.unfinished_uploads().map_err(|e| anyhow::anyhow!("{e}"))?;
     if keys.is_empty() {
         return Ok(());
     }
-    let Some(janitor) = janitor else {
-        // The directory bucket writes to temporary files; the memory bucket dies with us.
-        for key in &keys {
-            meta.upload_ended(key).map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        return Ok(());
-    };
     let mut aborted = 0;
     for key in &keys {
-        for upload in janitor.list(key).await? {
-            if upload.key == *key && upload.initiated <= started {
-                janitor.abort(&upload).await?;
-                aborted += 1;
+        // The directory bucket writes through temporary files; the memory bucket died
+        // with the process: neither has multipart uploads to abort.
+        if let Some(janitor) = janitor {
+            for upload in janitor.list(key).await? {
+                if upload.key == *key && upload.initiated <= started {
+                    janitor.abort(&upload).await?;
+                    aborted += 1;
+                }
             }
         }
+        uploader
+            .delete_if_unclaimed(key)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         meta.upload_ended(key).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     tracing::info!(
         keys = keys.len(),
         aborted,
-        "aborted multipart uploads abandoned by an earlier run"
+        "settled uploads interrupted by an earlier run"
     );
     Ok(())
 }

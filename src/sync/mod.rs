@@ -38,8 +38,9 @@ pub struct Uploader {
     /// Journal entries being worked on, by id.
     running: Mutex<HashSet<i64>>,
     /// Inodes being synced: one sync per inode at a time.
-    busy_inodes: Mutex<HashSet<u64>>,
-    busy_changed: Notify,
+    busy_inodes: BusySet<u64>,
+    /// Keys being written: an upload, its record and the cleanup after it go as one.
+    busy_keys: BusySet<String>,
     workers: Arc<Semaphore>,
     flushing: AtomicU64,
     in_flight: AtomicU64,
@@ -124,8 +125,8 @@ impl Uploader {
             config,
             wake: Notify::new(),
             running: Mutex::new(HashSet::new()),
-            busy_inodes: Mutex::new(HashSet::new()),
-            busy_changed: Notify::new(),
+            busy_inodes: BusySet::default(),
+            busy_keys: BusySet::default(),
             workers,
             flushing: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
@@ -256,30 +257,10 @@ impl Uploader {
         result
     }
 
-    async fn lock_inode(&self, ino: u64) -> InodeGuard<'_> {
-        loop {
-            let notified = self.busy_changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self
-                .busy_inodes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(ino)
-            {
-                return InodeGuard {
-                    uploader: self,
-                    ino,
-                };
-            }
-            notified.await;
-        }
-    }
-
     async fn perform(&self, op: &JournalOp) -> FsResult<()> {
         match op {
             JournalOp::Sync(ino) => {
-                let _guard = self.lock_inode(*ino).await;
+                let _guard = self.busy_inodes.lock(*ino).await;
                 self.sync_inode(*ino).await
             }
             JournalOp::Delete(key) => self.delete_if_unclaimed(key).await,
@@ -287,7 +268,7 @@ impl Uploader {
     }
 
     /// Deletes `key` unless a live inode sits at its path and already owns it.
-    async fn delete_if_unclaimed(&self, key: &str) -> FsResult<()> {
+    pub async fn delete_if_unclaimed(&self, key: &str) -> FsResult<()> {
         let names: Vec<&[u8]> = key
             .trim_end_matches('/')
             .split('/')
@@ -365,7 +346,19 @@ impl Uploader {
         Ok(())
     }
 
+    /// Stores a file's object at `key`. The key is in the upload ledger from before the
+    /// object can appear until local metadata records it, so a crash in between leaves a
+    /// trace the next mount cleans up (the object is deleted unless an inode owns it).
     async fn sync_file(&self, inode: &Inode, key: &str, old_key: Option<String>) -> FsResult<()> {
+        let _key = self.busy_keys.lock(key.to_string()).await;
+        self.meta.upload_started(key)?;
+        self.store_file(inode, key, old_key).await?;
+        // The file may have been unlinked or moved while it uploaded.
+        self.delete_if_unclaimed(key).await?;
+        self.meta.upload_ended(key)
+    }
+
+    async fn store_file(&self, inode: &Inode, key: &str, old_key: Option<String>) -> FsResult<()> {
         let cached = self.cache.loaded(inode.ino);
         let dirty = inode.dirty || cached.as_ref().is_some_and(|c| c.lock().dirty);
         if !dirty {
@@ -525,19 +518,49 @@ fn for_each_chunk(
     Ok(())
 }
 
-struct InodeGuard<'a> {
-    uploader: &'a Uploader,
-    ino: u64,
+/// Items (inodes, keys) worked on by one task at a time.
+struct BusySet<T> {
+    items: Mutex<HashSet<T>>,
+    changed: Notify,
 }
 
-impl Drop for InodeGuard<'_> {
+impl<T> Default for BusySet<T> {
+    fn default() -> Self {
+        BusySet {
+            items: Mutex::new(HashSet::new()),
+            changed: Notify::new(),
+        }
+    }
+}
+
+impl<T: std::hash::Hash + Eq + Clone> BusySet<T> {
+    fn items(&self) -> std::sync::MutexGuard<'_, HashSet<T>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until `item` is free and takes it until the guard drops.
+    async fn lock(&self, item: T) -> BusyGuard<'_, T> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.items().insert(item.clone()) {
+                return BusyGuard { set: self, item };
+            }
+            notified.await;
+        }
+    }
+}
+
+struct BusyGuard<'a, T: std::hash::Hash + Eq + Clone> {
+    set: &'a BusySet<T>,
+    item: T,
+}
+
+impl<T: std::hash::Hash + Eq + Clone> Drop for BusyGuard<'_, T> {
     fn drop(&mut self) {
-        self.uploader
-            .busy_inodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.ino);
-        self.uploader.busy_changed.notify_waiters();
+        self.set.items().remove(&self.item);
+        self.set.changed.notify_waiters();
     }
 }
 

@@ -170,7 +170,7 @@ impl StreamUpload {
                 ));
             }
         };
-        self.end_in_ledger();
+        // The ledger entry stays until the caller has recorded the object.
         Ok(Uploaded {
             key: self.key,
             etag: meta.etag().map(str::to_string),
