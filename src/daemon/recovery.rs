@@ -24,7 +24,9 @@ pub async fn abort_abandoned_uploads(
     janitor: Option<&UploadJanitor>,
     started: SystemTime,
 ) -> anyhow::Result<()> {
-    let keys = meta.unfinished_uploads().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let keys = meta
+        .unfinished_uploads()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     if keys.is_empty() {
         return Ok(());
     }

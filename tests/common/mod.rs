@@ -933,3 +933,16 @@ pub fn bucketgate(args: &[&str], timeout: Duration) -> Ran {
     cmd.args(args);
     run_bounded(&mut cmd, &format!("bucketgate {}", args.join(" ")), timeout)
 }
+
+/// Closes a file and reports the error close() returned (dropping a File ignores it, and
+/// close is where write-through and cached mode report a failed flush).
+pub fn close_checked(file: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = file.into_raw_fd();
+    // SAFETY: we own fd (taken from the File) and close it exactly once.
+    if unsafe { libc::close(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

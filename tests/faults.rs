@@ -1,0 +1,181 @@
+//! Backend faults, injected by a proxy (tests/common/fault_proxy.py) between the daemon
+//! and moto: throttling and server errors are retried; during an outage cached mode keeps
+//! accepting writes, reports the backlog and the last error, and uploads everything once
+//! the bucket is back; write-through fails close()
+//! with EIO and leaves no partial object and no multipart upload.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::fault::{FaultProxy, FaultRule};
+use common::posix::pattern;
+use common::{bucketgate, close_checked, Moto, Mount};
+
+/// Mounts `bucket` through the proxy.
+fn mount_via(proxy: &FaultProxy, bucket: &str, mode: &str, extra: &[&str]) -> Mount {
+    let mut args: Vec<String> = proxy.mount_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env_owned = Moto::env();
+    let env: Vec<(&str, &str)> = env_owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    Mount::start(&format!("s3://{bucket}"), mode, &args, &env)
+}
+
+fn status_json(mount: &Mount) -> serde_json::Value {
+    let mnt = mount.mountpoint.to_str().expect("utf-8");
+    let ran = bucketgate(&["status", mnt, "--json"], Duration::from_secs(30));
+    assert!(ran.status.success(), "status: {ran:?}");
+    serde_json::from_slice(&ran.stdout).expect("status JSON")
+}
+
+#[test]
+fn throttling_and_server_errors_are_retried() {
+    let moto = Moto::start();
+    let bucket = common::unique_name("faults-retry");
+    moto.create_bucket(&bucket);
+    let proxy = FaultProxy::start(moto.port);
+    let mount = mount_via(&proxy, &bucket, "cached", &["--upload-delay", "0ms"]);
+    let data = pattern(700 << 10, 5);
+    proxy.set(
+        FaultRule::status(503, "SlowDown")
+            .count(2)
+            .methods(&["PUT"]),
+    );
+    fs::write(mount.path("a.bin"), &data).expect("write");
+    let mnt = mount.mountpoint.to_str().expect("utf-8").to_string();
+    let flushed = bucketgate(&["flush", &mnt], Duration::from_secs(120));
+    assert!(flushed.status.success(), "flush after 503s: {flushed:?}");
+    assert_eq!(moto.get_object(&bucket, "a.bin"), data);
+    let stats = proxy.stats();
+    assert!(
+        stats.faulted >= 2,
+        "the proxy answered 503 twice: {stats:?}"
+    );
+
+    proxy.set(FaultRule::reset().count(1).methods(&["PUT"]));
+    fs::write(mount.path("b.bin"), &data).expect("write b");
+    let flushed = bucketgate(&["flush", &mnt], Duration::from_secs(120));
+    assert!(flushed.status.success(), "flush after a reset: {flushed:?}");
+    assert_eq!(moto.get_object(&bucket, "b.bin"), data);
+    mount.unmount();
+}
+
+#[test]
+fn a_stalled_request_times_out_and_is_retried() {
+    let moto = Moto::start();
+    let bucket = common::unique_name("faults-stall");
+    moto.create_bucket(&bucket);
+    let proxy = FaultProxy::start(moto.port);
+    let mount = mount_via(
+        &proxy,
+        &bucket,
+        "write-through",
+        &["--request-timeout", "2s"],
+    );
+    proxy.set(FaultRule::stall().count(1).methods(&["PUT"]));
+    let data = pattern(100 << 10, 9);
+    fs::write(mount.path("s.bin"), &data).expect("write-through close after a stall");
+    assert_eq!(moto.get_object(&bucket, "s.bin"), data);
+    mount.unmount();
+}
+
+#[test]
+fn during_an_outage_writes_land_in_the_cache_status_shows_the_backlog_and_all_uploads_after() {
+    let moto = Moto::start();
+    let bucket = common::unique_name("faults-outage");
+    moto.create_bucket(&bucket);
+    let proxy = FaultProxy::start(moto.port);
+    let mount = mount_via(
+        &proxy,
+        &bucket,
+        "cached",
+        &[
+            "--upload-delay",
+            "0ms",
+            "--cache-size",
+            "4M",
+            "--dirty-wait",
+            "2s",
+            "--retries",
+            "1",
+        ],
+    );
+    // Listed before the outage: new names in it need no bucket round trip.
+    fs::read_dir(&mount.mountpoint)
+        .expect("list the root")
+        .for_each(drop);
+    proxy.set(FaultRule::down());
+    let files: Vec<Vec<u8>> = (0..3).map(|i| pattern(1 << 20, i as u8)).collect();
+    for (i, data) in files.iter().enumerate() {
+        fs::write(mount.path(format!("f{i}")), data).expect("writes land in the cache");
+    }
+    // The backlog and the cause show in status.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = status_json(&mount);
+        let has_error = status["last_errors"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty());
+        if has_error || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status["pending"].as_u64().unwrap_or(0) >= 3, "{status}");
+    assert!(
+        status["last_errors"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()),
+        "status names the last error: {status}"
+    );
+    proxy.set(FaultRule::pass());
+    let mnt = mount.mountpoint.to_str().expect("utf-8").to_string();
+    let flushed = bucketgate(&["flush", &mnt], Duration::from_secs(180));
+    assert!(
+        flushed.status.success(),
+        "flush after the outage: {flushed:?}"
+    );
+    for (i, data) in files.iter().enumerate() {
+        assert_eq!(&moto.get_object(&bucket, &format!("f{i}")), data, "f{i}");
+    }
+    mount.unmount();
+}
+
+#[test]
+fn write_through_close_fails_with_eio_and_leaves_nothing_when_retries_run_out() {
+    let moto = Moto::start();
+    let bucket = common::unique_name("faults-wt");
+    moto.create_bucket(&bucket);
+    let proxy = FaultProxy::start(moto.port);
+    let mount = mount_via(
+        &proxy,
+        &bucket,
+        "write-through",
+        &["--part-size", "5M", "--retries", "1"],
+    );
+    // Every UploadPart fails: the stream cannot complete.
+    proxy.set(FaultRule::status(500, "InternalError").query_contains("partNumber="));
+    let data = pattern(12 << 20, 3);
+    let mut file = fs::File::create(mount.path("big.bin")).expect("create");
+    // Parts go up in the background: the failure may show at a write or at close.
+    let err = std::io::Write::write_all(&mut file, &data)
+        .and_then(|()| close_checked(file))
+        .expect_err("the object cannot be completed");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        moto.head_object(&bucket, "big.bin").is_none(),
+        "no partial object"
+    );
+    assert!(mount.log().contains("big.bin"), "the log names the object");
+    // The bytes were kept: once the bucket works again they arrive whole, and no
+    // multipart upload is left over from the failed attempts.
+    proxy.set(FaultRule::pass());
+    mount.unmount();
+    assert_eq!(moto.get_object(&bucket, "big.bin"), data);
+    assert_eq!(moto.list_multipart_uploads(&bucket), 0, "parts aborted");
+}
