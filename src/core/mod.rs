@@ -19,7 +19,9 @@ use crate::meta::{
     AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, ROOT_INO,
 };
 use crate::sync::upload::StreamUpload;
-use crate::sync::{attrs_of, file_init, key_for, read_verifier, Uploader};
+use crate::sync::{
+    attrs_of, discard_cache_file, file_init, key_for, read_verifier, Uploader,
+};
 use handle::{process_of, Handle};
 
 /// Longest name of one path component.
@@ -501,7 +503,7 @@ impl Core {
 
     fn drop_cached_data(&self, ino: u64) -> FsResult<()> {
         if lock(&self.open_counts).get(&ino).copied().unwrap_or(0) == 0 {
-            self.cache.remove(ino)?;
+            discard_cache_file(&self.meta, &self.cache, ino)?;
         }
         Ok(())
     }
@@ -620,17 +622,16 @@ impl Core {
             .path_of(new_parent)?
             .ok_or_else(FsError::not_found)?;
         new_names.push(new_name.to_vec());
-        let new_key = key_for(&new_names, source.kind)?;
+        // Refuses a destination whose key the bucket cannot store, before anything changes.
+        key_for(&new_names, source.kind)?;
         let delay = self.delay();
         let mut ops = Vec::new();
         self.meta.transaction(|tx| {
             if let Some(target) = &target {
-                // The moved object overwrites the target's key; only delete a key it won't.
-                let mut replaced = target.clone();
-                if replaced.remote_key.as_deref() == Some(new_key.as_str()) {
-                    replaced.remote_key = None;
-                }
-                self.remove_inode_tx(tx, &replaced, &mut ops)?;
+                // The replaced object is deleted even though the moved one will take its
+                // key: if the moved file goes away before its copy, nothing else would.
+                // Once the copy is done the delete finds the key owned and does nothing.
+                self.remove_inode_tx(tx, target, &mut ops)?;
             }
             self.meta.move_entry(tx, source.ino, new_parent, new_name)?;
             let mut moved = vec![source.ino];
@@ -987,10 +988,7 @@ impl Core {
     /// Evicts clean, closed files beyond the cache limit and forgets their saved blocks.
     fn evict_clean(&self) -> FsResult<()> {
         for evicted in self.cache.evict_to_limit()? {
-            self.meta.transaction(|tx| {
-                tx.execute("DELETE FROM cache_blocks WHERE ino = ?1", [evicted as i64])?;
-                Ok(())
-            })?;
+            self.meta.forget_blocks(evicted)?;
         }
         Ok(())
     }
@@ -1260,12 +1258,12 @@ impl Core {
                     self.meta
                         .transaction(|tx| self.remove_inode_tx(tx, orphan, &mut ops))?;
                 }
-                self.cache.remove(ino)?;
+                discard_cache_file(&self.meta, &self.cache, ino)?;
                 self.sync_now_or_later(ops).await?;
             } else if self.write_through() {
                 if let Some(file) = self.cache.loaded(ino) {
                     if !file.lock().dirty {
-                        self.cache.remove(ino)?;
+                        discard_cache_file(&self.meta, &self.cache, ino)?;
                     }
                 }
             }

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::backend::source::LOCAL_TMP_DIR;
 use crate::backend::uploads::UploadJanitor;
-use crate::meta::MetaStore;
+use crate::meta::{JournalOp, MetaStore};
 use crate::sync::Uploader;
 
 /// Temporary files of the directory bucket older than this belong to no live writer.
@@ -42,10 +42,13 @@ pub async fn abort_abandoned_uploads(
                 }
             }
         }
-        uploader
-            .delete_if_unclaimed(key)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        match uploader.delete_if_unclaimed(key).await {
+            // A moved file still copies from it: the journal deletes it afterwards.
+            Err(err) if err.errno == libc::EAGAIN => meta
+                .transaction(|tx| meta.enqueue(tx, &JournalOp::Delete(key.clone()), Duration::ZERO))
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            other => other.map_err(|e| anyhow::anyhow!("{e}"))?,
+        }
         meta.upload_ended(key).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     tracing::info!(

@@ -502,7 +502,7 @@ impl MetaStore {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(
             "SELECT id, op, ino, key, gen, attempts FROM journal
-             WHERE ?1 OR not_before_ms <= ?2 ORDER BY id LIMIT ?3",
+             WHERE (?1 AND attempts = 0) OR not_before_ms <= ?2 ORDER BY id LIMIT ?3",
         )?;
         let rows = stmt.query_map(
             params![ignore_delay, now_ms(), limit as i64],
@@ -618,6 +618,22 @@ impl MetaStore {
             [],
         )?;
         Ok(inos)
+    }
+
+    /// Forgets which blocks of an inode's cache file were present (the file is gone).
+    pub fn forget_blocks(&self, ino: u64) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute("DELETE FROM cache_blocks WHERE ino = ?1", params![ino as i64])?;
+        Ok(())
+    }
+
+    /// An inode whose data lives at `key` in the bucket, if any.
+    pub fn key_owner(&self, key: &str) -> FsResult<Option<Inode>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {INODE_COLUMNS} FROM inodes WHERE remote_key = ?1 LIMIT 1"
+        ))?;
+        Ok(stmt.query_row(params![key], inode_from_row).optional()?)
     }
 
     /// Records that a multipart upload to `key` is starting.

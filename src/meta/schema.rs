@@ -53,6 +53,7 @@ CREATE TABLE state(name TEXT PRIMARY KEY, value TEXT NOT NULL);
 const V2: &str = "
 ALTER TABLE inodes ADD COLUMN remote_crc64 INTEGER;
 CREATE TABLE uploads(key TEXT PRIMARY KEY, started_ms INTEGER NOT NULL);
+CREATE INDEX inodes_remote_key ON inodes(remote_key);
 ";
 
 /// Brings a database to [`VERSION`], in one transaction.

@@ -100,6 +100,13 @@ pub fn file_init(meta: &MetaStore, inode: &Inode) -> FsResult<FileInit> {
     })
 }
 
+/// Deletes an inode's cache file and what the store says was present in it: a saved
+/// presence map without its file would make zeros pass for data.
+pub fn discard_cache_file(meta: &MetaStore, cache: &DataCache, ino: u64) -> FsResult<()> {
+    cache.remove(ino)?;
+    meta.forget_blocks(ino)
+}
+
 /// The check of an inode's object against its crc64, when one is known and the file
 /// still reads the whole object.
 pub fn read_verifier(inode: &Inode) -> Option<ReadVerifier> {
@@ -263,22 +270,29 @@ impl Uploader {
                 let _guard = self.busy_inodes.lock(*ino).await;
                 self.sync_inode(*ino).await
             }
-            JournalOp::Delete(key) => self.delete_if_unclaimed(key).await,
+            JournalOp::Delete(key) => {
+                let _key = self.busy_keys.lock(key.clone()).await;
+                self.delete_if_unclaimed(key).await
+            }
         }
     }
 
-    /// Deletes `key` unless a live inode sits at its path and already owns it.
+    /// Deletes `key` unless an inode still needs it: one whose data lives there at its
+    /// own path (or unlinked but open), which keeps it; or one that moved away and has
+    /// not copied it yet, for which the delete fails with EAGAIN and is retried later.
     pub async fn delete_if_unclaimed(&self, key: &str) -> FsResult<()> {
-        let names: Vec<&[u8]> = key
-            .trim_end_matches('/')
-            .split('/')
-            .filter(|n| !n.is_empty())
-            .map(str::as_bytes)
-            .collect();
-        if let Some(inode) = self.meta.resolve(&names)? {
-            if inode.remote_key.as_deref() == Some(key) {
+        if let Some(owner) = self.meta.key_owner(key)? {
+            let owned_here = match self.meta.path_of(owner.ino)? {
+                Some(names) => key_for(&names, owner.kind).is_ok_and(|k| k == key),
+                None => true,
+            };
+            if owned_here {
                 return Ok(());
             }
+            return Err(FsError::new(
+                libc::EAGAIN,
+                format!("{key} is still the source of a pending move; deleting it later"),
+            ));
         }
         self.backend
             .delete(key)
@@ -350,19 +364,56 @@ impl Uploader {
     /// object can appear until local metadata records it, so a crash in between leaves a
     /// trace the next mount cleans up (the object is deleted unless an inode owns it).
     async fn sync_file(&self, inode: &Inode, key: &str, old_key: Option<String>) -> FsResult<()> {
-        let _key = self.busy_keys.lock(key.to_string()).await;
-        self.meta.upload_started(key)?;
-        self.store_file(inode, key, old_key).await?;
-        // The file may have been unlinked or moved while it uploaded.
-        self.delete_if_unclaimed(key).await?;
-        self.meta.upload_ended(key)
+        {
+            let _key = self.busy_keys.lock(key.to_string()).await;
+            self.check_not_a_pending_source(inode, key)?;
+            self.meta.upload_started(key)?;
+            self.store_file(inode, key, old_key.as_deref()).await?;
+            // The file may have been unlinked while it uploaded. If it moved, the sync its
+            // rename queued copies the object and deletes this key.
+            match self.delete_if_unclaimed(key).await {
+                Err(err) if err.errno == libc::EAGAIN => {}
+                other => other?,
+            }
+            self.meta.upload_ended(key)?;
+        }
+        // After the key's lock is released: locks are never nested, so never deadlock.
+        if let Some(old) = old_key {
+            let _old = self.busy_keys.lock(old.clone()).await;
+            match self.delete_if_unclaimed(&old).await {
+                Err(err) if err.errno == libc::EAGAIN => {}
+                other => other?,
+            }
+        }
+        Ok(())
     }
 
-    async fn store_file(&self, inode: &Inode, key: &str, old_key: Option<String>) -> FsResult<()> {
+    /// Refuses (EAGAIN, retried later) to overwrite a key another inode moved away from
+    /// and still has to copy: its data would be lost.
+    fn check_not_a_pending_source(&self, inode: &Inode, key: &str) -> FsResult<()> {
+        match self.meta.key_owner(key)? {
+            Some(owner) if owner.ino != inode.ino => {
+                let moved_away = match self.meta.path_of(owner.ino)? {
+                    Some(names) => key_for(&names, owner.kind).is_ok_and(|k| k != key),
+                    None => false,
+                };
+                if moved_away {
+                    return Err(FsError::new(
+                        libc::EAGAIN,
+                        format!("{key} still holds the data of a moved file; uploading after it is copied"),
+                    ));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn store_file(&self, inode: &Inode, key: &str, old_key: Option<&str>) -> FsResult<()> {
         let cached = self.cache.loaded(inode.ino);
         let dirty = inode.dirty || cached.as_ref().is_some_and(|c| c.lock().dirty);
         if !dirty {
-            if let Some(old) = &old_key {
+            if let Some(old) = old_key {
                 // A rename of an unchanged file: server-side copy, no data through us.
                 self.backend
                     .copy(old, key)
@@ -376,7 +427,6 @@ impl Uploader {
                 };
                 self.meta
                     .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, true))?;
-                self.delete_if_unclaimed(old).await?;
             }
             return Ok(());
         }
@@ -416,18 +466,8 @@ impl Uploader {
                 &file.lock().blocks.to_bytes(),
             )?;
             if !self.config.keep_data && file.lock().open_handles == 0 {
-                self.cache.remove(inode.ino)?;
-                self.meta.transaction(|tx| {
-                    tx.execute(
-                        "DELETE FROM cache_blocks WHERE ino = ?1",
-                        [inode.ino as i64],
-                    )?;
-                    Ok(())
-                })?;
+                discard_cache_file(&self.meta, &self.cache, inode.ino)?;
             }
-        }
-        if let Some(old) = old_key {
-            self.delete_if_unclaimed(&old).await?;
         }
         Ok(())
     }
