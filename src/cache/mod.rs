@@ -23,6 +23,10 @@ use crate::integrity::ReadVerifier;
 /// Cache granularity: what one ranged GET fills at the least.
 pub const BLOCK_SIZE: u64 = 1 << 20;
 
+/// Space on the cache disk that data never takes (a tenth of the disk, within bounds).
+const METADATA_RESERVE_MIN: u64 = 1 << 20;
+const METADATA_RESERVE_MAX: u64 = 256 << 20;
+
 /// Mutable state of one cached file; one owner, behind one lock.
 #[derive(Debug)]
 pub struct FileState {
@@ -447,6 +451,20 @@ impl DataCache {
         self.limit
     }
 
+    /// Free bytes on the cache's filesystem beyond what is kept back for the metadata
+    /// store: with the disk full, the journal could not record uploads, and nothing would
+    /// ever drain.
+    pub fn room_on_disk(&self) -> FsResult<u64> {
+        let stat = nix::sys::statvfs::statvfs(&self.dir).map_err(|err| {
+            FsError::io(&format!("statvfs of {}", self.dir.display()), err.into())
+        })?;
+        let fragment = stat.fragment_size() as u64;
+        let total = stat.blocks() as u64 * fragment;
+        let free = stat.blocks_available() as u64 * fragment;
+        let reserve = (total / 10).clamp(METADATA_RESERVE_MIN, METADATA_RESERVE_MAX);
+        Ok(free.saturating_sub(reserve))
+    }
+
     /// Bytes held for files with changes not yet in the bucket (never evicted).
     pub fn dirty_bytes(&self) -> u64 {
         self.registry()
@@ -465,9 +483,15 @@ impl DataCache {
     /// Evicts clean, closed files, least recently used first, until under the limit.
     /// Returns the inodes evicted (their saved presence must be forgotten).
     pub fn evict_to_limit(&self) -> FsResult<Vec<u64>> {
+        self.evict_to(self.limit)
+    }
+
+    /// Evicts clean, closed files, least recently used first, until at most `target`
+    /// bytes are held. Returns the inodes evicted.
+    pub fn evict_to(&self, target: u64) -> FsResult<Vec<u64>> {
         let mut evicted = Vec::new();
         let mut used = self.used_bytes();
-        if used <= self.limit {
+        if used <= target {
             return Ok(evicted);
         }
         let mut candidates: Vec<(Instant, u64, u64)> = self
@@ -481,7 +505,7 @@ impl DataCache {
             .collect();
         candidates.sort();
         for (_, ino, bytes) in candidates {
-            if used <= self.limit {
+            if used <= target {
                 break;
             }
             self.remove(ino)?;

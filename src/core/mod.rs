@@ -19,9 +19,7 @@ use crate::meta::{
     AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, ROOT_INO,
 };
 use crate::sync::upload::StreamUpload;
-use crate::sync::{
-    attrs_of, discard_cache_file, file_init, key_for, read_verifier, Uploader,
-};
+use crate::sync::{attrs_of, discard_cache_file, file_init, key_for, read_verifier, Uploader};
 use handle::{process_of, Handle};
 
 /// Longest name of one path component.
@@ -131,6 +129,11 @@ pub struct Core {
     dirty_sample: Mutex<(std::time::Instant, u64)>,
     /// Open handles per inode (all modes); an unlinked inode lives until this drops to 0.
     open_counts: Mutex<HashMap<u64, u32>>,
+}
+
+/// Bytes of cache that block runs take.
+fn run_bytes(runs: &[std::ops::Range<u64>]) -> u64 {
+    runs.iter().map(|r| (r.end - r.start) * BLOCK_SIZE).sum()
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -825,7 +828,13 @@ impl Core {
             if let Some(data) = file.read_local(offset, size as u64)? {
                 return Ok(data);
             }
-            let missing = file.missing_for_read(offset..offset + size as u64, read_ahead);
+            let range = offset..offset + size as u64;
+            let mut missing = file.missing_for_read(range.clone(), read_ahead);
+            if self.cache.room_on_disk()? < run_bytes(&missing) {
+                // A nearly full cache disk: fetch what this read needs, no read-ahead.
+                missing = file.missing_for_read(range, 0);
+            }
+            self.ensure_disk_room(run_bytes(&missing))?;
             file.fetch(&self.backend, missing).await?;
         }
         Err(FsError::loud(
@@ -919,6 +928,7 @@ impl Core {
 
     async fn write_cached(&self, inode: &Inode, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.wait_for_room(data.len() as u64).await?;
+        self.ensure_disk_room(data.len() as u64)?;
         let file = self.cache_file(inode)?;
         for _ in 0..4 {
             match file.write_local(offset, data)? {
@@ -940,7 +950,7 @@ impl Core {
     /// first; dirty data never is.
     async fn wait_for_room(&self, incoming: u64) -> FsResult<()> {
         let limit = self.cache.limit();
-        if self.dirty_bytes_recent() + incoming <= limit {
+        if self.dirty_bytes_estimate(incoming) <= limit {
             return Ok(());
         }
         let started = std::time::Instant::now();
@@ -950,7 +960,7 @@ impl Core {
             self.evict_clean()?;
             self.uploader.wake();
             let dirty = self.cache.dirty_bytes();
-            *lock(&self.dirty_sample) = (std::time::Instant::now(), dirty);
+            *lock(&self.dirty_sample) = (std::time::Instant::now(), dirty + incoming);
             if dirty + incoming <= limit {
                 return Ok(());
             }
@@ -976,12 +986,36 @@ impl Core {
         }
     }
 
-    /// Dirty bytes, recomputed at most every 100 ms (it walks every loaded file).
-    fn dirty_bytes_recent(&self) -> u64 {
+    /// ENOSPC before the cache disk is so full that the metadata store could not record
+    /// uploads any more. Clean data (it is in the bucket) is evicted first.
+    fn ensure_disk_room(&self, incoming: u64) -> FsResult<()> {
+        if self.cache.room_on_disk()? >= incoming {
+            return Ok(());
+        }
+        for evicted in self.cache.evict_to(0)? {
+            self.meta.forget_blocks(evicted)?;
+        }
+        let room = self.cache.room_on_disk()?;
+        if room >= incoming {
+            return Ok(());
+        }
+        Err(FsError::loud(
+            libc::ENOSPC,
+            format!(
+                "the cache disk is full ({room} bytes left beyond the metadata reserve); data not yet uploaded stays, writes fail until uploads finish or space is freed"
+            ),
+        ))
+    }
+
+    /// Dirty bytes once `incoming` is written: counted exactly at most every 100 ms (it
+    /// walks every loaded file), and in between the last count plus every byte written
+    /// since, so a fast writer cannot outrun the check.
+    fn dirty_bytes_estimate(&self, incoming: u64) -> u64 {
         let mut sample = lock(&self.dirty_sample);
         if sample.0.elapsed() >= Duration::from_millis(100) {
             *sample = (std::time::Instant::now(), self.cache.dirty_bytes());
         }
+        sample.1 += incoming;
         sample.1
     }
 

@@ -623,7 +623,10 @@ impl MetaStore {
     /// Forgets which blocks of an inode's cache file were present (the file is gone).
     pub fn forget_blocks(&self, ino: u64) -> FsResult<()> {
         let conn = self.lock();
-        conn.execute("DELETE FROM cache_blocks WHERE ino = ?1", params![ino as i64])?;
+        conn.execute(
+            "DELETE FROM cache_blocks WHERE ino = ?1",
+            params![ino as i64],
+        )?;
         Ok(())
     }
 
