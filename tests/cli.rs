@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{force_unmount, is_fuse_mounted, run_bounded, temp_dir, Ran};
+use common::{force_unmount, is_fuse_mounted, run_bounded, temp_dir, Moto, Ran};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bucketgate");
 
@@ -209,4 +209,72 @@ fn invalid_options_name_the_offending_key() {
     ]);
     assert!(ran.stderr.contains("does not exist"), "{}", ran.stderr);
     assert!(!is_fuse_mounted(mnt.path()));
+}
+
+/// `mount --foreground` of `source` against `endpoint` with the given keys.
+fn mount_with_keys(source: &str, endpoint: &str, id: &str, secret: &str) -> (Ran, Duration) {
+    let mnt = temp_dir("cli-auth");
+    let cache = temp_dir("cli-auth-cache");
+    let started = Instant::now();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "mount",
+        source,
+        &mnt.path().to_string_lossy(),
+        "--cache-dir",
+        &cache.path().to_string_lossy(),
+        "--endpoint",
+        endpoint,
+        "--foreground",
+    ])
+    .env("AWS_ACCESS_KEY_ID", id)
+    .env("AWS_SECRET_ACCESS_KEY", secret);
+    let ran = run_bounded(&mut cmd, "mount with bad input", Duration::from_secs(60));
+    assert!(!is_fuse_mounted(mnt.path()));
+    (ran, started.elapsed())
+}
+
+#[test]
+fn a_missing_bucket_and_wrong_credentials_fail_fast_naming_the_cause() {
+    let moto = Moto::start();
+    let (ran, took) = mount_with_keys("s3://no-such-bucket-here", &moto.endpoint, "test", "test");
+    assert!(!ran.status.success());
+    assert!(
+        ran.stderr.contains("the bucket does not exist"),
+        "{}",
+        ran.stderr
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+
+    // moto checks keys and signatures once its free requests are used up.
+    let moto = Moto::start_with_auth();
+    let bucket = common::unique_name("cli-auth");
+    moto.create_bucket(&bucket);
+    let (id, _secret) = moto.create_access_key();
+    moto.enforce_auth();
+    let source = format!("s3://{bucket}");
+
+    let (ran, took) = mount_with_keys(&source, &moto.endpoint, &id, "not-the-secret");
+    assert!(!ran.status.success());
+    assert!(
+        ran.stderr.contains("check the credentials"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stderr.contains("SignatureDoesNotMatch"),
+        "{}",
+        ran.stderr
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+
+    let (ran, took) = mount_with_keys(&source, &moto.endpoint, "AKIANOSUCHKEY0000000", "x");
+    assert!(!ran.status.success());
+    assert!(
+        ran.stderr.contains("check the credentials"),
+        "{}",
+        ran.stderr
+    );
+    assert!(ran.stderr.contains("InvalidAccessKeyId"), "{}", ran.stderr);
+    assert!(took < Duration::from_secs(30), "took {took:?}");
 }

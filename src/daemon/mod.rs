@@ -331,12 +331,19 @@ async fn recover(
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn explain_backend_error(err: &opendal::Error) -> String {
-    match err.kind() {
-        opendal::ErrorKind::NotFound => format!("the bucket does not exist ({err})"),
-        opendal::ErrorKind::PermissionDenied => {
-            format!("access denied: check the credentials ({err})")
-        }
-        _ => err.to_string(),
+    let text = err.to_string();
+    let says = |code: &str| text.contains(code);
+    if err.kind() == opendal::ErrorKind::NotFound || says("NoSuchBucket") {
+        format!("the bucket does not exist: check its name, --region and --endpoint ({err})")
+    } else if err.kind() == opendal::ErrorKind::PermissionDenied
+        || says("InvalidAccessKeyId")
+        || says("SignatureDoesNotMatch")
+    {
+        format!("access denied: check the credentials ({err})")
+    } else if says("failed to load signing credential") {
+        format!("no usable credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (OSS: OSS_ACCESS_KEY_ID, OSS_ACCESS_KEY_SECRET) or pass --credentials FILE ({err})")
+    } else {
+        text
     }
 }
 

@@ -247,6 +247,23 @@ pub struct Moto {
 impl Moto {
     /// Start moto on a free loopback port and wait (at most 30 s) until it answers HTTP.
     pub fn start() -> Moto {
+        Self::start_with_env(&[])
+    }
+
+    /// Start moto with authentication deferred: set up buckets and keys (with
+    /// [`Moto::create_access_key`]), then call [`Moto::enforce_auth`]; from then on it
+    /// checks access keys and SigV4 signatures.
+    pub fn start_with_auth() -> Moto {
+        Self::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "100")])
+    }
+
+    /// Uses up moto's free requests until a request signed with a key it does not know
+    /// is refused. (Unsigned requests are never checked, and never counted.)
+    pub fn enforce_auth(&self) {
+        self.helper("enforce_auth", &[]);
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> Moto {
         let dir = temp_dir("moto");
         let helper = dir.path().join("s3_helper.py");
         std::fs::write(&helper, S3_HELPER_PY).expect("writing s3_helper.py into moto's temp dir");
@@ -256,7 +273,7 @@ impl Moto {
         for attempt in 0..3 {
             let port = free_port();
             let log_path = dir.path().join(format!("moto-{attempt}.log"));
-            let mut child = spawn_moto(port, &log_path);
+            let mut child = spawn_moto(port, &log_path, env);
             match wait_moto_ready(&mut child, port) {
                 Ok(()) => {
                     return Moto {
@@ -364,6 +381,19 @@ impl Moto {
                 ran.stderr
             )
         })
+    }
+
+    /// An IAM user allowed every S3 action, and its access key: `(id, secret)`. Takes three
+    /// requests (see [`Moto::start_with_auth`]).
+    pub fn create_access_key(&self) -> (String, String) {
+        let v = self.helper("create_access_key", &[]);
+        let field = |name: &str| {
+            v[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("create_access_key: no {name} in {v}"))
+                .to_string()
+        };
+        (field("id"), field("secret"))
     }
 
     /// Every key under `prefix` (all pages), in the server's (lexicographic) order.
@@ -484,13 +514,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn_moto(port: u16, log_path: &Path) -> Child {
+fn spawn_moto(port: u16, log_path: &Path, env: &[(&str, &str)]) -> Child {
     let log = File::create(log_path)
         .unwrap_or_else(|e| panic!("creating moto log {}: {e}", log_path.display()));
     let log2 = log.try_clone().expect("dup moto log file");
     let port_s = port.to_string();
     let mut cmd = Command::new("moto_server");
     cmd.args(["-H", "127.0.0.1", "-p", &port_s])
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
@@ -505,6 +536,7 @@ fn spawn_moto(port: u16, log_path: &Path) -> Child {
             let log2 = log.try_clone().expect("dup moto log file");
             Command::new("python3")
                 .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port_s])
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log2)

@@ -98,5 +98,31 @@ elif op == "create_multipart_upload":
     upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=b"part")
     out(upload_id)
+elif op == "create_access_key":
+    # For a moto started with INITIAL_NO_AUTH_ACTION_COUNT: a user allowed all of S3.
+    iam = boto3.client(
+        "iam",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    iam.create_user(UserName="bucketgate")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="bucketgate", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="bucketgate")["AccessKey"]
+    out({"id": key["AccessKeyId"], "secret": key["SecretAccessKey"]})
+elif op == "enforce_auth":
+    # moto counts signed requests only: spend the free ones until a bogus key is refused.
+    for n in range(1, 201):
+        try:
+            s3.list_buckets()
+        except ClientError as err:
+            if err.response["Error"]["Code"] == "InvalidAccessKeyId":
+                out(n)
+                break
+            raise
+    else:
+        sys.exit("moto never started checking keys")
 else:
     sys.exit("s3_helper.py: unknown op " + op)
