@@ -267,7 +267,7 @@ fn crash_once(seed: u64, start: &dyn Fn(&Path, &[&str]) -> Mount, max_len: usize
 #[test]
 fn acknowledged_data_survives_sigkill_on_the_directory_bucket() {
     let modes = ["cached", "sync", "write-through"];
-    for seed in 1..=12u64 {
+    for seed in 1..=24u64 {
         let mode = modes[(seed % 3) as usize];
         let bucket = temp_dir("crash-bucket");
         let source = bucket.path().to_str().expect("utf-8").to_string();

@@ -179,3 +179,60 @@ fn write_through_close_fails_with_eio_and_leaves_nothing_when_retries_run_out() 
     assert_eq!(moto.get_object(&bucket, "big.bin"), data);
     assert_eq!(moto.list_multipart_uploads(&bucket), 0, "parts aborted");
 }
+
+#[test]
+fn umount_with_the_bucket_down_says_what_stays_journaled_and_the_next_mount_uploads_it() {
+    let moto = Moto::start();
+    let bucket = common::unique_name("faults-umount");
+    moto.create_bucket(&bucket);
+    let proxy = FaultProxy::start(moto.port);
+    let cache = common::temp_dir("faults-umount-cache");
+    let extra = ["--flush-timeout", "3s", "--retries", "1"];
+    let mount = mount_via_cache(&proxy, &bucket, cache.path(), &extra);
+    fs::read_dir(&mount.mountpoint)
+        .expect("list the root")
+        .for_each(drop);
+    proxy.set(FaultRule::down());
+    let data = pattern(300 << 10, 21);
+    fs::write(mount.path("late.bin"), &data).expect("lands in the cache");
+    let mnt = mount.mountpoint.to_str().expect("utf-8").to_string();
+    let started = std::time::Instant::now();
+    let ran = bucketgate(&["umount", &mnt], Duration::from_secs(60));
+    assert!(!ran.status.success(), "umount must report unflushed data");
+    assert!(
+        ran.stderr.contains("upload at the next mount"),
+        "{}",
+        ran.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded wait");
+    mount.wait_exit(Duration::from_secs(30));
+    assert!(moto.head_object(&bucket, "late.bin").is_none());
+
+    proxy.set(FaultRule::pass());
+    let again = mount_via_cache(&proxy, &bucket, cache.path(), &[]);
+    let flushed = bucketgate(
+        &["flush", again.mountpoint.to_str().expect("utf-8")],
+        Duration::from_secs(120),
+    );
+    assert!(flushed.status.success(), "{flushed:?}");
+    assert_eq!(moto.get_object(&bucket, "late.bin"), data);
+    again.unmount();
+}
+
+/// Mounts `bucket` through the proxy on a cache dir the test keeps.
+fn mount_via_cache(
+    proxy: &FaultProxy,
+    bucket: &str,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> Mount {
+    let mut args: Vec<String> = proxy.mount_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env_owned = Moto::env();
+    let env: Vec<(&str, &str)> = env_owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    Mount::start_with_cache(&format!("s3://{bucket}"), "cached", cache, &args, &env)
+}

@@ -136,6 +136,21 @@ fn run_bytes(runs: &[std::ops::Range<u64>]) -> u64 {
     runs.iter().map(|r| (r.end - r.start) * BLOCK_SIZE).sum()
 }
 
+/// A name a new entry may take: storable, and not the gateway's reserved top-level name.
+fn check_new_name(parent: u64, name: &[u8]) -> FsResult<()> {
+    check_name(name)?;
+    let reserved = crate::backend::RESERVED_PREFIX
+        .trim_end_matches('/')
+        .as_bytes();
+    if parent == ROOT_INO && name == reserved {
+        return Err(FsError::loud(
+            libc::EPERM,
+            "`.bucketgate` at the top of the bucket is reserved for the gateway's own objects; choose another name",
+        ));
+    }
+    Ok(())
+}
+
 fn check_name(name: &[u8]) -> FsResult<()> {
     if name.len() > MAX_NAME_BYTES {
         return Err(FsError::new(
@@ -429,7 +444,7 @@ impl Core {
     /// Creates an entry and queues its upload, in one transaction; checks the key fits.
     async fn create_node(&self, parent: u64, name: &[u8], new: NewInode) -> FsResult<Inode> {
         self.check_writable()?;
-        check_name(name)?;
+        check_new_name(parent, name)?;
         if self.child(parent, name).await?.is_some() {
             return Err(FsError::new(libc::EEXIST, "file exists"));
         }
@@ -570,7 +585,7 @@ impl Core {
         no_replace: bool,
     ) -> FsResult<()> {
         self.check_writable()?;
-        check_name(new_name)?;
+        check_new_name(new_parent, new_name)?;
         let source = self
             .child(parent, name)
             .await?

@@ -99,6 +99,15 @@ impl Filesystem for BucketFs {
         if let Err(missing) = config.add_capabilities(plus) {
             tracing::info!(?missing, "kernel lacks readdirplus; using readdir");
         }
+        // O_TRUNC arrives with open instead of as a separate truncate first: write-through
+        // then keeps the old object until the new one is complete, so a crash or a failed
+        // upload never leaves an emptied file in the bucket.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC) {
+            tracing::warn!(
+                ?missing,
+                "kernel lacks atomic O_TRUNC; write-through truncates before writing"
+            );
+        }
         // 1 MiB writes and reads: fewer round trips through the daemon.
         if let Err(max) = config.set_max_write(1 << 20) {
             tracing::debug!(max, "kernel caps max_write");

@@ -62,7 +62,7 @@ pub fn key_for(names: &[Vec<u8>], kind: Kind) -> FsResult<String> {
         key.push('/');
     }
     if key.len() > MAX_KEY_BYTES {
-        return Err(FsError::new(
+        return Err(FsError::loud(
             libc::ENAMETOOLONG,
             format!(
                 "key of {} bytes is over the bucket's {MAX_KEY_BYTES}",

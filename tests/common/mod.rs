@@ -811,6 +811,25 @@ impl Mount {
         );
     }
 
+    /// After an unmount the test ran itself (one expected to report a failure): waits for
+    /// the daemon to exit, and checks the mount point is free.
+    pub fn wait_exit(mut self, timeout: Duration) {
+        let mut child = self.child.take().expect("mount child present");
+        if wait_bounded(&mut child, timeout).is_none() {
+            self.child = Some(child);
+            panic!(
+                "bucketgate (pid {}) still running {timeout:?} after unmounting\ndaemon log:\n{}",
+                self.pid(),
+                self.log()
+            );
+        }
+        assert!(
+            !is_fuse_mounted(&self.mountpoint),
+            "{} is still mounted after the daemon's exit",
+            self.mountpoint.display()
+        );
+    }
+
     /// Simulate a crash: SIGKILL the daemon, then detach the dead mount. The cache dir is
     /// left as the daemon left it (use `start_with_cache` to mount on it again).
     pub fn crash(mut self) {
