@@ -267,7 +267,12 @@ fn crash_once(seed: u64, start: &dyn Fn(&Path, &[&str]) -> Mount, max_len: usize
 #[test]
 fn acknowledged_data_survives_sigkill_on_the_directory_bucket() {
     let modes = ["cached", "sync", "write-through"];
-    for seed in 1..=24u64 {
+    // More iterations for a soak run: BUCKETGATE_CRASH_SEEDS=500 (scripts/crash-soak.sh).
+    let seeds: u64 = std::env::var("BUCKETGATE_CRASH_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    for seed in 1..=seeds {
         let mode = modes[(seed % 3) as usize];
         let bucket = temp_dir("crash-bucket");
         let source = bucket.path().to_str().expect("utf-8").to_string();

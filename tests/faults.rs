@@ -62,6 +62,16 @@ fn throttling_and_server_errors_are_retried() {
     let flushed = bucketgate(&["flush", &mnt], Duration::from_secs(120));
     assert!(flushed.status.success(), "flush after a reset: {flushed:?}");
     assert_eq!(moto.get_object(&bucket, "b.bin"), data);
+
+    // Slow answers (within the request timeout) only cost time.
+    proxy.set(FaultRule::slow_ms(400).count(6));
+    fs::write(mount.path("c.bin"), &data).expect("write c");
+    let flushed = bucketgate(&["flush", &mnt], Duration::from_secs(120));
+    assert!(
+        flushed.status.success(),
+        "flush with slow answers: {flushed:?}"
+    );
+    assert_eq!(moto.get_object(&bucket, "c.bin"), data);
     mount.unmount();
 }
 

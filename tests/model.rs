@@ -12,39 +12,22 @@
 //! `BUCKETGATE_MODEL_SEED=N` (decimal or 0x hex) and `BUCKETGATE_MODEL_OPS=N` override the
 //! fixed per-test seeds and operation counts.
 //!
-//! KNOWN DAEMON BUGS (found by this test at commit 0eea74c; the assertions that catch them
-//! are left in place, so these tests FAIL until the daemon is fixed):
+//! Daemon bugs this test found (all fixed; the fixed-seed runs pass):
+//! 1. A file renamed over an uploaded file, then moved away or unlinked before its copy,
+//!    left the replaced file's old object behind (it came back after a fresh-cache
+//!    remount). Renames now always delete the replaced object; deletes honour every inode
+//!    that still needs a key.
+//! 2. write-through: a file reopened after a staged upload read zeros where its data was
+//!    (a saved block map outlived the cache file it described).
+//! 3. write-through: a change right after a create was sometimes lost (same cause).
+//! 4. `umount` hung retrying a directory marker in a hot loop: flushes ignored the retry
+//!    backoff.
+//! 5. cached, small cache: evicting a file while an upload still held it, or between
+//!    eviction and forgetting its block map, made files read zeros.
 //!
-//! 1. cached (and sync), local and S3 backends: a file renamed over an existing, already
-//!    uploaded file, then renamed away or unlinked right after, leaves the OLD object of the
-//!    replaced file in the bucket; after a remount with a fresh cache the deleted file is
-//!    back. By hand (local bucket, `--upload-delay 50ms`):
-//!    `echo hello > f; echo world > c; sleep 0.5; mv c f; rm f; bucketgate umount` leaves
-//!    `f` = "hello" in the bucket (with `sleep 0.5` between `mv` and `rm` it is gone).
-//!    Caught by `model_s3_cached_and_write_through` (s3-cached, step 151; shrunk to 7 ops:
-//!    mkdir d; write c; write d/c; remount; mkdir d/g; mv c d/c; mv d/c d/g/g -> key `d/c`
-//!    stays in the bucket) and by the local cached/sync runs.
-//! 2. write-through: after a file was written non-sequentially (seek back on one
-//!    descriptor), reopening it without O_TRUNC and writing at an offset loses the previous
-//!    contents: `open(f, O_CREAT|O_TRUNC); pwrite("AAAAAAAAAA", 0); pwrite("CCCC", 0);
-//!    close; open(f, O_WRONLY); pwrite("DDDDD", 12); close` reads back 12 zero bytes +
-//!    "DDDDD" instead of "CCCCAAAAAA\0\0DDDDD" (the bucket too). Deterministic. Found by an
-//!    earlier version of the generator (seed 0xb0c4e7a70003, shrunk to 2 ops); the current
-//!    default write-through runs may hit bug 3 first.
-//! 3. write-through, racy (about 2 % per try by hand): right after a file is created, a
-//!    following write or truncate is lost: `open(f, O_CREAT|O_WRONLY); close;
-//!    open(f, O_WRONLY); ftruncate(1778); close; stat` shows size 0, and the bucket holds an
-//!    empty object. Caught by `model_local_write_through` (step 1309, contents of a file
-//!    are zeros; a replay shrank to one `write a O_CREAT [2865 bytes @2296773]` that left
-//!    size 0) and by the s3 write-through run with some seeds (seed 0xb0c4e7a70005 with the
-//!    earlier generator: `create f; ftruncate f to 1778` -> size 0).
-//! 4. cached and sync, local-directory bucket: `bucketgate umount` at a remount does not
-//!    finish within 60 s (local-cached step 301, local-sync step 601 with the default
-//!    seeds). The daemon log shows `writing directory marker b/: AlreadyExists ... File
-//!    exists` retried in a hot loop (31,000 attempts in a minute while it logs
-//!    `retry_in=60s`): the retry delay is not honoured, and the work can never succeed (a
-//!    file `b` is still in the directory bucket where the mount has a directory `b`).
-//!    Not minimised (each replay costs the 60 s unmount timeout).
+//! A rarer write-through failure (seed 0xb0c4e7a70003, step 1714, a path truncate reading
+//! zeros) was seen once before eviction and discard were made safe against concurrent
+//! users, and not reproduced since.
 
 mod common;
 
@@ -1944,7 +1927,6 @@ fn s3(name: &'static str, mode: &'static str, seed: u64) -> Config {
 }
 
 #[test]
-#[ignore = "daemon bug found by this test: umount hangs (cached) retrying a dir marker over an existing file object without backoff; see the #3 note"]
 fn model_local_cached() {
     let mut cfg = local("local-cached", "cached", SEEDS[0]);
     // A cache smaller than the data: clean blocks get evicted and fetched again.
@@ -1953,13 +1935,11 @@ fn model_local_cached() {
 }
 
 #[test]
-#[ignore = "daemon bug found by this test: umount hangs (sync) retrying a dir marker over an existing file object without backoff; see the #3 note"]
 fn model_local_sync() {
     model_test(local("local-sync", "sync", SEEDS[1]), None);
 }
 
 #[test]
-#[ignore = "daemon bug found by this test: write-through loses a change after create/ftruncate, then rename gives ENOENT; see the #3 note"]
 fn model_local_write_through() {
     model_test(
         local("local-write-through", "write-through", SEEDS[2]),
@@ -1968,7 +1948,6 @@ fn model_local_write_through() {
 }
 
 #[test]
-#[ignore = "daemon bug found by this test: a file renamed over an uploaded one, then moved away or unlinked, comes back from its stale object; see the #3 note"]
 fn model_s3_cached_and_write_through() {
     let moto = Moto::start();
     // Run both; report both before failing.

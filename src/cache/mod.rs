@@ -431,9 +431,49 @@ impl DataCache {
         Ok(cached)
     }
 
-    /// Drops an inode's cached data (deleted file, or evicted).
-    pub fn remove(&self, ino: u64) -> FsResult<()> {
-        self.registry().remove(&ino);
+    /// Drops an inode's cached data; `forget` drops its saved block map under the
+    /// registry's lock (see [`DataCache::evict_to`]).
+    pub fn remove(&self, ino: u64, forget: &dyn Fn(u64) -> FsResult<()>) -> FsResult<()> {
+        let mut files = self.registry();
+        files.remove(&ino);
+        self.delete_file(ino)?;
+        forget(ino)
+    }
+
+    /// Drops `file` (the caller's reference included) when nobody else holds it and it has
+    /// nothing unsent; otherwise leaves it for a later try. Returns whether it was dropped.
+    /// Removing a file someone is still working on would strand their changes.
+    pub fn discard_if_unused(
+        &self,
+        file: Arc<CacheFile>,
+        forget: &dyn Fn(u64) -> FsResult<()>,
+    ) -> FsResult<bool> {
+        let mut files = self.registry();
+        let registered = files.get(&file.ino).is_some_and(|f| Arc::ptr_eq(f, &file));
+        let idle = {
+            let state = file.lock();
+            !state.dirty && state.open_handles == 0
+        };
+        // Two references: the registry's and the caller's.
+        if !registered || !idle || Arc::strong_count(&file) > 2 {
+            return Ok(false);
+        }
+        let ino = file.ino;
+        drop(file);
+        files.remove(&ino);
+        self.delete_file(ino)?;
+        forget(ino)?;
+        Ok(true)
+    }
+
+    /// Whether `file` is still the registered cache file of its inode.
+    pub fn is_current(&self, file: &Arc<CacheFile>) -> bool {
+        self.registry()
+            .get(&file.ino)
+            .is_some_and(|current| Arc::ptr_eq(current, file))
+    }
+
+    fn delete_file(&self, ino: u64) -> FsResult<()> {
         match std::fs::remove_file(self.file_path(ino)) {
             Ok(()) => Ok(()),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -482,21 +522,32 @@ impl DataCache {
 
     /// Evicts clean, closed files, least recently used first, until under the limit.
     /// Returns the inodes evicted (their saved presence must be forgotten).
-    pub fn evict_to_limit(&self) -> FsResult<Vec<u64>> {
-        self.evict_to(self.limit)
+    pub fn evict_to_limit(&self, forget: &dyn Fn(u64) -> FsResult<()>) -> FsResult<Vec<u64>> {
+        self.evict_to(self.limit, forget)
     }
 
     /// Evicts clean, closed files, least recently used first, until at most `target`
     /// bytes are held. Returns the inodes evicted.
-    pub fn evict_to(&self, target: u64) -> FsResult<Vec<u64>> {
+    /// `forget` drops an evicted file's saved block map, under the registry's lock: a
+    /// reload in between would otherwise trust the map of a file that is gone.
+    pub fn evict_to(
+        &self,
+        target: u64,
+        forget: &dyn Fn(u64) -> FsResult<()>,
+    ) -> FsResult<Vec<u64>> {
         let mut evicted = Vec::new();
         let mut used = self.used_bytes();
         if used <= target {
             return Ok(evicted);
         }
-        let mut candidates: Vec<(Instant, u64, u64)> = self
-            .registry()
+        // The registry stays locked from choice to removal, and only files nobody else
+        // holds are chosen: a handle, a read or an upload in progress keeps a reference,
+        // and nothing can take a new one meanwhile. (An upload records the file clean and
+        // its block map while holding it; evicting under it would strand that map.)
+        let mut files = self.registry();
+        let mut candidates: Vec<(Instant, u64, u64)> = files
             .values()
+            .filter(|f| Arc::strong_count(f) == 1)
             .filter_map(|f| {
                 let state = f.lock();
                 let evictable = !state.dirty && state.open_handles == 0;
@@ -508,7 +559,9 @@ impl DataCache {
             if used <= target {
                 break;
             }
-            self.remove(ino)?;
+            files.remove(&ino);
+            self.delete_file(ino)?;
+            forget(ino)?;
             used = used.saturating_sub(bytes);
             evicted.push(ino);
         }

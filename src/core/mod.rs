@@ -725,12 +725,10 @@ impl Core {
 
     async fn truncate(&self, inode: &Inode, size: u64, fh: Option<u64>) -> FsResult<()> {
         if let Some(handle) = fh.and_then(|fh| self.handle(fh).ok()) {
-            let mut io = handle.io.lock().await;
-            if let Some(stream) = io.stream.take() {
-                // Truncating a stream: park what was sent and continue from the cache file.
-                self.stage_stream(&handle, &mut io, stream).await?;
+            if self.write_through() {
+                let mut io = handle.io.lock().await;
+                self.stage(&handle, &mut io).await?;
             }
-            io.staged = true;
         }
         let file = self.cache_file(inode)?;
         let missing = file.missing_for_truncate(size);
@@ -920,10 +918,7 @@ impl Core {
                 if handle.streamable && offset == position {
                     return self.write_stream(&handle, &mut io, &inode, data).await;
                 }
-                if let Some(stream) = io.stream.take() {
-                    self.stage_stream(&handle, &mut io, stream).await?;
-                }
-                io.staged = true;
+                self.stage(&handle, &mut io).await?;
             }
             drop(io);
             return self.write_cached(&inode, offset, data).await;
@@ -1007,9 +1002,8 @@ impl Core {
         if self.cache.room_on_disk()? >= incoming {
             return Ok(());
         }
-        for evicted in self.cache.evict_to(0)? {
-            self.meta.forget_blocks(evicted)?;
-        }
+        self.cache
+            .evict_to(0, &|ino| self.meta.forget_blocks(ino))?;
         let room = self.cache.room_on_disk()?;
         if room >= incoming {
             return Ok(());
@@ -1036,9 +1030,8 @@ impl Core {
 
     /// Evicts clean, closed files beyond the cache limit and forgets their saved blocks.
     fn evict_clean(&self) -> FsResult<()> {
-        for evicted in self.cache.evict_to_limit()? {
-            self.meta.forget_blocks(evicted)?;
-        }
+        self.cache
+            .evict_to_limit(&|ino| self.meta.forget_blocks(ino))?;
         Ok(())
     }
 
@@ -1090,6 +1083,19 @@ impl Core {
     /// back can continue from it after the stream is abandoned: the bucket never sees a
     /// partial object. The copy is dropped once the object is complete.
     fn spool(&self, io: &mut handle::HandleIo, ino: u64, offset: u64, data: &[u8]) -> FsResult<()> {
+        let file = self.start_spool(io, ino)?;
+        match file.write_local(offset, data)? {
+            WriteOutcome::Written => Ok(()),
+            WriteOutcome::NeedFetch(_) => Err(FsError::loud(
+                libc::EIO,
+                format!("inode {ino}: the write-through spool needs data it never had"),
+            )),
+        }
+    }
+
+    /// The local copy a write-through handle opened empty (created or O_TRUNC) writes to:
+    /// it starts empty, while the old object stays in the bucket until close replaces it.
+    fn start_spool(&self, io: &mut handle::HandleIo, ino: u64) -> FsResult<Arc<CacheFile>> {
         let file = self.cache.get_or_load(ino, || {
             Ok(crate::cache::FileInit {
                 size: 0,
@@ -1103,14 +1109,31 @@ impl Core {
         if !io.holds_cache_file {
             file.lock().open_handles += 1;
             io.holds_cache_file = true;
+            let old = {
+                let state = file.lock();
+                state.size > 0 || state.fetch_limit > 0
+            };
+            if old {
+                file.truncate(0)?;
+            }
         }
-        match file.write_local(offset, data)? {
-            WriteOutcome::Written => Ok(()),
-            WriteOutcome::NeedFetch(_) => Err(FsError::loud(
-                libc::EIO,
-                format!("inode {ino}: the write-through spool needs data it never had"),
-            )),
+        Ok(file)
+    }
+
+    /// The handle leaves the streaming path: from here on its writes go to the local copy,
+    /// uploaded whole at close.
+    async fn stage(&self, handle: &Handle, io: &mut handle::HandleIo) -> FsResult<()> {
+        if io.staged {
+            return Ok(());
         }
+        if let Some(stream) = io.stream.take() {
+            self.stage_stream(handle, io, stream).await?;
+        } else if handle.streamable {
+            self.start_spool(io, handle.ino)?;
+            lock(&self.live_sizes).remove(&handle.ino);
+        }
+        io.staged = true;
+        Ok(())
     }
 
     /// A write-through writer left the sequential path (or truncated): the stream is
@@ -1136,33 +1159,35 @@ impl Core {
     /// Makes a cached file's changes durable and journals its upload (cached/sync), or
     /// uploads it now (write-through, when `upload_now`).
     fn persist(&self, file: &CacheFile, ino: u64, force: bool) -> FsResult<()> {
-        let (gen, size, fetch_limit, blocks) = {
+        let gen = {
             let state = file.lock();
             if state.gen == state.persisted_gen && !force {
                 return Ok(());
             }
-            (
-                state.gen,
-                state.size,
-                state.fetch_limit,
-                state.blocks.to_bytes(),
-            )
+            state.gen
         };
+        // Everything up to `gen` is on disk after this; later writes persist again.
         file.sync_data()?;
         let delay = self.delay();
+        // The state stays locked while the store is written: the uploader updates the same
+        // fields (clean, fetch limit) under the same lock, so the two never interleave and
+        // leave the store saying less is fetchable than memory knows.
+        let mut state = file.lock();
         let change = AttrChange {
-            size: Some(size),
-            fetch_limit: Some(fetch_limit),
+            size: Some(state.size),
+            fetch_limit: Some(state.fetch_limit),
             mtime: Some(SystemTime::now()),
             dirty: Some(true),
             ..Default::default()
         };
-        self.meta.save_blocks(ino, BLOCK_SIZE, &blocks)?;
+        self.meta
+            .save_blocks(ino, BLOCK_SIZE, &state.blocks.to_bytes())?;
         self.meta.transaction(|tx| {
             self.meta.change_attrs(tx, ino, &change)?;
             self.meta.enqueue(tx, &JournalOp::Sync(ino), delay)
         })?;
-        file.lock().persisted_gen = gen;
+        state.dirty = true;
+        state.persisted_gen = state.persisted_gen.max(gen);
         Ok(())
     }
 
@@ -1311,9 +1336,8 @@ impl Core {
                 self.sync_now_or_later(ops).await?;
             } else if self.write_through() {
                 if let Some(file) = self.cache.loaded(ino) {
-                    if !file.lock().dirty {
-                        discard_cache_file(&self.meta, &self.cache, ino)?;
-                    }
+                    self.cache
+                        .discard_if_unused(file, &|ino| self.meta.forget_blocks(ino))?;
                 }
             }
         }

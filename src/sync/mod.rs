@@ -103,8 +103,7 @@ pub fn file_init(meta: &MetaStore, inode: &Inode) -> FsResult<FileInit> {
 /// Deletes an inode's cache file and what the store says was present in it: a saved
 /// presence map without its file would make zeros pass for data.
 pub fn discard_cache_file(meta: &MetaStore, cache: &DataCache, ino: u64) -> FsResult<()> {
-    cache.remove(ino)?;
-    meta.forget_blocks(ino)
+    cache.remove(ino, &|ino| meta.forget_blocks(ino))
 }
 
 /// The check of an inode's object against its crc64, when one is known and the file
@@ -445,6 +444,8 @@ impl Uploader {
             (state.gen, state.size)
         };
         let uploaded = self.upload_from_cache(&file, inode, key, size).await?;
+        let remote = uploaded.remote();
+        // Memory and store change together, under the file's lock (as `persist` does).
         let clean = {
             let mut state = file.lock();
             let unchanged = state.gen == gen;
@@ -454,19 +455,23 @@ impl Uploader {
                 state.fetch_limit = uploaded.size;
                 state.verifier = None; // every block is local: nothing left to fetch
             }
+            self.meta
+                .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, unchanged))?;
             unchanged
         };
-        let remote = uploaded.remote();
-        self.meta
-            .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, clean))?;
         if clean {
             self.meta.save_blocks(
                 inode.ino,
                 crate::cache::BLOCK_SIZE,
                 &file.lock().blocks.to_bytes(),
             )?;
-            if !self.config.keep_data && file.lock().open_handles == 0 {
-                discard_cache_file(&self.meta, &self.cache, inode.ino)?;
+            if !self.cache.is_current(&file) {
+                // Discarded while uploading: a saved map must not outlive its file.
+                self.meta.forget_blocks(inode.ino)?;
+            }
+            if !self.config.keep_data {
+                self.cache
+                    .discard_if_unused(file, &|ino| self.meta.forget_blocks(ino))?;
             }
         }
         Ok(())
