@@ -125,6 +125,37 @@ fn s3_objects_carry_their_crc64_and_write_through_reads_check_it() {
         Some(&crc64(&data).to_string()),
         "{head:?}"
     );
+    // A write-through stream (multipart) gets its crc64 once complete, in place.
+    let streamed = pattern(12 << 20, 8);
+    {
+        let mount = Mount::s3(&moto, &bucket, "write-through", &["--part-size", "5M"]);
+        fs::write(mount.path("streamed.bin"), &streamed).expect("stream");
+        mount.unmount();
+    }
+    let head = moto
+        .head_object(&bucket, "streamed.bin")
+        .expect("streamed.bin");
+    assert_eq!(
+        head.metadata.get("bucketgate-crc64"),
+        Some(&crc64(&streamed).to_string()),
+        "{head:?}"
+    );
+    assert!(
+        head.metadata.contains_key("mode"),
+        "attributes kept: {head:?}"
+    );
+    let mut verify = std::process::Command::new(env!("CARGO_BIN_EXE_bucketgate"));
+    verify
+        .args(["verify", &format!("s3://{bucket}")])
+        .args(moto.mount_args())
+        .envs(Moto::env());
+    let ran = common::run_bounded(&mut verify, "verify s3", VERIFY_TIMEOUT);
+    let out = String::from_utf8_lossy(&ran.stdout);
+    assert!(ran.status.success(), "{out} {}", ran.stderr);
+    assert!(
+        out.contains("2 ok, 0 mismatched, 0 without checksum"),
+        "{out}"
+    );
     // An object whose stored checksum does not match its bytes (written by some other
     // tool that copied the metadata but not the data).
     let wrong = crc64(b"something else").to_string();

@@ -2,15 +2,18 @@
 //! the gateway needs, expressed in keys relative to the mount's prefix.
 
 pub mod attrs;
+pub mod s3_direct;
 pub mod source;
-pub mod uploads;
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use opendal::{Buffer, ErrorKind, Operator};
+
+use s3_direct::S3Direct;
 
 pub use attrs::{AttrDefaults, Kind, ObjectAttrs};
 
@@ -27,6 +30,15 @@ pub struct ObjectInfo {
     pub etag: Option<String>,
     pub attrs: ObjectAttrs,
     pub crc64: Option<u64>,
+}
+
+/// What [`Backend::replace_metadata`] did.
+#[derive(Debug)]
+pub enum MetadataReplaced {
+    /// Replaced; the object's new ETag when it changed.
+    Done { etag: Option<String> },
+    /// This bucket (or object size) allows no in-place change.
+    Unsupported,
 }
 
 /// One child of a directory listing.
@@ -48,6 +60,8 @@ pub struct Backend {
     /// attributes are kept as xattrs (the fs service cannot write metadata on a directory).
     local_root: Option<PathBuf>,
     defaults: AttrDefaults,
+    /// The S3 calls OpenDAL lacks (S3 sources only).
+    direct: Option<Arc<S3Direct>>,
     /// Human-readable description, e.g. `s3://bucket/prefix`.
     pub description: String,
 }
@@ -57,14 +71,21 @@ impl Backend {
         op: Operator,
         local_root: Option<PathBuf>,
         defaults: AttrDefaults,
+        direct: Option<S3Direct>,
         description: String,
     ) -> Self {
         Backend {
             op,
             local_root,
             defaults,
+            direct: direct.map(Arc::new),
             description,
         }
+    }
+
+    /// Direct S3 calls (abandoned uploads, metadata replacement), where the bucket is S3.
+    pub fn direct(&self) -> Option<&S3Direct> {
+        self.direct.as_deref()
     }
 
     pub fn operator(&self) -> &Operator {
@@ -210,6 +231,28 @@ impl Backend {
         writer.close_dyn().await.map(|_| ())
     }
 
+    /// Replaces an object's user metadata in place, where the bucket allows it: S3 (a
+    /// CopyObject onto itself, up to 5 GiB) and the directory bucket (its xattrs).
+    pub async fn replace_metadata(
+        &self,
+        key: &str,
+        size: u64,
+        metadata: &HashMap<String, String>,
+    ) -> Result<MetadataReplaced, String> {
+        if let Some(root) = &self.local_root {
+            set_local_xattrs(&root.join(key), metadata).map_err(|err| err.to_string())?;
+            return Ok(MetadataReplaced::Done { etag: None });
+        }
+        match &self.direct {
+            Some(direct) if size <= s3_direct::MAX_COPY_SIZE => direct
+                .replace_metadata(key, metadata)
+                .await
+                .map(|etag| MetadataReplaced::Done { etag })
+                .map_err(|err| err.to_string()),
+            _ => Ok(MetadataReplaced::Unsupported),
+        }
+    }
+
     /// Server-side copy, keeping the source's metadata.
     pub async fn copy(&self, from: &str, to: &str) -> opendal::Result<()> {
         self.op.copy(from, to).await.map(|_| ())
@@ -220,8 +263,43 @@ impl Backend {
         match self.op.delete(key).await {
             Err(err) if err.kind() == ErrorKind::NotFound => Ok(()),
             other => other,
+        }?;
+        if let Some(root) = &self.local_root {
+            if !key.ends_with('/') {
+                prune_implicit_dirs(root, key);
+            }
         }
+        Ok(())
     }
+}
+
+/// The directory bucket creates parent directories for any key it stores; on S3 a prefix
+/// with no marker vanishes with its last object, so here an emptied directory that never
+/// got a marker (no attribute xattrs) goes too. Otherwise a file uploaded under a path
+/// that was renamed meanwhile would leave a phantom directory after its copy moved away.
+fn prune_implicit_dirs(root: &std::path::Path, key: &str) {
+    let mut dir = std::path::Path::new(key).parent();
+    // Bounded by the key's depth.
+    while let Some(rel) = dir.filter(|d| !d.as_os_str().is_empty()) {
+        let path = root.join(rel);
+        if has_marker_xattr(&path) || std::fs::remove_dir(&path).is_err() {
+            return; // a real directory, or not empty (or gone)
+        }
+        dir = rel.parent();
+    }
+}
+
+fn has_marker_xattr(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return true; // cannot tell: keep it
+    };
+    let Ok(c_name) = std::ffi::CString::new(format!("user.{}", attrs::keys::MODE)) else {
+        return true;
+    };
+    // SAFETY: NUL-terminated strings; a zero-size query writes nothing.
+    let len = unsafe { libc::getxattr(c_path.as_ptr(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
+    len >= 0
 }
 
 fn set_local_xattrs(

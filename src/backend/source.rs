@@ -10,6 +10,7 @@ use opendal::{services, Operator};
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::s3_direct::S3Direct;
 use super::{AttrDefaults, Backend};
 
 #[derive(Debug, Error)]
@@ -22,6 +23,11 @@ pub enum SourceError {
     LocalDir { path: String, message: String },
     #[error("credentials file {path}: {message}")]
     Credentials { path: PathBuf, message: String },
+    #[error("source `{source_text}`: {message}")]
+    Direct {
+        source_text: String,
+        message: String,
+    },
     #[error("source `{source_text}`: {error}")]
     Build {
         source_text: String,
@@ -232,7 +238,17 @@ pub fn open(
             .with_jitter()
             .with_max_times(connection.retries),
     );
-    Ok(Backend::new(op, local_root, defaults, describe(&source)))
+    let direct = S3Direct::for_source(&source, connection).map_err(|err| SourceError::Direct {
+        source_text: source_text.to_string(),
+        message: err.to_string(),
+    })?;
+    Ok(Backend::new(
+        op,
+        local_root,
+        defaults,
+        direct,
+        describe(&source),
+    ))
 }
 
 fn describe(source: &Source) -> String {

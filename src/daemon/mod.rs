@@ -205,7 +205,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             keep_data: config.mode.keeps_data(),
         },
     );
-    recover(&config, &meta, &uploader, &backend, &connection).await?;
+    recover(&meta, &uploader, &backend).await?;
     let uploader_task = tokio::spawn(uploader.clone().run());
     let core = Arc::new(Core::new(
         CoreConfig {
@@ -296,21 +296,17 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
 
 /// Cleans up after an earlier run that stopped without ending its uploads.
 async fn recover(
-    config: &MountConfig,
     meta: &MetaStore,
     uploader: &Uploader,
     backend: &crate::backend::Backend,
-    connection: &source::Connection,
 ) -> anyhow::Result<()> {
     if let Some(root) = backend.local_root() {
         recovery::sweep_local_tmp(root);
     }
-    let source = source::Source::parse(&config.source)?;
-    let janitor = crate::backend::uploads::UploadJanitor::for_source(&source, connection)?;
     let started = std::time::SystemTime::now();
     match tokio::time::timeout(
         RECOVERY_TIMEOUT,
-        recovery::abort_abandoned_uploads(meta, uploader, janitor.as_ref(), started),
+        recovery::abort_abandoned_uploads(meta, uploader, backend.direct(), started),
     )
     .await
     {

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use crate::backend::s3_direct::S3Direct;
 use crate::backend::source::LOCAL_TMP_DIR;
-use crate::backend::uploads::UploadJanitor;
 use crate::meta::{JournalOp, MetaStore};
 use crate::sync::Uploader;
 
@@ -21,7 +21,7 @@ const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 pub async fn abort_abandoned_uploads(
     meta: &MetaStore,
     uploader: &Uploader,
-    janitor: Option<&UploadJanitor>,
+    janitor: Option<&S3Direct>,
     started: SystemTime,
 ) -> anyhow::Result<()> {
     let keys = meta

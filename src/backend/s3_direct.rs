@@ -1,11 +1,15 @@
-//! Orphaned multipart uploads: list and abort them with two direct S3 calls.
+//! The S3 calls OpenDAL 0.59 does not offer, made directly: list and abort multipart
+//! uploads, and replace an object's metadata in place.
 //!
 //! A daemon that crashes mid-write leaves its multipart uploads open, and their parts are
-//! billed until someone aborts them. OpenDAL 0.59 can neither list nor abort an upload it
-//! did not start in this process (its S3 core is private), so this module speaks just
-//! ListMultipartUploads and AbortMultipartUpload itself, signed with the same SigV4 code
-//! and credentials OpenDAL uses, path-style against the same endpoint.
+//! billed until someone aborts them; OpenDAL can neither list nor abort an upload it did not
+//! start in this process (its S3 core is private). A streamed object's crc64 is known only
+//! once its last byte is sent, after its metadata went out with the first request; a
+//! CopyObject onto itself with `x-amz-metadata-directive: REPLACE` stores it, which
+//! OpenDAL's copy cannot. Requests are signed with the same SigV4 code and credentials
+//! OpenDAL uses, path-style against the same endpoint.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use http::header::HOST;
@@ -34,7 +38,7 @@ const AWS_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 #[derive(Debug, Error)]
-pub enum UploadsError {
+pub enum S3DirectError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("bucket `{bucket}`: endpoint `{endpoint}` is not a valid URL: {message}")]
@@ -83,7 +87,7 @@ pub struct PendingUpload {
 }
 
 /// Lists and aborts the multipart uploads of one S3 source.
-pub struct UploadJanitor {
+pub struct S3Direct {
     client: reqwest::Client,
     /// Signs with static keys; `None` sends anonymous requests, as the operator does.
     signer: Option<Signer<Credential>>,
@@ -95,21 +99,21 @@ pub struct UploadJanitor {
     retries: usize,
 }
 
-impl UploadJanitor {
+impl S3Direct {
     /// The janitor for `source`, or `None` when it has no multipart uploads to clean:
     /// local directories and memory. OSS also gives `None` for now: it signs differently
     /// (not SigV4) and is not handled yet.
     pub fn for_source(
         source: &Source,
         connection: &Connection,
-    ) -> Result<Option<UploadJanitor>, UploadsError> {
+    ) -> Result<Option<S3Direct>, S3DirectError> {
         match source {
             Source::S3 { bucket, prefix } => Self::s3(bucket, prefix, connection).map(Some),
             Source::Oss { .. } | Source::Local(_) | Source::Memory => Ok(None),
         }
     }
 
-    fn s3(bucket: &str, prefix: &str, connection: &Connection) -> Result<Self, UploadsError> {
+    fn s3(bucket: &str, prefix: &str, connection: &Connection) -> Result<Self, S3DirectError> {
         let signer = s3_credentials(connection)?.map(|creds| {
             let mut provider =
                 StaticCredentialProvider::new(&creds.access_key_id, &creds.secret_access_key);
@@ -123,7 +127,7 @@ impl UploadJanitor {
             )
         });
         let prefix = prefix.trim_matches('/');
-        Ok(UploadJanitor {
+        Ok(S3Direct {
             client: http_client(bucket, connection)?,
             signer,
             endpoint: endpoint(bucket, connection)?,
@@ -139,7 +143,7 @@ impl UploadJanitor {
 
     /// Every in-progress multipart upload whose key starts with `prefix` (relative to the
     /// source prefix), all pages, in the server's order.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<PendingUpload>, UploadsError> {
+    pub async fn list(&self, prefix: &str) -> Result<Vec<PendingUpload>, S3DirectError> {
         let full_prefix = format!("{}{prefix}", self.root);
         let what = if full_prefix.is_empty() {
             "listing multipart uploads".to_string()
@@ -170,32 +174,65 @@ impl UploadJanitor {
 
     /// Aborts `upload`, deleting its parts. An upload that is already gone counts as
     /// aborted: that is also what a retry sees after a lost answer.
-    pub async fn abort(&self, upload: &PendingUpload) -> Result<(), UploadsError> {
+    pub async fn abort(&self, upload: &PendingUpload) -> Result<(), S3DirectError> {
         let key = format!("{}{}", self.root, upload.key);
         let what = format!(
             "aborting multipart upload `{}` of `{key}`",
             upload.upload_id
         );
-        let path: Vec<String> = key
-            .split('/')
-            .map(|segment| utf8_percent_encode(segment, AWS_ENCODE).to_string())
-            .collect();
         let url = format!(
             "{}/{}/{}?uploadId={}",
             self.endpoint,
             self.bucket,
-            path.join("/"),
+            encode_path(&key),
             encode(&upload.upload_id)
         );
-        let (status, body) = self.send(&what, Method::DELETE, &url).await?;
+        let (status, body) = self.send(&what, Method::DELETE, &url, &[]).await?;
         if status.is_success() {
             return Ok(());
         }
         let err = self.status_error(&what, status, &body);
         match &err {
-            UploadsError::Status { code, .. } if code == "NoSuchUpload" => Ok(()),
+            S3DirectError::Status { code, .. } if code == "NoSuchUpload" => Ok(()),
             _ => Err(err),
         }
+    }
+
+    /// Replaces the user metadata of `key` (relative to the source prefix) with
+    /// `metadata`, by copying the object onto itself; the bytes do not move through us.
+    /// Returns the object's new ETag. One CopyObject holds at most 5 GiB.
+    pub async fn replace_metadata(
+        &self,
+        key: &str,
+        metadata: &HashMap<String, String>,
+    ) -> Result<Option<String>, S3DirectError> {
+        let full = format!("{}{key}", self.root);
+        let what = format!("replacing the metadata of `{full}`");
+        let path = encode_path(&full);
+        let url = format!("{}/{}/{}", self.endpoint, self.bucket, path);
+        let mut headers = vec![
+            (
+                "x-amz-copy-source".to_string(),
+                format!("/{}/{path}", self.bucket),
+            ),
+            (
+                "x-amz-metadata-directive".to_string(),
+                "REPLACE".to_string(),
+            ),
+        ];
+        headers.extend(
+            metadata
+                .iter()
+                .map(|(name, value)| (format!("x-amz-meta-{name}"), value.clone())),
+        );
+        let (status, body) = self.send(&what, Method::PUT, &url, &headers).await?;
+        let text = String::from_utf8_lossy(&body);
+        // CopyObject may answer 200 and still fail, with an <Error> body.
+        if !status.is_success() || text.contains("<Error>") {
+            return Err(self.status_error(&what, status, &body));
+        }
+        let result: CopyResultXml = quick_xml::de::from_str(&text).unwrap_or_default();
+        Ok(Some(result.etag).filter(|etag| !etag.is_empty()))
     }
 
     async fn list_page(
@@ -203,7 +240,7 @@ impl UploadJanitor {
         what: &str,
         full_prefix: &str,
         marker: Option<&(String, String)>,
-    ) -> Result<ListPage, UploadsError> {
+    ) -> Result<ListPage, S3DirectError> {
         // `uploads=` rather than `uploads`: the same bytes on the wire as in the signature.
         let mut url = format!(
             "{}/{}?uploads=&prefix={}",
@@ -218,7 +255,7 @@ impl UploadJanitor {
                 encode(upload_id)
             ));
         }
-        let (status, body) = self.send(what, Method::GET, &url).await?;
+        let (status, body) = self.send(what, Method::GET, &url, &[]).await?;
         if !status.is_success() {
             return Err(self.status_error(what, status, &body));
         }
@@ -234,7 +271,7 @@ impl UploadJanitor {
         &self,
         what: &str,
         upload: UploadXml,
-    ) -> Result<Option<PendingUpload>, UploadsError> {
+    ) -> Result<Option<PendingUpload>, S3DirectError> {
         let Some(key) = upload.key.strip_prefix(&self.root) else {
             tracing::warn!(bucket = %self.bucket, key = %upload.key, "listed upload outside the prefix; skipped");
             return Ok(None);
@@ -262,14 +299,15 @@ impl UploadJanitor {
         what: &str,
         method: Method,
         url: &str,
-    ) -> Result<(reqwest::StatusCode, bytes::Bytes), UploadsError> {
+        headers: &[(String, String)],
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), S3DirectError> {
         let mut pause = RETRY_PAUSE;
         let mut attempt = 0;
         loop {
-            let result = self.send_once(what, method.clone(), url).await;
+            let result = self.send_once(what, method.clone(), url, headers).await;
             let retryable = match &result {
                 Ok((status, _)) => status.is_server_error(),
-                Err(UploadsError::Request { .. }) => true,
+                Err(S3DirectError::Request { .. }) => true,
                 Err(_) => false,
             };
             if !retryable || attempt >= self.retries {
@@ -286,8 +324,9 @@ impl UploadJanitor {
         what: &str,
         method: Method,
         url: &str,
-    ) -> Result<(reqwest::StatusCode, bytes::Bytes), UploadsError> {
-        let request_error = |message: String| UploadsError::Request {
+        headers: &[(String, String)],
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), S3DirectError> {
+        let request_error = |message: String| S3DirectError::Request {
             bucket: self.bucket.clone(),
             what: what.to_string(),
             message,
@@ -295,9 +334,11 @@ impl UploadJanitor {
         let uri: http::Uri = url
             .parse()
             .map_err(|err| request_error(format!("invalid request URL {url}: {err}")))?;
-        let (mut parts, ()) = http::Request::builder()
-            .method(method.clone())
-            .uri(uri)
+        let mut builder = http::Request::builder().method(method.clone()).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let (mut parts, ()) = builder
             .body(())
             .map_err(|err| request_error(format!("building the request: {err}")))?
             .into_parts();
@@ -306,7 +347,7 @@ impl UploadJanitor {
             signer
                 .sign(&mut parts, None)
                 .await
-                .map_err(|err| UploadsError::Sign {
+                .map_err(|err| S3DirectError::Sign {
                     bucket: self.bucket.clone(),
                     what: what.to_string(),
                     message: err.to_string(),
@@ -329,14 +370,14 @@ impl UploadJanitor {
         Ok((status, body))
     }
 
-    fn status_error(&self, what: &str, status: reqwest::StatusCode, body: &[u8]) -> UploadsError {
+    fn status_error(&self, what: &str, status: reqwest::StatusCode, body: &[u8]) -> S3DirectError {
         let text = String::from_utf8_lossy(body);
         let parsed: Option<ErrorXml> = quick_xml::de::from_str(&text).ok();
         let (code, message) = match parsed {
             Some(err) => (err.code, err.message),
             None => (String::new(), text.chars().take(200).collect()),
         };
-        UploadsError::Status {
+        S3DirectError::Status {
             bucket: self.bucket.clone(),
             what: what.to_string(),
             status: status.as_u16(),
@@ -345,8 +386,8 @@ impl UploadJanitor {
         }
     }
 
-    fn bad_response(&self, what: &str, message: &str) -> UploadsError {
-        UploadsError::Response {
+    fn bad_response(&self, what: &str, message: &str) -> S3DirectError {
+        S3DirectError::Response {
             bucket: self.bucket.clone(),
             what: what.to_string(),
             message: message.to_string(),
@@ -356,14 +397,14 @@ impl UploadJanitor {
 
 /// The endpoint the operator talks to: the configured one (https when it has no scheme)
 /// or the region's AWS endpoint, path-style (the bucket goes in the path).
-fn endpoint(bucket: &str, connection: &Connection) -> Result<String, UploadsError> {
+fn endpoint(bucket: &str, connection: &Connection) -> Result<String, S3DirectError> {
     let configured = match &connection.endpoint {
         Some(endpoint) if endpoint.starts_with("http") => endpoint.clone(),
         Some(endpoint) => format!("https://{endpoint}"),
         None => format!("https://s3.{}.amazonaws.com", connection.region),
     };
     // Parsing normalizes it as OpenDAL does (default ports dropped).
-    let url = reqwest::Url::parse(&configured).map_err(|err| UploadsError::Endpoint {
+    let url = reqwest::Url::parse(&configured).map_err(|err| S3DirectError::Endpoint {
         bucket: bucket.to_string(),
         endpoint: configured.clone(),
         message: err.to_string(),
@@ -372,13 +413,13 @@ fn endpoint(bucket: &str, connection: &Connection) -> Result<String, UploadsErro
 }
 
 /// No proxy and no redirects: requests go to the configured endpoint and nowhere else.
-fn http_client(bucket: &str, connection: &Connection) -> Result<reqwest::Client, UploadsError> {
+fn http_client(bucket: &str, connection: &Connection) -> Result<reqwest::Client, S3DirectError> {
     reqwest::Client::builder()
         .timeout(connection.request_timeout.unwrap_or(DEFAULT_TIMEOUT))
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .build()
-        .map_err(|err| UploadsError::Client {
+        .map_err(|err| S3DirectError::Client {
             bucket: bucket.to_string(),
             message: error_chain(&err),
         })
@@ -418,6 +459,25 @@ struct UploadXml {
     key: String,
     upload_id: String,
     initiated: String,
+}
+
+/// The largest object one CopyObject copies (larger ones need a multipart copy).
+pub const MAX_COPY_SIZE: u64 = 5 << 30;
+
+/// CopyObject's answer.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+struct CopyResultXml {
+    #[serde(rename = "ETag")]
+    etag: String,
+}
+
+/// A key as a URL path, each segment SigV4-encoded.
+fn encode_path(key: &str) -> String {
+    key.split('/')
+        .map(|segment| utf8_percent_encode(segment, AWS_ENCODE).to_string())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// S3's error body.

@@ -8,8 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use bucketgate::backend::s3_direct::S3Direct;
 use bucketgate::backend::source::{Connection, Source};
-use bucketgate::backend::uploads::UploadJanitor;
 use common::{unique_name, Moto, ACCESS_KEY, REGION, SECRET_KEY};
 
 /// A connection to `moto` with its keys in a private credentials file, so the test needs
@@ -32,15 +32,15 @@ fn connection(moto: &Moto, dir: &Path) -> Connection {
     }
 }
 
-fn janitor(source: &str, connection: &Connection) -> UploadJanitor {
+fn janitor(source: &str, connection: &Connection) -> S3Direct {
     let source = Source::parse(source).expect("parsing the source");
-    UploadJanitor::for_source(&source, connection)
+    S3Direct::for_source(&source, connection)
         .expect("building the janitor")
         .expect("an S3 source has a janitor")
 }
 
 /// (key, upload id) pairs, sorted.
-fn listed(uploads: &[bucketgate::backend::uploads::PendingUpload]) -> Vec<(String, String)> {
+fn listed(uploads: &[bucketgate::backend::s3_direct::PendingUpload]) -> Vec<(String, String)> {
     let mut pairs: Vec<_> = uploads
         .iter()
         .map(|u| (u.key.clone(), u.upload_id.clone()))
@@ -139,7 +139,7 @@ fn sources_without_multipart_uploads_have_no_janitor() {
     for source in ["memory://", "/tmp", "oss://bucket/prefix"] {
         let source = Source::parse(source).expect("parsing the source");
         assert!(
-            UploadJanitor::for_source(&source, &connection)
+            S3Direct::for_source(&source, &connection)
                 .expect("no error")
                 .is_none(),
             "{source:?}"
