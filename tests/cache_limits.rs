@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::fault::{FaultProxy, FaultRule};
+use common::fault::{FaultRule, ProxiedBucket};
 use common::posix::pattern;
-use common::{bucketgate, close_checked, run_bounded, temp_dir, Moto, Mount};
+use common::{bucketgate, close_checked, run_bounded, temp_dir, Mount};
 
 /// A small tmpfs mounted on a temp dir for the test's lifetime (the full-disk case).
 struct SmallDisk {
@@ -99,31 +99,21 @@ fn six_times_the_cache_size_goes_through_a_cached_mount() {
 #[test]
 fn a_full_cache_disk_evicts_clean_data_then_gives_enospc_and_loses_nothing() {
     let disk = SmallDisk::new("12m");
-    let moto = Moto::start();
-    let bucket = common::unique_name("limits-disk");
-    moto.create_bucket(&bucket);
-    let proxy = FaultProxy::start(moto.port);
+    let setup = ProxiedBucket::start("limits-disk");
+    let (moto, bucket, proxy) = (&setup.moto, &setup.bucket, &setup.proxy);
     let cache = disk.path().join("cache");
-    let mut args: Vec<String> = proxy.mount_args();
-    args.extend(
-        [
+    let mount = setup.mount(
+        "cached",
+        Some(&cache),
+        &[
             "--upload-delay",
             "0ms",
             "--cache-size",
             "1G",
             "--retries",
             "1",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+        ],
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env_owned = Moto::env();
-    let env: Vec<(&str, &str)> = env_owned
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let mount = Mount::start_with_cache(&format!("s3://{bucket}"), "cached", &cache, &args, &env);
     let mnt = mount.mountpoint.to_str().expect("utf-8").to_string();
     // Clean data first: uploaded, kept in the cache (the limit is far away).
     let clean: Vec<Vec<u8>> = (0..6).map(|i| pattern(1 << 20, 100 + i as u8)).collect();
@@ -170,7 +160,7 @@ fn a_full_cache_disk_evicts_clean_data_then_gives_enospc_and_loses_nothing() {
     );
     for (path, data) in &kept {
         let key = path.file_name().expect("name").to_str().expect("utf-8");
-        assert_eq!(&moto.get_object(&bucket, key), data, "{key}");
+        assert_eq!(&moto.get_object(bucket, key), data, "{key}");
     }
     for (i, data) in clean.iter().enumerate() {
         assert_eq!(

@@ -9,22 +9,9 @@ mod common;
 use std::fs;
 use std::time::Duration;
 
-use common::fault::{FaultProxy, FaultRule};
+use common::fault::{FaultRule, ProxiedBucket};
 use common::posix::pattern;
-use common::{bucketgate, close_checked, Moto, Mount};
-
-/// Mounts `bucket` through the proxy.
-fn mount_via(proxy: &FaultProxy, bucket: &str, mode: &str, extra: &[&str]) -> Mount {
-    let mut args: Vec<String> = proxy.mount_args();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env_owned = Moto::env();
-    let env: Vec<(&str, &str)> = env_owned
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    Mount::start(&format!("s3://{bucket}"), mode, &args, &env)
-}
+use common::{bucketgate, close_checked, Mount};
 
 fn status_json(mount: &Mount) -> serde_json::Value {
     let mnt = mount.mountpoint.to_str().expect("utf-8");
@@ -35,11 +22,9 @@ fn status_json(mount: &Mount) -> serde_json::Value {
 
 #[test]
 fn throttling_and_server_errors_are_retried() {
-    let moto = Moto::start();
-    let bucket = common::unique_name("faults-retry");
-    moto.create_bucket(&bucket);
-    let proxy = FaultProxy::start(moto.port);
-    let mount = mount_via(&proxy, &bucket, "cached", &["--upload-delay", "0ms"]);
+    let setup = ProxiedBucket::start("faults-retry");
+    let (moto, bucket, proxy) = (&setup.moto, &setup.bucket, &setup.proxy);
+    let mount = setup.mount("cached", None, &["--upload-delay", "0ms"]);
     let data = pattern(700 << 10, 5);
     proxy.set(
         FaultRule::status(503, "SlowDown")
@@ -50,7 +35,7 @@ fn throttling_and_server_errors_are_retried() {
     let mnt = mount.mountpoint.to_str().expect("utf-8").to_string();
     let flushed = bucketgate(&["flush", &mnt], Duration::from_secs(120));
     assert!(flushed.status.success(), "flush after 503s: {flushed:?}");
-    assert_eq!(moto.get_object(&bucket, "a.bin"), data);
+    assert_eq!(moto.get_object(bucket, "a.bin"), data);
     let stats = proxy.stats();
     assert!(
         stats.faulted >= 2,
@@ -61,7 +46,7 @@ fn throttling_and_server_errors_are_retried() {
     fs::write(mount.path("b.bin"), &data).expect("write b");
     let flushed = bucketgate(&["flush", &mnt], Duration::from_secs(120));
     assert!(flushed.status.success(), "flush after a reset: {flushed:?}");
-    assert_eq!(moto.get_object(&bucket, "b.bin"), data);
+    assert_eq!(moto.get_object(bucket, "b.bin"), data);
 
     // Slow answers (within the request timeout) only cost time.
     proxy.set(FaultRule::slow_ms(400).count(6));
@@ -71,39 +56,29 @@ fn throttling_and_server_errors_are_retried() {
         flushed.status.success(),
         "flush with slow answers: {flushed:?}"
     );
-    assert_eq!(moto.get_object(&bucket, "c.bin"), data);
+    assert_eq!(moto.get_object(bucket, "c.bin"), data);
     mount.unmount();
 }
 
 #[test]
 fn a_stalled_request_times_out_and_is_retried() {
-    let moto = Moto::start();
-    let bucket = common::unique_name("faults-stall");
-    moto.create_bucket(&bucket);
-    let proxy = FaultProxy::start(moto.port);
-    let mount = mount_via(
-        &proxy,
-        &bucket,
-        "write-through",
-        &["--request-timeout", "2s"],
-    );
+    let setup = ProxiedBucket::start("faults-stall");
+    let (moto, bucket, proxy) = (&setup.moto, &setup.bucket, &setup.proxy);
+    let mount = setup.mount("write-through", None, &["--request-timeout", "2s"]);
     proxy.set(FaultRule::stall().count(1).methods(&["PUT"]));
     let data = pattern(100 << 10, 9);
     fs::write(mount.path("s.bin"), &data).expect("write-through close after a stall");
-    assert_eq!(moto.get_object(&bucket, "s.bin"), data);
+    assert_eq!(moto.get_object(bucket, "s.bin"), data);
     mount.unmount();
 }
 
 #[test]
 fn during_an_outage_writes_land_in_the_cache_status_shows_the_backlog_and_all_uploads_after() {
-    let moto = Moto::start();
-    let bucket = common::unique_name("faults-outage");
-    moto.create_bucket(&bucket);
-    let proxy = FaultProxy::start(moto.port);
-    let mount = mount_via(
-        &proxy,
-        &bucket,
+    let setup = ProxiedBucket::start("faults-outage");
+    let (moto, bucket, proxy) = (&setup.moto, &setup.bucket, &setup.proxy);
+    let mount = setup.mount(
         "cached",
+        None,
         &[
             "--upload-delay",
             "0ms",
@@ -151,21 +126,18 @@ fn during_an_outage_writes_land_in_the_cache_status_shows_the_backlog_and_all_up
         "flush after the outage: {flushed:?}"
     );
     for (i, data) in files.iter().enumerate() {
-        assert_eq!(&moto.get_object(&bucket, &format!("f{i}")), data, "f{i}");
+        assert_eq!(&moto.get_object(bucket, &format!("f{i}")), data, "f{i}");
     }
     mount.unmount();
 }
 
 #[test]
 fn write_through_close_fails_with_eio_and_leaves_nothing_when_retries_run_out() {
-    let moto = Moto::start();
-    let bucket = common::unique_name("faults-wt");
-    moto.create_bucket(&bucket);
-    let proxy = FaultProxy::start(moto.port);
-    let mount = mount_via(
-        &proxy,
-        &bucket,
+    let setup = ProxiedBucket::start("faults-wt");
+    let (moto, bucket, proxy) = (&setup.moto, &setup.bucket, &setup.proxy);
+    let mount = setup.mount(
         "write-through",
+        None,
         &["--part-size", "5M", "--retries", "1"],
     );
     // Every UploadPart fails: the stream cannot complete.
@@ -178,7 +150,7 @@ fn write_through_close_fails_with_eio_and_leaves_nothing_when_retries_run_out() 
         .expect_err("the object cannot be completed");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert!(
-        moto.head_object(&bucket, "big.bin").is_none(),
+        moto.head_object(bucket, "big.bin").is_none(),
         "no partial object"
     );
     assert!(mount.log().contains("big.bin"), "the log names the object");
@@ -186,19 +158,17 @@ fn write_through_close_fails_with_eio_and_leaves_nothing_when_retries_run_out() 
     // multipart upload is left over from the failed attempts.
     proxy.set(FaultRule::pass());
     mount.unmount();
-    assert_eq!(moto.get_object(&bucket, "big.bin"), data);
-    assert_eq!(moto.list_multipart_uploads(&bucket), 0, "parts aborted");
+    assert_eq!(moto.get_object(bucket, "big.bin"), data);
+    assert_eq!(moto.list_multipart_uploads(bucket), 0, "parts aborted");
 }
 
 #[test]
 fn umount_with_the_bucket_down_says_what_stays_journaled_and_the_next_mount_uploads_it() {
-    let moto = Moto::start();
-    let bucket = common::unique_name("faults-umount");
-    moto.create_bucket(&bucket);
-    let proxy = FaultProxy::start(moto.port);
+    let setup = ProxiedBucket::start("faults-umount");
+    let (moto, bucket, proxy) = (&setup.moto, &setup.bucket, &setup.proxy);
     let cache = common::temp_dir("faults-umount-cache");
     let extra = ["--flush-timeout", "3s", "--retries", "1"];
-    let mount = mount_via_cache(&proxy, &bucket, cache.path(), &extra);
+    let mount = setup.mount("cached", Some(cache.path()), &extra);
     fs::read_dir(&mount.mountpoint)
         .expect("list the root")
         .for_each(drop);
@@ -216,33 +186,15 @@ fn umount_with_the_bucket_down_says_what_stays_journaled_and_the_next_mount_uplo
     );
     assert!(started.elapsed() < Duration::from_secs(30), "bounded wait");
     mount.wait_exit(Duration::from_secs(30));
-    assert!(moto.head_object(&bucket, "late.bin").is_none());
+    assert!(moto.head_object(bucket, "late.bin").is_none());
 
     proxy.set(FaultRule::pass());
-    let again = mount_via_cache(&proxy, &bucket, cache.path(), &[]);
+    let again = setup.mount("cached", Some(cache.path()), &[]);
     let flushed = bucketgate(
         &["flush", again.mountpoint.to_str().expect("utf-8")],
         Duration::from_secs(120),
     );
     assert!(flushed.status.success(), "{flushed:?}");
-    assert_eq!(moto.get_object(&bucket, "late.bin"), data);
+    assert_eq!(moto.get_object(bucket, "late.bin"), data);
     again.unmount();
-}
-
-/// Mounts `bucket` through the proxy on a cache dir the test keeps.
-fn mount_via_cache(
-    proxy: &FaultProxy,
-    bucket: &str,
-    cache: &std::path::Path,
-    extra: &[&str],
-) -> Mount {
-    let mut args: Vec<String> = proxy.mount_args();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env_owned = Moto::env();
-    let env: Vec<(&str, &str)> = env_owned
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    Mount::start_with_cache(&format!("s3://{bucket}"), "cached", cache, &args, &env)
 }

@@ -1244,10 +1244,14 @@ impl Core {
                     "DELETE FROM journal WHERE op = 'sync' AND ino = ?1",
                     [inode.ino as i64],
                 )?;
-                Ok(())
+                // Its metadata left with the first part, before the crc64 was known: the
+                // uploader stores it in the background (close does not wait for a copy).
+                self.meta
+                    .enqueue(tx, &JournalOp::Checksum(inode.ino), Duration::ZERO)
             })?;
+            self.uploader.wake();
             self.meta.upload_ended(&uploaded.key)?;
-            self.store_stream_checksum(inode.ino, &uploaded).await;
+
             lock(&self.live_sizes).remove(&inode.ino);
             if let Some(file) = self.cache.loaded(inode.ino) {
                 // The spool now equals the object: clean, and the base of any later write.
@@ -1289,44 +1293,6 @@ impl Core {
             lock(&self.live_sizes).remove(&inode.ino);
         }
         Ok(())
-    }
-
-    /// A streamed object could not carry its crc64: its metadata left with the first part.
-    /// Where the bucket allows it (S3), the metadata is replaced in place now that the
-    /// checksum is known. Failing that, the object is still complete and correct; it
-    /// just counts as "without checksum" for `verify`.
-    async fn store_stream_checksum(&self, ino: u64, uploaded: &crate::sync::upload::Uploaded) {
-        let Some(crc) = uploaded.crc64 else {
-            return;
-        };
-        let Ok(inode) = self.inode(ino) else {
-            return; // unlinked meanwhile
-        };
-        let metadata = attrs_of(&inode).encode(Some(crc));
-        let replaced = self
-            .backend
-            .replace_metadata(&uploaded.key, uploaded.size, &metadata)
-            .await;
-        match replaced {
-            Ok(crate::backend::MetadataReplaced::Done { etag }) => {
-                let remote = RemoteState {
-                    etag: etag.or_else(|| uploaded.etag.clone()),
-                    ..uploaded.remote()
-                };
-                let recorded = self
-                    .meta
-                    .transaction(|tx| self.meta.set_remote(tx, ino, &remote, false));
-                if let Err(err) = recorded {
-                    tracing::warn!(key = %uploaded.key, error = %err, "recording the new ETag failed");
-                }
-            }
-            Ok(crate::backend::MetadataReplaced::Unsupported) => {
-                tracing::debug!(key = %uploaded.key, "the crc64 of this streamed object stays local");
-            }
-            Err(err) => {
-                tracing::warn!(key = %uploaded.key, error = %err, "the object is complete, but its crc64 could not be stored with it; verify counts it as without checksum")
-            }
-        }
     }
 
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {

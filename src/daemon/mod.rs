@@ -131,6 +131,9 @@ fn open_layers(config: &MountConfig) -> anyhow::Result<(Arc<MetaStore>, Arc<Data
             }
         }
     }
+    if unclean && config.mode == crate::config::Mode::WriteThrough {
+        forget_unfinished_creates(&meta, &data_dir)?;
+    }
     meta.set_state("clean", "0")
         .map_err(|err| anyhow!("{err}"))?;
     for orphan in meta.orphans().map_err(|err| anyhow!("{err}"))? {
@@ -141,6 +144,29 @@ fn open_layers(config: &MountConfig) -> anyhow::Result<(Arc<MetaStore>, Arc<Data
     let cache = DataCache::open(&data_dir, config.cache_size, saved_bytes)
         .map_err(|err| anyhow!("{err}"))?;
     Ok((Arc::new(meta), Arc::new(cache), lock))
+}
+
+/// Write-through promises the old object or none: a file created and never completed
+/// before a crash never existed (an empty object would pass for a finished file).
+fn forget_unfinished_creates(meta: &MetaStore, data_dir: &Path) -> anyhow::Result<()> {
+    let never_stored = meta.files_never_stored().map_err(|err| anyhow!("{err}"))?;
+    for ino in &never_stored {
+        meta.transaction(|tx| meta.forget_inode(tx, *ino))
+            .map_err(|err| anyhow!("{err}"))?;
+        let path = data_dir.join(ino.to_string());
+        if let Err(err) = std::fs::remove_file(&path) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                return Err(err).with_context(|| format!("removing {}", path.display()));
+            }
+        }
+    }
+    if !never_stored.is_empty() {
+        tracing::info!(
+            files = never_stored.len(),
+            "dropped files whose creation never completed before the crash"
+        );
+    }
+    Ok(())
 }
 
 fn saved_cache_bytes(meta: &MetaStore) -> anyhow::Result<u64> {

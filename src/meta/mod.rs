@@ -84,6 +84,8 @@ pub enum JournalOp {
     Sync(u64),
     /// Delete this key unless a live inode owns it again.
     Delete(String),
+    /// Store the crc64 of a streamed object in its metadata, once it is complete.
+    Checksum(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -620,6 +622,29 @@ impl MetaStore {
         Ok(inos)
     }
 
+    /// Files with a name that never got an object in the bucket (a write-through create
+    /// whose first close never completed).
+    pub fn files_never_stored(&self) -> FsResult<Vec<u64>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT ino FROM inodes WHERE kind = 1 AND parent IS NOT NULL
+             AND (remote_key IS NULL OR remote_key = '')",
+        )?;
+        let rows = stmt.query_map([], |row| row.get::<_, i64>(0))?;
+        Ok(rows
+            .map(|r| r.map(|v| v as u64))
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Removes an inode and its pending uploads, as if it had never been created.
+    pub fn forget_inode(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<()> {
+        tx.execute(
+            "DELETE FROM journal WHERE op IN ('sync', 'checksum') AND ino = ?1",
+            params![ino as i64],
+        )?;
+        self.delete_inode(tx, ino)
+    }
+
     /// Forgets which blocks of an inode's cache file were present (the file is gone).
     pub fn forget_blocks(&self, ino: u64) -> FsResult<()> {
         let conn = self.lock();
@@ -691,6 +716,7 @@ fn journal_target(op: &JournalOp) -> (&'static str, i64, String) {
     match op {
         JournalOp::Sync(ino) => ("sync", *ino as i64, String::new()),
         JournalOp::Delete(key) => ("delete", 0, key.clone()),
+        JournalOp::Checksum(ino) => ("checksum", *ino as i64, String::new()),
     }
 }
 
@@ -700,10 +726,10 @@ fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<JournalEntry> {
     let key: String = row.get(3)?;
     Ok(JournalEntry {
         id: row.get(0)?,
-        op: if op == "sync" {
-            JournalOp::Sync(ino as u64)
-        } else {
-            JournalOp::Delete(key)
+        op: match op.as_str() {
+            "sync" => JournalOp::Sync(ino as u64),
+            "checksum" => JournalOp::Checksum(ino as u64),
+            _ => JournalOp::Delete(key),
         },
         gen: row.get(4)?,
         attempts: row.get(5)?,

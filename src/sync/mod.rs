@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
 
-use crate::backend::{Backend, Kind, ObjectAttrs, MAX_KEY_BYTES};
+use crate::backend::{Backend, Kind, MetadataReplaced, ObjectAttrs, MAX_KEY_BYTES};
 use crate::cache::{CacheFile, DataCache, FileInit};
 use crate::error::{FsError, FsResult};
 use crate::integrity::{crc64, Crc64, ReadVerifier};
@@ -273,6 +273,10 @@ impl Uploader {
                 let _key = self.busy_keys.lock(key.clone()).await;
                 self.delete_if_unclaimed(key).await
             }
+            JournalOp::Checksum(ino) => {
+                let _guard = self.busy_inodes.lock(*ino).await;
+                self.store_checksum(*ino).await
+            }
         }
     }
 
@@ -297,6 +301,50 @@ impl Uploader {
             .delete(key)
             .await
             .map_err(|err| FsError::backend(&format!("deleting {key}"), err))
+    }
+
+    /// Stores a streamed object's crc64 in its metadata, in place, where the bucket
+    /// allows it. Skipped when the inode changed since (its next upload carries one).
+    async fn store_checksum(&self, ino: u64) -> FsResult<()> {
+        let Some(inode) = self.meta.get(ino)? else {
+            return Ok(());
+        };
+        let (Some(key), Some(crc), Some(size)) = (
+            inode.remote_key.clone(),
+            inode.remote_crc64,
+            inode.remote_size,
+        ) else {
+            return Ok(());
+        };
+        let current = self
+            .meta
+            .path_of(ino)?
+            .map(|names| key_for(&names, inode.kind));
+        if inode.dirty || !matches!(current, Some(Ok(k)) if k == key) {
+            return Ok(());
+        }
+        let _key = self.busy_keys.lock(key.clone()).await;
+        let metadata = attrs_of(&inode).encode(Some(crc));
+        match self.backend.replace_metadata(&key, size, &metadata).await {
+            Ok(MetadataReplaced::Done { etag }) => {
+                let remote = RemoteState {
+                    key,
+                    etag: etag.or(inode.remote_etag),
+                    size,
+                    crc64: Some(crc),
+                };
+                self.meta
+                    .transaction(|tx| self.meta.set_remote(tx, ino, &remote, false))
+            }
+            Ok(MetadataReplaced::Unsupported) => {
+                tracing::debug!(key = %key, "the crc64 of this streamed object stays local");
+                Ok(())
+            }
+            Err(message) => Err(FsError::loud(
+                libc::EIO,
+                format!("storing the crc64 of {key} in its metadata: {message}"),
+            )),
+        }
     }
 
     async fn sync_inode(&self, ino: u64) -> FsResult<()> {

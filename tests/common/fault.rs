@@ -533,3 +533,40 @@ impl Drop for FaultProxy {
         }
     }
 }
+
+/// moto with a bucket, and a fault proxy in front of it: the setup of every fault test.
+pub struct ProxiedBucket {
+    pub proxy: FaultProxy,
+    pub bucket: String,
+    pub moto: super::Moto,
+}
+
+impl ProxiedBucket {
+    pub fn start(name: &str) -> ProxiedBucket {
+        let moto = super::Moto::start();
+        let bucket = super::unique_name(name);
+        moto.create_bucket(&bucket);
+        let proxy = FaultProxy::start(moto.port);
+        ProxiedBucket {
+            proxy,
+            bucket,
+            moto,
+        }
+    }
+
+    /// Mounts the bucket through the proxy (a fresh cache unless `cache_dir` is given).
+    pub fn mount(
+        &self,
+        mode: &str,
+        cache_dir: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> super::Mount {
+        super::Mount::s3_via(
+            &self.proxy.mount_args(),
+            &self.bucket,
+            mode,
+            cache_dir,
+            extra,
+        )
+    }
+}

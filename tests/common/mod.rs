@@ -630,9 +630,20 @@ impl Mount {
         cache_dir: Option<&Path>,
         extra: &[&str],
     ) -> Mount {
+        Self::s3_via(&moto.mount_args(), bucket, mode, cache_dir, extra)
+    }
+
+    /// Mount bucket `bucket` with moto's keys through `endpoint_args` (`--endpoint URL
+    /// --region R`: moto's own, or a proxy's in front of it).
+    pub fn s3_via(
+        endpoint_args: &[String],
+        bucket: &str,
+        mode: &str,
+        cache_dir: Option<&Path>,
+        extra: &[&str],
+    ) -> Mount {
         let source = format!("s3://{bucket}");
-        let margs = moto.mount_args();
-        let mut args: Vec<&str> = margs.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = endpoint_args.iter().map(String::as_str).collect();
         args.extend_from_slice(extra);
         let env_owned = Moto::env();
         let env: Vec<(&str, &str)> = env_owned
