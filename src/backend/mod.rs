@@ -263,32 +263,23 @@ impl Backend {
         match self.op.delete(key).await {
             Err(err) if err.kind() == ErrorKind::NotFound => Ok(()),
             other => other,
-        }?;
-        if let Some(root) = &self.local_root {
-            if !key.ends_with('/') {
-                prune_implicit_dirs(root, key);
-            }
         }
-        Ok(())
+    }
+
+    /// The directory bucket creates directories for any key stored under them; on S3 a
+    /// prefix with no marker vanishes with its last object. This removes such a directory
+    /// (`dir_key` ends in `/`) when it is empty and carries no marker attributes. Returns
+    /// whether it was removed; a no-op elsewhere.
+    pub fn remove_empty_local_dir(&self, dir_key: &str) -> bool {
+        let Some(root) = &self.local_root else {
+            return false;
+        };
+        let path = root.join(dir_key.trim_end_matches('/'));
+        !has_marker_xattr(&path) && std::fs::remove_dir(&path).is_ok()
     }
 }
 
-/// The directory bucket creates parent directories for any key it stores; on S3 a prefix
-/// with no marker vanishes with its last object, so here an emptied directory that never
-/// got a marker (no attribute xattrs) goes too. Otherwise a file uploaded under a path
-/// that was renamed meanwhile would leave a phantom directory after its copy moved away.
-fn prune_implicit_dirs(root: &std::path::Path, key: &str) {
-    let mut dir = std::path::Path::new(key).parent();
-    // Bounded by the key's depth.
-    while let Some(rel) = dir.filter(|d| !d.as_os_str().is_empty()) {
-        let path = root.join(rel);
-        if has_marker_xattr(&path) || std::fs::remove_dir(&path).is_err() {
-            return; // a real directory, or not empty (or gone)
-        }
-        dir = rel.parent();
-    }
-}
-
+/// Whether a directory of the directory bucket carries marker attributes (`user.mode`).
 fn has_marker_xattr(path: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {

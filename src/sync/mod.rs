@@ -300,7 +300,35 @@ impl Uploader {
         self.backend
             .delete(key)
             .await
-            .map_err(|err| FsError::backend(&format!("deleting {key}"), err))
+            .map_err(|err| FsError::backend(&format!("deleting {key}"), err))?;
+        self.prune_implicit_dirs(key)
+    }
+
+    /// After a delete on the directory bucket: parent directories no inode stands for
+    /// (made implicitly by a file stored under a path renamed meanwhile) go once empty,
+    /// as they would on S3. Bounded by the key's depth.
+    fn prune_implicit_dirs(&self, key: &str) -> FsResult<()> {
+        if self.backend.local_root().is_none() {
+            return Ok(());
+        }
+        let mut names: Vec<Vec<u8>> = key
+            .trim_end_matches('/')
+            .split('/')
+            .map(|n| n.as_bytes().to_vec())
+            .collect();
+        names.pop();
+        while !names.is_empty() {
+            let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+            if self.meta.resolve(&refs)?.is_some() {
+                return Ok(()); // a directory the mount has: keep it
+            }
+            let dir_key = key_for(&names, Kind::Dir)?;
+            if !self.backend.remove_empty_local_dir(&dir_key) {
+                return Ok(()); // not empty (or gone)
+            }
+            names.pop();
+        }
+        Ok(())
     }
 
     /// Stores a streamed object's crc64 in its metadata, in place, where the bucket
