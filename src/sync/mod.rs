@@ -425,14 +425,25 @@ impl Uploader {
             }
             Kind::File => return self.sync_file(&inode, &key, old_key).await,
         };
-        self.meta
-            .transaction(|tx| self.meta.set_remote(tx, ino, &remote, true))?;
-        // A moved directory's old marker is deleted by its own journal entry, queued by the
-        // rename after its children's moves (some stores refuse to drop a non-empty dir).
+        self.meta.transaction(|tx| {
+            self.meta.set_remote(tx, ino, &remote, true)?;
+            if let Some(old) = old_key.as_ref().filter(|_| inode.kind == Kind::Dir) {
+                // A marker left at a key the directory no longer has (it moved while an
+                // earlier marker was written) goes by its own entry, retried until its
+                // children moved out (some stores refuse to drop a non-empty dir).
+                self.meta
+                    .enqueue(tx, &JournalOp::Delete(old.clone()), Duration::ZERO)?;
+            }
+            Ok(())
+        })?;
         if let Some(old) = old_key.filter(|_| inode.kind != Kind::Dir) {
             self.delete_if_unclaimed(&old).await?;
         }
-        Ok(())
+        // Removed or moved while the marker or link was written: do not leave it behind.
+        match self.delete_if_unclaimed(&key).await {
+            Err(err) if err.errno == libc::EAGAIN => Ok(()),
+            other => other,
+        }
     }
 
     /// Stores a file's object at `key`. The key is in the upload ledger from before the
