@@ -271,7 +271,7 @@ fn acknowledged_data_survives_sigkill_on_the_directory_bucket() {
     let seeds: u64 = std::env::var("BUCKETGATE_CRASH_SEEDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(24);
+        .unwrap_or(8);
     for seed in 1..=seeds {
         let mode = modes[(seed % 3) as usize];
         let bucket = temp_dir("crash-bucket");
