@@ -1056,11 +1056,7 @@ impl Core {
             .await?;
             io.stream = Some(stream);
         }
-        let stream = io
-            .stream
-            .as_mut()
-            .ok_or_else(|| FsError::loud(libc::EIO, "stream vanished"))?;
-        let offset = stream.len();
+        let offset = io.stream.as_ref().map_or(0, StreamUpload::len);
         self.spool(io, inode.ino, offset, data)?;
         let stream = io
             .stream

@@ -285,11 +285,7 @@ impl Uploader {
     /// not copied it yet, for which the delete fails with EAGAIN and is retried later.
     pub async fn delete_if_unclaimed(&self, key: &str) -> FsResult<()> {
         if let Some(owner) = self.meta.key_owner(key)? {
-            let owned_here = match self.meta.path_of(owner.ino)? {
-                Some(names) => key_for(&names, owner.kind).is_ok_and(|k| k == key),
-                None => true,
-            };
-            if owned_here {
+            if !self.moved_away_from(&owner, key)? {
                 return Ok(());
             }
             return Err(FsError::new(
@@ -474,16 +470,21 @@ impl Uploader {
         Ok(())
     }
 
+    /// Whether `owner`, whose data lives at `key`, now sits at another path and has not
+    /// copied it there yet. An unlinked-but-open owner has not moved: it reads from `key`.
+    fn moved_away_from(&self, owner: &Inode, key: &str) -> FsResult<bool> {
+        Ok(match self.meta.path_of(owner.ino)? {
+            Some(names) => key_for(&names, owner.kind).is_ok_and(|k| k != key),
+            None => false,
+        })
+    }
+
     /// Refuses (EAGAIN, retried later) to overwrite a key another inode moved away from
     /// and still has to copy: its data would be lost.
     fn check_not_a_pending_source(&self, inode: &Inode, key: &str) -> FsResult<()> {
         match self.meta.key_owner(key)? {
             Some(owner) if owner.ino != inode.ino => {
-                let moved_away = match self.meta.path_of(owner.ino)? {
-                    Some(names) => key_for(&names, owner.kind).is_ok_and(|k| k != key),
-                    None => false,
-                };
-                if moved_away {
+                if self.moved_away_from(&owner, key)? {
                     return Err(FsError::new(
                         libc::EAGAIN,
                         format!("{key} still holds the data of a moved file; uploading after it is copied"),
