@@ -16,7 +16,8 @@ use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE};
 use crate::config::Mode;
 use crate::error::{FsError, FsResult};
 use crate::meta::{
-    AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, ROOT_INO,
+    AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, Settles,
+    ROOT_INO,
 };
 use crate::sync::upload::StreamUpload;
 use crate::sync::{attrs_of, discard_cache_file, file_init, key_for, read_verifier, Uploader};
@@ -1234,7 +1235,8 @@ impl Core {
             };
             self.meta.transaction(|tx| {
                 self.meta.change_attrs(tx, inode.ino, &change)?;
-                self.meta.set_remote(tx, inode.ino, &remote, true)?;
+                self.meta
+                    .set_remote(tx, inode.ino, &remote, Settles::Everything)?;
                 // The stream replaced the object: a queued sync (from create) is moot.
                 tx.execute(
                     "DELETE FROM journal WHERE op = 'sync' AND ino = ?1",

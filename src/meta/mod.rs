@@ -77,6 +77,18 @@ pub struct AttrChange {
     pub dirty: Option<bool>,
 }
 
+/// What an upload recorded by [`MetaStore::set_remote`] settles.
+#[derive(Debug, Clone, Copy)]
+pub enum Settles {
+    /// Newer data arrived while it went up: the inode stays dirty.
+    Nothing,
+    /// The bucket now holds the inode's data and attributes.
+    Everything,
+    /// The data is current; the attributes are if they still are these (the ones the
+    /// object was stored with).
+    IfAttrsStill(ObjectAttrs),
+}
+
 /// One piece of bucket work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JournalOp {
@@ -354,30 +366,50 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Records that the bucket now holds `remote` for the inode. `clean` clears the dirty
-    /// flag (only when no newer change arrived during the upload).
+    /// Records that the bucket now holds `remote` for the inode, and whether that settles
+    /// its local changes. Returns whether the dirty flag was cleared.
     pub fn set_remote(
         &self,
         tx: &Transaction<'_>,
         ino: u64,
         remote: &RemoteState,
-        clean: bool,
-    ) -> FsResult<()> {
+        settles: Settles,
+    ) -> FsResult<bool> {
+        let data_current = !matches!(settles, Settles::Nothing);
         tx.execute(
             "UPDATE inodes SET remote_key = ?2, remote_etag = ?3, remote_size = ?4, remote_crc64 = ?6,
-                 fetch_limit = CASE WHEN ?5 THEN ?4 ELSE fetch_limit END,
-                 dirty = CASE WHEN ?5 THEN 0 ELSE dirty END
+                 fetch_limit = CASE WHEN ?5 THEN ?4 ELSE fetch_limit END
              WHERE ino = ?1",
             params![
                 ino as i64,
                 remote.key,
                 remote.etag,
                 remote.size as i64,
-                clean,
+                data_current,
                 remote.crc64.map(|c| c as i64)
             ],
         )?;
-        Ok(())
+        let cleared = match settles {
+            Settles::Nothing => 0,
+            Settles::Everything => tx.execute(
+                "UPDATE inodes SET dirty = 0 WHERE ino = ?1",
+                params![ino as i64],
+            )?,
+            // An attribute change (chmod, utimens) made while the object went up is not in
+            // it: the inode stays dirty, and its queued sync uploads it.
+            Settles::IfAttrsStill(attrs) => tx.execute(
+                "UPDATE inodes SET dirty = 0
+                 WHERE ino = ?1 AND perm = ?2 AND uid = ?3 AND gid = ?4 AND mtime_ns = ?5",
+                params![
+                    ino as i64,
+                    attrs.perm,
+                    attrs.uid,
+                    attrs.gid,
+                    to_ns(attrs.mtime)
+                ],
+            )?,
+        };
+        Ok(cleared > 0)
     }
 
     /// Removes a directory entry. Returns the inode; it stays (parentless) while open.

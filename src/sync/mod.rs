@@ -14,7 +14,7 @@ use crate::backend::{Backend, Kind, MetadataReplaced, ObjectAttrs, MAX_KEY_BYTES
 use crate::cache::{CacheFile, DataCache, FileInit};
 use crate::error::{FsError, FsResult};
 use crate::integrity::{crc64, Crc64, ReadVerifier};
-use crate::meta::{Inode, JournalEntry, JournalOp, MetaStore, RemoteState};
+use crate::meta::{Inode, JournalEntry, JournalOp, MetaStore, RemoteState, Settles};
 use upload::{StreamUpload, Uploaded};
 
 /// Retry delays grow from this, doubling, up to [`MAX_RETRY_DELAY`].
@@ -357,8 +357,11 @@ impl Uploader {
                     size,
                     crc64: Some(crc),
                 };
-                self.meta
-                    .transaction(|tx| self.meta.set_remote(tx, ino, &remote, false))
+                self.meta.transaction(|tx| {
+                    self.meta
+                        .set_remote(tx, ino, &remote, Settles::Nothing)
+                        .map(drop)
+                })
             }
             Ok(MetadataReplaced::Unsupported) => {
                 tracing::debug!(key = %key, "the crc64 of this streamed object stays local");
@@ -383,63 +386,92 @@ impl Uploader {
             .remote_key
             .clone()
             .filter(|k| !k.is_empty() && *k != key);
-        let metadata = attrs_of(&inode).encode(None);
-        let remote = match inode.kind {
-            Kind::Dir => {
-                if key.is_empty() {
-                    return Ok(()); // the root has no marker
-                }
-                if inode.dirty || old_key.is_some() || inode.remote_key.is_none() {
-                    self.backend
-                        .put_dir_marker(&key, metadata)
-                        .await
-                        .map_err(|err| {
-                            FsError::backend(&format!("writing directory marker {key}"), err)
-                        })?;
-                }
-                RemoteState {
-                    key: key.clone(),
-                    etag: None,
-                    size: 0,
-                    crc64: None,
-                }
+        if inode.kind == Kind::File {
+            return self.sync_file(&inode, &key, old_key).await;
+        }
+        if key.is_empty() {
+            return Ok(()); // the root has no marker
+        }
+        {
+            // Under the key's lock, as a file upload: a delete of the same key (an rmdir
+            // and a new mkdir there) must not run between the marker and its record.
+            let _key = self.busy_keys.lock(key.clone()).await;
+            self.store_marker_or_link(&inode, &key, old_key.as_deref())
+                .await?;
+            // Removed or moved while the marker or link was written: do not leave it behind.
+            match self.delete_if_unclaimed(&key).await {
+                Err(err) if err.errno == libc::EAGAIN => {}
+                other => other?,
             }
-            Kind::Symlink => {
-                let target = inode.target.clone().unwrap_or_default();
-                let size = target.len() as u64;
-                let etag = self
-                    .backend
-                    .put(&key, target, metadata)
+        }
+        match old_key.filter(|_| inode.kind != Kind::Dir) {
+            Some(old) => self.delete_old_key(&old).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes the key a file or link moved away from, under its own lock (taken after
+    /// the new key's is released: locks are never nested, so never deadlock). A key still
+    /// needed by another pending move is left to that move's journal entry.
+    async fn delete_old_key(&self, old: &str) -> FsResult<()> {
+        let _old = self.busy_keys.lock(old.to_string()).await;
+        match self.delete_if_unclaimed(old).await {
+            Err(err) if err.errno == libc::EAGAIN => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Writes a directory's marker (when it changed or moved) or a symlink's object at
+    /// `key`, and records it.
+    async fn store_marker_or_link(
+        &self,
+        inode: &Inode,
+        key: &str,
+        old_key: Option<&str>,
+    ) -> FsResult<()> {
+        let metadata = attrs_of(inode).encode(None);
+        let remote = if inode.kind == Kind::Dir {
+            if inode.dirty || old_key.is_some() || inode.remote_key.is_none() {
+                self.backend
+                    .put_dir_marker(key, metadata)
                     .await
-                    .map_err(|err| FsError::backend(&format!("writing symlink {key}"), err))?;
-                RemoteState {
-                    key: key.clone(),
-                    etag,
-                    size,
-                    crc64: None,
-                }
+                    .map_err(|err| {
+                        FsError::backend(&format!("writing directory marker {key}"), err)
+                    })?;
             }
-            Kind::File => return self.sync_file(&inode, &key, old_key).await,
+            RemoteState {
+                key: key.to_string(),
+                etag: None,
+                size: 0,
+                crc64: None,
+            }
+        } else {
+            let target = inode.target.clone().unwrap_or_default();
+            let size = target.len() as u64;
+            let etag = self
+                .backend
+                .put(key, target, metadata)
+                .await
+                .map_err(|err| FsError::backend(&format!("writing symlink {key}"), err))?;
+            RemoteState {
+                key: key.to_string(),
+                etag,
+                size,
+                crc64: None,
+            }
         };
         self.meta.transaction(|tx| {
-            self.meta.set_remote(tx, ino, &remote, true)?;
-            if let Some(old) = old_key.as_ref().filter(|_| inode.kind == Kind::Dir) {
+            let settles = Settles::IfAttrsStill(attrs_of(inode));
+            self.meta.set_remote(tx, inode.ino, &remote, settles)?;
+            if let Some(old) = old_key.filter(|_| inode.kind == Kind::Dir) {
                 // A marker left at a key the directory no longer has (it moved while an
                 // earlier marker was written) goes by its own entry, retried until its
                 // children moved out (some stores refuse to drop a non-empty dir).
                 self.meta
-                    .enqueue(tx, &JournalOp::Delete(old.clone()), Duration::ZERO)?;
+                    .enqueue(tx, &JournalOp::Delete(old.to_string()), Duration::ZERO)?;
             }
             Ok(())
-        })?;
-        if let Some(old) = old_key.filter(|_| inode.kind != Kind::Dir) {
-            self.delete_if_unclaimed(&old).await?;
-        }
-        // Removed or moved while the marker or link was written: do not leave it behind.
-        match self.delete_if_unclaimed(&key).await {
-            Err(err) if err.errno == libc::EAGAIN => Ok(()),
-            other => other,
-        }
+        })
     }
 
     /// Stores a file's object at `key`. The key is in the upload ledger from before the
@@ -459,15 +491,10 @@ impl Uploader {
             }
             self.meta.upload_ended(key)?;
         }
-        // After the key's lock is released: locks are never nested, so never deadlock.
-        if let Some(old) = old_key {
-            let _old = self.busy_keys.lock(old.clone()).await;
-            match self.delete_if_unclaimed(&old).await {
-                Err(err) if err.errno == libc::EAGAIN => {}
-                other => other?,
-            }
+        match old_key {
+            Some(old) => self.delete_old_key(&old).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Whether `owner`, whose data lives at `key`, now sits at another path and has not
@@ -512,8 +539,9 @@ impl Uploader {
                     size: inode.remote_size.unwrap_or(0),
                     crc64: inode.remote_crc64,
                 };
+                let settles = Settles::IfAttrsStill(attrs_of(inode));
                 self.meta
-                    .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, true))?;
+                    .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, settles))?;
             }
             return Ok(());
         }
@@ -537,15 +565,23 @@ impl Uploader {
         let clean = {
             let mut state = file.lock();
             let unchanged = state.gen == gen;
+            let settles = if unchanged {
+                Settles::IfAttrsStill(attrs_of(inode))
+            } else {
+                Settles::Nothing
+            };
+            let cleared = self
+                .meta
+                .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, settles))?;
             if unchanged {
-                state.dirty = false;
                 state.source_key = Some(uploaded.key.clone());
                 state.fetch_limit = uploaded.size;
                 state.verifier = None; // every block is local: nothing left to fetch
             }
-            self.meta
-                .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, unchanged))?;
-            unchanged
+            if cleared {
+                state.dirty = false;
+            }
+            cleared
         };
         if clean {
             self.meta.save_blocks(
