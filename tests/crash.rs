@@ -175,28 +175,44 @@ fn writer(root: PathBuf, seed: u64, max_len: usize, events: mpsc::Sender<Event>)
 struct Outcomes {
     allowed: BTreeMap<String, Allowed>,
     loose: std::collections::BTreeSet<String>,
+    /// Each path's events, for the failure message.
+    history: BTreeMap<String, Vec<String>>,
 }
 
 /// Folds the writer's events into what each path may hold.
 fn allowed_states(events: &mpsc::Receiver<Event>) -> Outcomes {
     let mut allowed: BTreeMap<String, Allowed> = BTreeMap::new();
     let mut loose = std::collections::BTreeSet::new();
+    let mut history: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let size = |v: &Option<Vec<u8>>| v.as_ref().map(Vec::len);
     while let Ok(event) = events.try_recv() {
         match event {
             Event::WriteInFlight { path } => {
+                history
+                    .entry(path.clone())
+                    .or_default()
+                    .push("write".into());
                 loose.insert(path);
             }
             Event::InFlight { path, maybe } => {
+                let note = format!("in flight {:?}", size(&maybe));
+                history.entry(path.clone()).or_default().push(note);
                 let entry = allowed.entry(path).or_insert_with(|| vec![None]);
                 entry.push(maybe);
             }
             Event::Done { path, now } => {
+                let note = format!("done {:?}", size(&now));
+                history.entry(path.clone()).or_default().push(note);
                 loose.remove(&path);
                 allowed.insert(path, vec![now]);
             }
         }
     }
-    Outcomes { allowed, loose }
+    Outcomes {
+        allowed,
+        loose,
+        history,
+    }
 }
 
 /// The bucket's view, as a map from path to bytes.
@@ -214,7 +230,7 @@ fn local_bucket(dir: &Path) -> Bucket {
     out
 }
 
-fn check(seed: u64, mode: &str, outcomes: &Outcomes, bucket: &Bucket) {
+fn check(seed: u64, mode: &str, outcomes: &Outcomes, bucket: &Bucket) -> Result<(), String> {
     let allowed = &outcomes.allowed;
     // Write-through promises the old object or the new one for a write in flight; the
     // cached modes promise only what was acknowledged (like a local disk, an interrupted
@@ -229,23 +245,30 @@ fn check(seed: u64, mode: &str, outcomes: &Outcomes, bucket: &Bucket) {
         if outcomes.loose.contains(path) && !strict {
             continue;
         }
-        assert!(
-            options.contains(&actual),
-            "seed {seed} ({mode}): {path} holds {} in the bucket; allowed: {:?}",
-            describe(&actual),
-            options.iter().map(describe).collect::<Vec<_>>()
-        );
+        if !options.contains(&actual) {
+            return Err(format!(
+                "seed {seed} ({mode}): {path} holds {} in the bucket; allowed: {:?}; its events: {:?}",
+                describe(&actual),
+                options.iter().map(describe).collect::<Vec<_>>(),
+                outcomes.history.get(path)
+            ));
+        }
     }
-    for path in bucket.keys() {
-        assert!(
-            allowed.contains_key(path),
+    match bucket.keys().find(|path| !allowed.contains_key(*path)) {
+        Some(path) => Err(format!(
             "seed {seed} ({mode}): unexpected object {path} in the bucket"
-        );
+        )),
+        None => Ok(()),
     }
 }
 
 /// One iteration: write, kill at a random moment, remount on the same cache, unmount.
-fn crash_once(seed: u64, start: &dyn Fn(&Path, &[&str]) -> Mount, max_len: usize) -> Outcomes {
+/// Returns the outcomes and both daemons' logs (printed when the check fails).
+fn crash_once(
+    seed: u64,
+    start: &dyn Fn(&Path, &[&str]) -> Mount,
+    max_len: usize,
+) -> (Outcomes, String) {
     let mut rng = Rng(seed.wrapping_mul(7919));
     let cache = temp_dir("crash-cache");
     let delay = ["0ms", "300ms", "1s"][rng.below(3) as usize];
@@ -255,32 +278,65 @@ fn crash_once(seed: u64, start: &dyn Fn(&Path, &[&str]) -> Mount, max_len: usize
     let root = mount.mountpoint.clone();
     let worker = std::thread::spawn(move || writer(root, seed, max_len, tx));
     std::thread::sleep(Duration::from_millis(100 + rng.below(2500)));
-    mount.crash();
+    let first_log = mount.crash();
     worker.join().expect("writer thread");
     let allowed = allowed_states(&rx);
     // Recovery: the same cache dir; its journal must bring the bucket up to date.
     let again = start(cache.path(), &[]);
+    let logs = format!(
+        "---- daemon log before the kill ----\n{}\n---- daemon log of the recovery mount ----\n{}",
+        first_log,
+        again.log()
+    );
     again.unmount();
-    allowed
+    (allowed, logs)
+}
+
+/// Seeds to run: `BUCKETGATE_CRASH_SEEDS` of them (default `default`), from
+/// `BUCKETGATE_CRASH_FIRST_SEED` (default 1), so a failing seed replays alone.
+fn seeds(default: u64) -> std::ops::RangeInclusive<u64> {
+    let var = |name: &str, fallback: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(fallback)
+    };
+    let first = var("BUCKETGATE_CRASH_FIRST_SEED", 1);
+    first..=first + var("BUCKETGATE_CRASH_SEEDS", default).saturating_sub(1)
+}
+
+/// Panics with the failure, its replay command and the daemons' logs, kept in a file.
+fn fail_with_logs(failure: &str, logs: &str, seed: u64) -> ! {
+    let path = std::env::temp_dir().join(format!("bucketgate-crash-seed-{seed}.log"));
+    let kept = match fs::write(&path, logs) {
+        Ok(()) => format!("daemon logs kept in {}", path.display()),
+        Err(err) => format!(
+            "could not keep the daemon logs in {}: {err}",
+            path.display()
+        ),
+    };
+    panic!(
+        "{failure}\nreplay: BUCKETGATE_CRASH_FIRST_SEED={seed} BUCKETGATE_CRASH_SEEDS=1\n{kept}\n{}",
+        common::tail(logs, 40)
+    );
 }
 
 #[test]
 fn acknowledged_data_survives_sigkill_on_the_directory_bucket() {
     let modes = ["cached", "sync", "write-through"];
     // More iterations for a soak run: BUCKETGATE_CRASH_SEEDS=500 (scripts/crash-soak.sh).
-    let seeds: u64 = std::env::var("BUCKETGATE_CRASH_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
-    for seed in 1..=seeds {
+    for seed in seeds(8) {
         let mode = modes[(seed % 3) as usize];
         let bucket = temp_dir("crash-bucket");
         let source = bucket.path().to_str().expect("utf-8").to_string();
+        let env = [("BUCKETGATE_LOG", "debug")];
         let start = |cache: &Path, extra: &[&str]| {
-            Mount::start_with_cache(&source, mode, cache, extra, &[])
+            Mount::start_with_cache(&source, mode, cache, extra, &env)
         };
-        let allowed = crash_once(seed, &start, 12 << 20);
-        check(seed, mode, &allowed, &local_bucket(bucket.path()));
+        let (allowed, logs) = crash_once(seed, &start, 12 << 20);
+        if let Err(failure) = check(seed, mode, &allowed, &local_bucket(bucket.path())) {
+            fail_with_logs(&failure, &logs, seed);
+        }
     }
 }
 
@@ -297,13 +353,15 @@ fn acknowledged_data_survives_sigkill_on_s3_without_leftover_uploads() {
         moto.create_bucket(&bucket);
         let start =
             |cache: &Path, extra: &[&str]| Mount::s3_with_cache(&moto, &bucket, mode, cache, extra);
-        let allowed = crash_once(seed, &start, 11 << 20);
+        let (allowed, logs) = crash_once(seed, &start, 11 << 20);
         let mut objects = Bucket::new();
         for key in moto.list_keys(&bucket, "") {
             let data = moto.get_object(&bucket, &key);
             objects.insert(key, data);
         }
-        check(seed, mode, &allowed, &objects);
+        if let Err(failure) = check(seed, mode, &allowed, &objects) {
+            fail_with_logs(&failure, &logs, seed);
+        }
         assert_eq!(
             moto.list_multipart_uploads(&bucket),
             0,

@@ -191,6 +191,7 @@ impl Backend {
             .write_with(key, body)
             .user_metadata(metadata)
             .await?;
+        tracing::debug!(key, "stored object");
         Ok(meta.etag().map(str::to_string))
     }
 
@@ -255,14 +256,19 @@ impl Backend {
 
     /// Server-side copy, keeping the source's metadata.
     pub async fn copy(&self, from: &str, to: &str) -> opendal::Result<()> {
-        self.op.copy(from, to).await.map(|_| ())
+        self.op.copy(from, to).await?;
+        tracing::debug!(from, to, "copied object");
+        Ok(())
     }
 
     /// Deletes a key; a missing key is not an error.
     pub async fn delete(&self, key: &str) -> opendal::Result<()> {
         match self.op.delete(key).await {
-            Err(err) if err.kind() == ErrorKind::NotFound => Ok(()),
-            other => other,
+            Err(err) if err.kind() != ErrorKind::NotFound => Err(err),
+            _ => {
+                tracing::debug!(key, "deleted object");
+                Ok(())
+            }
         }
     }
 

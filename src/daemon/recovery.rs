@@ -32,6 +32,7 @@ pub async fn abort_abandoned_uploads(
     }
     let mut aborted = 0;
     for key in &keys {
+        tracing::debug!(key, "settling an upload interrupted by an earlier run");
         // The directory bucket writes through temporary files; the memory bucket died
         // with the process: neither has multipart uploads to abort.
         if let Some(janitor) = janitor {

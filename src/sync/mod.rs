@@ -206,6 +206,7 @@ impl Uploader {
     /// Runs one journal entry, recording success or scheduling a retry.
     async fn run_entry(&self, entry: &JournalEntry) -> FsResult<()> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(op = ?entry.op, gen = entry.gen, "bucket work");
         let result = self.perform(&entry.op).await;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         match &result {
@@ -286,6 +287,7 @@ impl Uploader {
     pub async fn delete_if_unclaimed(&self, key: &str) -> FsResult<()> {
         if let Some(owner) = self.meta.key_owner(key)? {
             if !self.moved_away_from(&owner, key)? {
+                tracing::debug!(key, ino = owner.ino, "kept object: an inode owns it");
                 return Ok(());
             }
             return Err(FsError::new(
@@ -460,17 +462,31 @@ impl Uploader {
                 crc64: None,
             }
         };
+        let settles = Settles::IfAttrsStill(attrs_of(inode));
+        self.record_remote(inode.ino, &remote, settles, old_key)
+            .map(drop)
+    }
+
+    /// Records where the inode's object now is. The key it moved from is journaled for
+    /// deletion in the same transaction: once the new key is recorded nothing else
+    /// remembers the old one, and a crash before its delete would leave it in the bucket
+    /// for good. Files and links also delete it right away (see `delete_old_key`); that
+    /// entry then finds nothing left. A directory's old marker goes only by its entry,
+    /// retried until its children moved out (some stores refuse to drop a non-empty dir).
+    fn record_remote(
+        &self,
+        ino: u64,
+        remote: &RemoteState,
+        settles: Settles,
+        old_key: Option<&str>,
+    ) -> FsResult<bool> {
         self.meta.transaction(|tx| {
-            let settles = Settles::IfAttrsStill(attrs_of(inode));
-            self.meta.set_remote(tx, inode.ino, &remote, settles)?;
-            if let Some(old) = old_key.filter(|_| inode.kind == Kind::Dir) {
-                // A marker left at a key the directory no longer has (it moved while an
-                // earlier marker was written) goes by its own entry, retried until its
-                // children moved out (some stores refuse to drop a non-empty dir).
+            let cleared = self.meta.set_remote(tx, ino, remote, settles)?;
+            if let Some(old) = old_key {
                 self.meta
                     .enqueue(tx, &JournalOp::Delete(old.to_string()), Duration::ZERO)?;
             }
-            Ok(())
+            Ok(cleared)
         })
     }
 
@@ -540,8 +556,7 @@ impl Uploader {
                     crc64: inode.remote_crc64,
                 };
                 let settles = Settles::IfAttrsStill(attrs_of(inode));
-                self.meta
-                    .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, settles))?;
+                self.record_remote(inode.ino, &remote, settles, Some(old))?;
             }
             return Ok(());
         }
@@ -570,9 +585,7 @@ impl Uploader {
             } else {
                 Settles::Nothing
             };
-            let cleared = self
-                .meta
-                .transaction(|tx| self.meta.set_remote(tx, inode.ino, &remote, settles))?;
+            let cleared = self.record_remote(inode.ino, &remote, settles, old_key)?;
             if unchanged {
                 state.source_key = Some(uploaded.key.clone());
                 state.fetch_limit = uploaded.size;

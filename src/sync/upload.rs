@@ -170,6 +170,7 @@ impl StreamUpload {
                 ));
             }
         };
+        tracing::debug!(key = %self.key, parts = self.parts_sent, "completed streamed object");
         // The ledger entry stays until the caller has recorded the object.
         Ok(Uploaded {
             key: self.key,

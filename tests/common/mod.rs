@@ -842,8 +842,9 @@ impl Mount {
     }
 
     /// Simulate a crash: SIGKILL the daemon, then detach the dead mount. The cache dir is
-    /// left as the daemon left it (use `start_with_cache` to mount on it again).
-    pub fn crash(mut self) {
+    /// left as the daemon left it (use `start_with_cache` to mount on it again). Returns
+    /// the dead daemon's log.
+    pub fn crash(mut self) -> String {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             if wait_bounded(&mut child, Duration::from_secs(10)).is_none() {
@@ -859,6 +860,7 @@ impl Mount {
             "{} is still mounted after killing the daemon and a lazy unmount",
             self.mountpoint.display()
         );
+        self.log()
     }
 }
 
