@@ -273,13 +273,16 @@ fn crash_once(
     let cache = temp_dir("crash-cache");
     let delay = ["0ms", "300ms", "1s"][rng.below(3) as usize];
     let extra = ["--part-size", "5M", "--upload-delay", delay];
-    let mount = start(cache.path(), &extra);
+    let mut mount = start(cache.path(), &extra);
     let (tx, rx) = mpsc::channel();
     let root = mount.mountpoint.clone();
     let worker = std::thread::spawn(move || writer(root, seed, max_len, tx));
     std::thread::sleep(Duration::from_millis(100 + rng.below(2500)));
-    let first_log = mount.crash();
+    mount.kill_daemon();
+    // The writer stops at its first failure on the dead mount; only then is the mount
+    // detached (afterwards its writes would land in the bare directory beneath).
     worker.join().expect("writer thread");
+    let first_log = mount.crash();
     let allowed = allowed_states(&rx);
     // Recovery: the same cache dir; its journal must bring the bucket up to date.
     let again = start(cache.path(), &[]);

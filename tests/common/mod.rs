@@ -845,6 +845,20 @@ impl Mount {
     /// left as the daemon left it (use `start_with_cache` to mount on it again). Returns
     /// the dead daemon's log.
     pub fn crash(mut self) -> String {
+        self.kill_daemon();
+        force_unmount(&self.mountpoint);
+        assert!(
+            !is_fuse_mounted(&self.mountpoint),
+            "{} is still mounted after killing the daemon and a lazy unmount",
+            self.mountpoint.display()
+        );
+        self.log()
+    }
+
+    /// SIGKILLs the daemon and leaves its dead mount in place: until `crash` detaches it,
+    /// every access fails (ENOTCONN) instead of reaching the empty directory beneath, so a
+    /// writer learns the daemon is gone rather than writing to local disk.
+    pub fn kill_daemon(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             if wait_bounded(&mut child, Duration::from_secs(10)).is_none() {
@@ -854,13 +868,6 @@ impl Mount {
                 );
             }
         }
-        force_unmount(&self.mountpoint);
-        assert!(
-            !is_fuse_mounted(&self.mountpoint),
-            "{} is still mounted after killing the daemon and a lazy unmount",
-            self.mountpoint.display()
-        );
-        self.log()
     }
 }
 
