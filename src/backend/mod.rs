@@ -161,16 +161,38 @@ impl Backend {
 
     /// HEAD of a key; `None` when there is no such object.
     pub async fn stat(&self, key: &str) -> opendal::Result<Option<ObjectInfo>> {
-        match self.op.stat(key).await {
-            Ok(meta) => Ok(Some(self.object_info(key, &meta))),
-            Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(err),
-        }
+        let meta = match self.op.stat(key).await {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let marker_metadata = match &self.direct {
+            Some(direct) if key.ends_with('/') => direct
+                .user_metadata(key)
+                .await
+                .map_err(|err| opendal::Error::new(ErrorKind::Unexpected, err.to_string()))?,
+            _ => None,
+        };
+        Ok(Some(self.object_info(
+            key,
+            &meta,
+            marker_metadata.as_ref(),
+        )))
     }
 
-    fn object_info(&self, key: &str, meta: &opendal::Metadata) -> ObjectInfo {
+    /// `marker` is the metadata of an S3 directory marker, read directly (OpenDAL answers
+    /// their stat from a listing, without metadata); else OpenDAL's is used.
+    fn object_info(
+        &self,
+        key: &str,
+        meta: &opendal::Metadata,
+        marker: Option<&HashMap<String, String>>,
+    ) -> ObjectInfo {
         let user = meta.user_metadata();
-        let get = |k: &str| user.as_ref().and_then(|u| u.get(k)).map(str::to_string);
+        let get = |k: &str| match marker {
+            Some(marker) => marker.get(k).cloned(),
+            None => user.as_ref().and_then(|u| u.get(k)).map(str::to_string),
+        };
         let last_modified = meta.last_modified().map(SystemTime::from);
         ObjectInfo {
             size: if key.ends_with('/') {

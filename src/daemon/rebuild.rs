@@ -317,7 +317,11 @@ impl<'a> Recorder<'a> {
 
     fn record(&mut self, tx: &rusqlite::Transaction<'_>, listed: Listed) -> FsResult<()> {
         let Some((path, is_dir)) = self.layout.path_of_key(&listed.key) else {
-            self.report.skipped += 1;
+            // Directories of the directory bucket (hash prefixes, paths below them) are
+            // listed too; they are no objects, so nothing is left out.
+            if !listed.key.ends_with('/') {
+                self.report.skipped += 1;
+            }
             return Ok(());
         };
         let path = path.to_string();
