@@ -230,7 +230,10 @@ fn recover(args: RecoverArgs) -> anyhow::Result<()> {
         report.elapsed.as_secs_f64(),
         cache_dir.display(),
         if report.skipped > 0 {
-            format!(" ({} keys the mount cannot address were left alone)", report.skipped)
+            format!(
+                " ({} keys the mount cannot address were left alone)",
+                report.skipped
+            )
         } else {
             String::new()
         }

@@ -51,7 +51,11 @@ const S3FS_LINK: [(&str, &str); 2] = [("mode", "41471"), ("mtime", "1600000100")
 const S3FS_DIR: [(&str, &str); 2] = [("mode", "16872"), ("mtime", "1600000200")];
 
 /// What the tests put in a bucket straight away: (path, body, attributes).
-fn direct_objects() -> Vec<(&'static str, Vec<u8>, &'static [(&'static str, &'static str)])> {
+fn direct_objects() -> Vec<(
+    &'static str,
+    Vec<u8>,
+    &'static [(&'static str, &'static str)],
+)> {
     vec![
         ("docs/report.txt", b"quarterly".to_vec(), &S3FS_FILE),
         ("docs/", Vec::new(), &S3FS_DIR),
@@ -211,7 +215,14 @@ fn hashed_keys_follow_the_md5_and_renames_move_them() {
     };
     assert_eq!(
         moto.list_keys(&bucket, ""),
-        expect(&["a.txt", "dir/", "dir/sub/", "dir/empty/", "dir/x", "dir/sub/y"])
+        expect(&[
+            "a.txt",
+            "dir/",
+            "dir/sub/",
+            "dir/empty/",
+            "dir/x",
+            "dir/sub/y"
+        ])
     );
     assert_eq!(
         moto.get_object(&bucket, ".bucketgate/layout"),
@@ -468,10 +479,7 @@ fn a_mismatched_layout_is_refused() {
     // A bucket with objects and no marker is plain.
     let plain = temp_dir("mismatch-plain");
     fs::write(plain.path().join("existing"), b"x").expect("object");
-    let err = mount_fails(
-        &plain.path().to_string_lossy(),
-        &["--key-layout", "hashed"],
-    );
+    let err = mount_fails(&plain.path().to_string_lossy(), &["--key-layout", "hashed"]);
     assert!(
         err.contains("no .bucketgate/layout") && err.contains("hashed:4"),
         "{err}"

@@ -107,15 +107,21 @@ impl Backend {
             Err(err) => return Err(format!("reading {}: {err}", layout::LAYOUT_MARKER_KEY)),
         };
         let text = String::from_utf8_lossy(&body);
-        KeyLayout::parse(&text)
-            .map(Some)
-            .map_err(|err| format!("the bucket's {} is unreadable: {err}", layout::LAYOUT_MARKER_KEY))
+        KeyLayout::parse(&text).map(Some).map_err(|err| {
+            format!(
+                "the bucket's {} is unreadable: {err}",
+                layout::LAYOUT_MARKER_KEY
+            )
+        })
     }
 
     /// Records this mount's layout in the bucket's marker.
     pub async fn record_layout(&self) -> opendal::Result<()> {
         self.op
-            .write(layout::LAYOUT_MARKER_KEY, self.layout.to_string().into_bytes())
+            .write(
+                layout::LAYOUT_MARKER_KEY,
+                self.layout.to_string().into_bytes(),
+            )
             .await
             .map(|_| ())
     }
@@ -173,11 +179,7 @@ impl Backend {
                 .map_err(|err| opendal::Error::new(ErrorKind::Unexpected, err.to_string()))?,
             _ => None,
         };
-        Ok(Some(self.object_info(
-            key,
-            &meta,
-            marker_metadata.as_ref(),
-        )))
+        Ok(Some(self.object_info(key, &meta, marker_metadata.as_ref())))
     }
 
     /// `marker` is the metadata of an S3 directory marker, read directly (OpenDAL answers

@@ -238,12 +238,8 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             backend.description
         ),
     }
-    let layout = rebuild::settle_layout(
-        &check,
-        Some(config.key_layout),
-        !config.options.read_only,
-    )
-    .await?;
+    let layout =
+        rebuild::settle_layout(&check, Some(config.key_layout), !config.options.read_only).await?;
     let backend = backend.with_layout(layout);
     if rebuild::store_needs_scan(&meta, layout)? {
         scan_at_mount(&config, &meta, &backend).await?;

@@ -203,7 +203,10 @@ async fn list_everything(backend: Backend, sender: mpsc::Sender<Listed>) -> anyh
 }
 
 /// Sends the top level's objects and returns its directories, to be listed recursively.
-async fn top_level(backend: &Backend, sender: &mpsc::Sender<Listed>) -> anyhow::Result<Vec<String>> {
+async fn top_level(
+    backend: &Backend,
+    sender: &mpsc::Sender<Listed>,
+) -> anyhow::Result<Vec<String>> {
     let mut lister = backend
         .lister_dir("")
         .await
@@ -475,8 +478,12 @@ fn refuse_unsynced(cache_dir: &std::path::Path, force: bool) -> anyhow::Result<(
     if !path.exists() {
         return Ok(());
     }
-    let meta = MetaStore::open(&path, 0o755, 0, 0)
-        .map_err(|err| anyhow!("opening the existing metadata store {}: {err}", path.display()))?;
+    let meta = MetaStore::open(&path, 0o755, 0, 0).map_err(|err| {
+        anyhow!(
+            "opening the existing metadata store {}: {err}",
+            path.display()
+        )
+    })?;
     let pending = meta.journal_len().map_err(|err| anyhow!("{err}"))?;
     if pending > 0 && !force {
         bail!(

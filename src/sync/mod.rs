@@ -306,7 +306,9 @@ impl Uploader {
         Ok(match self.meta.resolve(&names)? {
             Some(inode) if inode.kind == Kind::Dir => {
                 let owned: Vec<Vec<u8>> = names.iter().map(|n| n.to_vec()).collect();
-                layout.key_for(&owned, Kind::Dir).is_ok_and(|k| k == dir_key)
+                layout
+                    .key_for(&owned, Kind::Dir)
+                    .is_ok_and(|k| k == dir_key)
             }
             _ => false,
         })
@@ -459,7 +461,11 @@ impl Uploader {
     /// copied it there yet. An unlinked-but-open owner has not moved: it reads from `key`.
     fn moved_away_from(&self, owner: &Inode, key: &str) -> FsResult<bool> {
         Ok(match self.meta.path_of(owner.ino)? {
-            Some(names) => self.backend.layout().key_for(&names, owner.kind).is_ok_and(|k| k != key),
+            Some(names) => self
+                .backend
+                .layout()
+                .key_for(&names, owner.kind)
+                .is_ok_and(|k| k != key),
             None => false,
         })
     }
