@@ -57,6 +57,10 @@ struct RecoverArgs {
     /// Discard changes in the cache dir that never reached the bucket
     #[arg(long)]
     force: bool,
+    /// Listings in flight at once (lower it for a slow or rate-limited endpoint)
+    #[arg(long, default_value_t = daemon::rebuild::PARALLEL_LISTINGS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    parallel: u16,
     #[command(flatten)]
     connection: ConnectionArgs,
 }
@@ -197,6 +201,7 @@ fn recover(args: RecoverArgs) -> anyhow::Result<()> {
         layout,
         force: args.force,
         defaults: own_defaults(),
+        parallel: usize::from(args.parallel),
     };
     let backend = bucketgate::backend::source::open(
         &args.source,

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::posix::{flush, pattern};
-use common::{bucketgate, temp_dir, unique_name, Moto, Mount};
+use common::{bucketgate, set_xattrs, temp_dir, unique_name, Moto, Mount};
 use md5::Digest;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -140,32 +140,6 @@ fn objects_written_to_s3_directly_appear_in_plain_and_hashed() {
         let mount = Mount::s3(&moto, &bucket, "cached", &["--key-layout", layout]);
         check_direct_objects(&mount, &format!("s3 {layout}"));
         mount.unmount();
-    }
-}
-
-/// Sets the `user.NAME` xattrs the directory bucket keeps attributes in.
-fn set_xattrs(path: &Path, attrs: &[(&str, &str)]) {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
-    for (name, value) in attrs {
-        let c_name = std::ffi::CString::new(format!("user.{name}")).expect("name");
-        // SAFETY: NUL-terminated strings and a buffer that live across the call.
-        let rc = unsafe {
-            libc::setxattr(
-                c_path.as_ptr(),
-                c_name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "setxattr {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
     }
 }
 
@@ -366,24 +340,16 @@ fn recover_round_trip(
         stdout.contains("recovered 34 objects, 4 directories"),
         "{layout}: {stdout}"
     );
-    let mount = start(cache.path());
-    assert_eq!(
-        snapshot(&mount.mountpoint),
-        before,
-        "{layout}: the recovered tree"
-    );
-    mount.unmount();
-
+    let shows = |cache: &Path, what: &str| {
+        let mount = start(cache);
+        assert_eq!(snapshot(&mount.mountpoint), before, "{layout}: {what}");
+        mount.unmount();
+    };
+    shows(cache.path(), "the recovered tree");
     if layout != "plain" {
         // A hashed mount with an empty cache dir rebuilds the namespace itself.
         let fresh = temp_dir("recover-fresh");
-        let mount = start(fresh.path());
-        assert_eq!(
-            snapshot(&mount.mountpoint),
-            before,
-            "{layout}: the tree a new hashed mount rebuilt"
-        );
-        mount.unmount();
+        shows(fresh.path(), "the tree a new hashed mount rebuilt");
     }
 }
 

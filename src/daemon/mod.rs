@@ -354,7 +354,14 @@ async fn scan_at_mount(
     let busy = config.cache_dir.join(REBUILDING_FILE);
     File::create(&busy).with_context(|| format!("creating {}", busy.display()))?;
     tracing::info!(layout = %backend.layout(), "new metadata store: scanning the bucket");
-    let result = rebuild::rebuild(meta.clone(), backend, attr_defaults(config), |_| {}).await;
+    let result = rebuild::rebuild(
+        meta.clone(),
+        backend,
+        attr_defaults(config),
+        rebuild::PARALLEL_LISTINGS,
+        |_| {},
+    )
+    .await;
     if let Err(err) = std::fs::remove_file(&busy) {
         tracing::warn!(error = %err, "removing {}", busy.display());
     }

@@ -22,8 +22,8 @@ use crate::core::MAX_NAME_BYTES;
 use crate::error::FsResult;
 use crate::meta::{MetaStore, NewInode, RemoteState, ROOT_INO};
 
-/// Listings in flight at once.
-const PARALLEL_LISTINGS: usize = 16;
+/// Listings in flight at once, unless told otherwise.
+pub const PARALLEL_LISTINGS: usize = 16;
 /// Objects recorded per transaction (each commit is an fsync).
 const BATCH: usize = 2000;
 /// Listed objects waiting for the recorder: bounds memory when SQLite is the slower side.
@@ -152,12 +152,14 @@ pub async fn rebuild(
     meta: Arc<MetaStore>,
     backend: &Backend,
     defaults: AttrDefaults,
+    parallel: usize,
     mut progress: impl FnMut(&RebuildReport) + Send + 'static,
 ) -> anyhow::Result<RebuildReport> {
     let started = Instant::now();
     let (sender, receiver) = mpsc::channel::<Listed>(QUEUE);
-    let lister = list_everything(backend.clone(), sender);
+    let lister = list_everything(backend.clone(), sender, parallel.max(1));
     let layout = backend.layout();
+    let meta_done = meta.clone();
     let recorder = tokio::task::spawn_blocking(move || {
         let mut recorder = Recorder::new(&meta, layout, defaults);
         recorder.run(receiver, &mut |report: &RebuildReport| {
@@ -165,8 +167,6 @@ pub async fn rebuild(
             shown.elapsed = started.elapsed();
             progress(&shown);
         })?;
-        meta.add_listed(ROOT_INO, &[])?;
-        meta.set_state(SCANNED_STATE, "1")?;
         Ok::<RebuildReport, crate::error::FsError>(recorder.report)
     });
     // The lister ends first (its sender drops), then the recorder drains the queue.
@@ -176,6 +176,10 @@ pub async fn rebuild(
         .context("the recorder of the listing stopped")?;
     listed?;
     let mut report = recorded.map_err(|err| anyhow!("recording the listing: {err}"))?;
+    // Only a complete listing makes the store scanned (a failed one is scanned again).
+    let err = |e: crate::error::FsError| anyhow!("{e}");
+    meta_done.add_listed(ROOT_INO, &[]).map_err(err)?;
+    meta_done.set_state(SCANNED_STATE, "1").map_err(err)?;
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -183,8 +187,12 @@ pub async fn rebuild(
 /// Lists every object of the bucket into `sender`. S3/OSS in `hashed`: the 16 prefixes of
 /// the first hash character, in parallel (a listing per hash prefix would be up to 16^N
 /// requests). Otherwise: the top level by delimiter, then each top-level directory
-/// recursively, 16 at a time.
-async fn list_everything(backend: Backend, sender: mpsc::Sender<Listed>) -> anyhow::Result<()> {
+/// recursively. `parallel` listings at a time.
+async fn list_everything(
+    backend: Backend,
+    sender: mpsc::Sender<Listed>,
+    parallel: usize,
+) -> anyhow::Result<()> {
     let prefixes: Vec<String> =
         if !backend.layout().lists_lazily() && backend.local_root().is_none() {
             (0..16u32)
@@ -196,7 +204,7 @@ async fn list_everything(backend: Backend, sender: mpsc::Sender<Listed>) -> anyh
         };
     futures::stream::iter(prefixes)
         .map(|prefix| list_prefix(&backend, prefix, &sender))
-        .buffer_unordered(PARALLEL_LISTINGS)
+        .buffer_unordered(parallel)
         .try_collect::<Vec<()>>()
         .await
         .map(|_| ())
@@ -371,8 +379,11 @@ impl<'a> Recorder<'a> {
                 self.report.bytes += listed.size;
             }
             Err(err) if err.errno == libc::EEXIST => {
-                tracing::warn!(key = %listed.key, "skipped: a directory of the same name is in the bucket");
-                self.report.skipped += 1;
+                let known = self.meta.lookup_in_tx(tx, parent, name.as_bytes())?;
+                if known.and_then(|k| k.remote_key).as_deref() != Some(&listed.key) {
+                    tracing::warn!(key = %listed.key, "skipped: a directory of the same name is in the bucket");
+                    self.report.skipped += 1;
+                } // else recorded by an earlier scan that did not finish
             }
             Err(err) => return Err(err),
         }
@@ -435,6 +446,8 @@ pub struct RecoverOptions {
     /// Discard journaled changes not yet in the bucket.
     pub force: bool,
     pub defaults: AttrDefaults,
+    /// Listings in flight at once.
+    pub parallel: usize,
 }
 
 /// `bucketgate recover`: replaces the cache dir's metadata store (and its cached data,
@@ -448,9 +461,7 @@ pub async fn recover_cache_dir(
     let backend = backend.with_layout(layout);
     let _lock = super::lock_cache_dir(&options.cache_dir)?;
     refuse_unsynced(&options.cache_dir, options.force)?;
-    for name in ["meta.db", "meta.db-wal", "meta.db-shm"] {
-        remove_if_present(&options.cache_dir.join(name))?;
-    }
+    remove_store(&options.cache_dir)?;
     let data = options.cache_dir.join("data");
     if data.exists() {
         std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
@@ -466,10 +477,34 @@ pub async fn recover_cache_dir(
     );
     store_needs_scan(&meta, layout)?;
     tracing::info!(%layout, "rebuilding the metadata store from the bucket");
-    let report = rebuild(meta.clone(), &backend, options.defaults, progress).await?;
+    let report = match rebuild(
+        meta.clone(),
+        &backend,
+        options.defaults,
+        options.parallel,
+        progress,
+    )
+    .await
+    {
+        Ok(report) => report,
+        Err(err) => {
+            // A half-built store would show a tree with holes: leave none.
+            drop(meta);
+            remove_store(&options.cache_dir)?;
+            return Err(err.context("nothing was recovered; run recover again"));
+        }
+    };
     meta.set_state("clean", "1")
         .map_err(|err| anyhow!("{err}"))?;
     Ok(report)
+}
+
+/// Removes the metadata store of a cache dir (the database and its WAL files).
+fn remove_store(cache_dir: &std::path::Path) -> anyhow::Result<()> {
+    for name in ["meta.db", "meta.db-wal", "meta.db-shm"] {
+        remove_if_present(&cache_dir.join(name))?;
+    }
+    Ok(())
 }
 
 /// Refuses to drop a store whose journal still holds changes the bucket lacks.
