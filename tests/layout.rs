@@ -51,11 +51,14 @@ const S3FS_LINK: [(&str, &str); 2] = [("mode", "41471"), ("mtime", "1600000100")
 const S3FS_DIR: [(&str, &str); 2] = [("mode", "16872"), ("mtime", "1600000200")];
 
 /// What the tests put in a bucket straight away: (path, body, attributes).
-fn direct_objects() -> Vec<(
+/// An object to put in a bucket: path, body, user metadata.
+type DirectObject = (
     &'static str,
     Vec<u8>,
     &'static [(&'static str, &'static str)],
-)> {
+);
+
+fn direct_objects() -> Vec<DirectObject> {
     vec![
         ("docs/report.txt", b"quarterly".to_vec(), &S3FS_FILE),
         ("docs/", Vec::new(), &S3FS_DIR),
