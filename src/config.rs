@@ -9,6 +9,8 @@ use clap::Args;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::backend::KeyLayout;
+
 /// How writes and reads reach the bucket. See README "Modes and guarantees".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -88,6 +90,10 @@ pub struct MountArgs {
     /// Local cache directory (default: one per mount point under /var/cache/bucketgate)
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// How paths map to keys: plain (default; key = path) or hashed[:N] (key = first N
+    /// hex chars of the path's MD5, `/`, path; N 1..8, default 4)
+    #[arg(long)]
+    pub key_layout: Option<String>,
     /// Cache size limit, e.g. 512M, 20G (default 10G)
     #[arg(long)]
     pub cache_size: Option<String>,
@@ -141,6 +147,7 @@ struct FileConfig {
     mountpoint: Option<PathBuf>,
     mode: Option<Mode>,
     cache_dir: Option<PathBuf>,
+    key_layout: Option<String>,
     cache_size: Option<String>,
     part_size: Option<String>,
     upload_concurrency: Option<usize>,
@@ -174,6 +181,7 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     pub mode: Mode,
     pub cache_dir: PathBuf,
+    pub key_layout: KeyLayout,
     pub cache_size: u64,
     pub part_size: u64,
     pub upload_concurrency: usize,
@@ -211,6 +219,13 @@ impl MountConfig {
             Some(dir) => absolute(&dir, "cache-dir")?,
             None => default_cache_dir(&mountpoint),
         };
+        let key_layout = pick(
+            "key-layout",
+            &args.key_layout,
+            &file.key_layout,
+            KeyLayout::Plain,
+            KeyLayout::parse,
+        )?;
         let cache_size = pick(
             "cache-size",
             &args.cache_size,
@@ -292,6 +307,7 @@ impl MountConfig {
             mountpoint,
             mode: args.mode.or(file.mode).unwrap_or(Defaults::MODE),
             cache_dir,
+            key_layout,
             cache_size,
             part_size,
             upload_concurrency,
@@ -502,6 +518,38 @@ mod tests {
             .expect_err("typo in key")
             .to_string();
         assert!(err.contains("cache-sise"), "{err}");
+    }
+
+    #[test]
+    fn key_layout_from_file_and_flag_and_bad_values_name_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "source = \"memory://\"\nmountpoint = \"/mnt/x\"\nkey-layout = \"hashed:2\"\n",
+        )
+        .expect("write config");
+        let from_file = MountArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let config = MountConfig::resolve(&from_file).expect("valid config");
+        assert_eq!(config.key_layout, KeyLayout::Hashed { chars: 2 });
+        let flag = MountArgs {
+            key_layout: Some("plain".into()),
+            ..from_file
+        };
+        let config = MountConfig::resolve(&flag).expect("valid config");
+        assert_eq!(config.key_layout, KeyLayout::Plain);
+        for bad in ["hashed:0", "hashed:9", "sharded"] {
+            let args = MountArgs {
+                config: Some(path.clone()),
+                key_layout: Some(bad.into()),
+                ..Default::default()
+            };
+            let err = MountConfig::resolve(&args).expect_err(bad).to_string();
+            assert!(err.contains("key-layout") && err.contains(bad), "{err}");
+        }
     }
 
     #[test]

@@ -36,6 +36,62 @@ enum Commands {
     },
     /// Read objects back and check them against their stored crc64 (exit 1 on a mismatch)
     Verify(VerifyArgs),
+    /// Rebuild the local metadata store of a cache dir from the bucket (lost cache disk,
+    /// new host); refuses while the cache dir holds changes not yet uploaded
+    Recover(RecoverArgs),
+}
+
+#[derive(clap::Args)]
+struct RecoverArgs {
+    /// The bucket: s3://BUCKET[/PREFIX], oss://BUCKET[/PREFIX] or a directory
+    source: String,
+    /// Cache dir to rebuild (the one the mount will use)
+    #[arg(long, required_unless_present = "mountpoint")]
+    cache_dir: Option<PathBuf>,
+    /// The mount point the cache dir is for, when the mount uses the default cache dir
+    #[arg(long)]
+    mountpoint: Option<PathBuf>,
+    /// plain or hashed[:N]; default: what the bucket records (plain without a marker)
+    #[arg(long)]
+    key_layout: Option<String>,
+    /// Discard changes in the cache dir that never reached the bucket
+    #[arg(long)]
+    force: bool,
+    /// Listings in flight at once (lower it for a slow or rate-limited endpoint)
+    #[arg(long, default_value_t = daemon::rebuild::PARALLEL_LISTINGS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    parallel: u16,
+    #[command(flatten)]
+    connection: ConnectionArgs,
+}
+
+/// How to reach a SOURCE outside a mount.
+#[derive(clap::Args)]
+struct ConnectionArgs {
+    /// S3/OSS endpoint URL
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Region (default us-east-1)
+    #[arg(long)]
+    region: Option<String>,
+    /// Credentials file
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+}
+
+impl ConnectionArgs {
+    fn connection(&self) -> bucketgate::backend::source::Connection {
+        bucketgate::backend::source::Connection {
+            endpoint: self.endpoint.clone(),
+            region: self
+                .region
+                .clone()
+                .unwrap_or_else(|| bucketgate::config::Defaults::REGION.to_string()),
+            credentials_file: self.credentials.clone(),
+            request_timeout: Some(Duration::from_secs(60)),
+            retries: 4,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -45,15 +101,9 @@ struct VerifyArgs {
     target: String,
     /// Only objects under this path (inside the mount point, or relative to the bucket)
     path: Option<String>,
-    /// S3/OSS endpoint URL (SOURCE only)
-    #[arg(long)]
-    endpoint: Option<String>,
-    /// Region (SOURCE only; default us-east-1)
-    #[arg(long)]
-    region: Option<String>,
-    /// Credentials file (SOURCE only)
-    #[arg(long)]
-    credentials: Option<PathBuf>,
+    /// (SOURCE only)
+    #[command(flatten)]
+    connection: ConnectionArgs,
 }
 
 fn init_logging() {
@@ -115,7 +165,85 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Verify(args) => verify(args),
+        Commands::Recover(args) => {
+            init_logging();
+            recover(args)
+        }
     }
+}
+
+/// Owner and mode for objects without metadata, outside a mount: the caller's.
+fn own_defaults() -> bucketgate::backend::AttrDefaults {
+    bucketgate::backend::AttrDefaults {
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+        umask: bucketgate::config::Defaults::UMASK,
+    }
+}
+
+/// `bucketgate recover`: rebuilds a cache dir's metadata from the bucket.
+fn recover(args: RecoverArgs) -> anyhow::Result<()> {
+    let cache_dir = match (&args.cache_dir, &args.mountpoint) {
+        (Some(dir), _) => std::path::absolute(dir).context("--cache-dir")?,
+        (None, Some(mountpoint)) => bucketgate::config::default_cache_dir(
+            &std::path::absolute(mountpoint).context("--mountpoint")?,
+        ),
+        (None, None) => bail!("give --cache-dir or --mountpoint"),
+    };
+    let layout = args
+        .key_layout
+        .as_deref()
+        .map(bucketgate::backend::KeyLayout::parse)
+        .transpose()
+        .map_err(|message| anyhow::anyhow!("invalid value for `key-layout`: {message}"))?;
+    let options = daemon::rebuild::RecoverOptions {
+        cache_dir: cache_dir.clone(),
+        layout,
+        force: args.force,
+        defaults: own_defaults(),
+        parallel: usize::from(args.parallel),
+    };
+    let backend = bucketgate::backend::source::open(
+        &args.source,
+        &args.connection.connection(),
+        options.defaults,
+    )?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut shown: Option<std::time::Instant> = None;
+    let report = runtime.block_on(daemon::rebuild::recover_cache_dir(
+        backend,
+        &options,
+        move |report| {
+            if shown.is_some_and(|at| at.elapsed() < Duration::from_millis(200)) {
+                return;
+            }
+            shown = Some(std::time::Instant::now());
+            eprint!(
+                "\rrecovering: {} objects, {} directories, {:.1} MiB",
+                report.objects,
+                report.directories,
+                report.bytes as f64 / (1u64 << 20) as f64
+            );
+        },
+    ))?;
+    eprintln!();
+    println!(
+        "recovered {} objects, {} directories, {:.1} MiB in {:.1}s into {}{}",
+        report.objects,
+        report.directories,
+        report.bytes as f64 / (1u64 << 20) as f64,
+        report.elapsed.as_secs_f64(),
+        cache_dir.display(),
+        if report.skipped > 0 {
+            format!(
+                " ({} keys the mount cannot address were left alone)",
+                report.skipped
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 /// `bucketgate verify`: through a running daemon when TARGET is its mount point, else
@@ -144,27 +272,19 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         serde_json::from_value(response.status.context("the daemon sent no report")?)
             .context("decoding the daemon's report")?
     } else {
-        let connection = bucketgate::backend::source::Connection {
-            endpoint: args.endpoint.clone(),
-            region: args
-                .region
-                .clone()
-                .unwrap_or_else(|| "us-east-1".to_string()),
-            credentials_file: args.credentials.clone(),
-            request_timeout: Some(Duration::from_secs(60)),
-            retries: 4,
-        };
-        let defaults = bucketgate::backend::AttrDefaults {
-            uid: nix::unistd::getuid().as_raw(),
-            gid: nix::unistd::getgid().as_raw(),
-            umask: 0o022,
-        };
-        let backend = bucketgate::backend::source::open(&args.target, &connection, defaults)?;
+        let backend = bucketgate::backend::source::open(
+            &args.target,
+            &args.connection.connection(),
+            own_defaults(),
+        )?;
         let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
         let path = args.path.clone().unwrap_or_default();
-        runtime.block_on(bucketgate::scrub::scrub(&backend, &path, |report| {
-            progress.show(report)
-        }))?
+        runtime.block_on(async {
+            // PATH is a path of the mount: find its keys with the bucket's own layout.
+            let layout = daemon::rebuild::settle_layout(&backend, None, false).await?;
+            let backend = backend.with_layout(layout);
+            bucketgate::scrub::scrub(&backend, &path, |report| progress.show(report)).await
+        })?
     };
     progress.finish();
     println!(

@@ -88,6 +88,9 @@ async fn keys_under(backend: &Backend, path: &str) -> anyhow::Result<Vec<String>
     if path.is_empty() {
         return Ok(backend.list_objects("").await?);
     }
+    if !backend.layout().lists_lazily() {
+        return hashed_keys_under(backend, path).await;
+    }
     let keys = backend.list_objects(&format!("{path}/")).await?;
     if !keys.is_empty() {
         return Ok(keys);
@@ -96,6 +99,27 @@ async fn keys_under(backend: &Backend, path: &str) -> anyhow::Result<Vec<String>
         return Ok(vec![path.to_string()]);
     }
     anyhow::bail!("nothing in the bucket at `{path}`")
+}
+
+/// In `hashed` a path's objects are spread over the hash prefixes: list everything and
+/// keep the keys whose path is `path` or below it.
+async fn hashed_keys_under(backend: &Backend, path: &str) -> anyhow::Result<Vec<String>> {
+    let layout = backend.layout();
+    let below = format!("{path}/");
+    let keys: Vec<String> = backend
+        .list_objects("")
+        .await?
+        .into_iter()
+        .filter(|key| {
+            layout
+                .path_of_key(key)
+                .is_some_and(|(p, _)| p == path || p.starts_with(&below))
+        })
+        .collect();
+    if keys.is_empty() {
+        anyhow::bail!("nothing in the bucket at `{path}`");
+    }
+    Ok(keys)
 }
 
 async fn check_object(backend: &Backend, key: &str) -> Verdict {

@@ -2,6 +2,7 @@
 //! the gateway needs, expressed in keys relative to the mount's prefix.
 
 pub mod attrs;
+pub mod layout;
 pub mod s3_direct;
 pub mod source;
 
@@ -16,6 +17,7 @@ use opendal::{Buffer, ErrorKind, Operator};
 use s3_direct::S3Direct;
 
 pub use attrs::{AttrDefaults, Kind, ObjectAttrs};
+pub use layout::KeyLayout;
 
 /// Keys under this prefix belong to the gateway itself and never show in the mount.
 pub const RESERVED_PREFIX: &str = ".bucketgate/";
@@ -62,6 +64,8 @@ pub struct Backend {
     defaults: AttrDefaults,
     /// The S3 calls OpenDAL lacks (S3 sources only).
     direct: Option<Arc<S3Direct>>,
+    /// How paths map to keys in this bucket.
+    layout: KeyLayout,
     /// Human-readable description, e.g. `s3://bucket/prefix`.
     pub description: String,
 }
@@ -79,8 +83,71 @@ impl Backend {
             local_root,
             defaults,
             direct: direct.map(Arc::new),
+            layout: KeyLayout::Plain,
             description,
         }
+    }
+
+    /// The same bucket, addressed with `layout`.
+    pub fn with_layout(mut self, layout: KeyLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    pub fn layout(&self) -> KeyLayout {
+        self.layout
+    }
+
+    /// The layout recorded in the bucket's marker, if there is one (unparsable text is
+    /// an error: guessing could scatter keys).
+    pub async fn recorded_layout(&self) -> Result<Option<KeyLayout>, String> {
+        let body = match self.op.read(layout::LAYOUT_MARKER_KEY).await {
+            Ok(body) => body.to_vec(),
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(format!("reading {}: {err}", layout::LAYOUT_MARKER_KEY)),
+        };
+        let text = String::from_utf8_lossy(&body);
+        KeyLayout::parse(&text).map(Some).map_err(|err| {
+            format!(
+                "the bucket's {} is unreadable: {err}",
+                layout::LAYOUT_MARKER_KEY
+            )
+        })
+    }
+
+    /// Records this mount's layout in the bucket's marker.
+    pub async fn record_layout(&self) -> opendal::Result<()> {
+        self.op
+            .write(
+                layout::LAYOUT_MARKER_KEY,
+                self.layout.to_string().into_bytes(),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether the bucket holds anything besides the gateway's own reserved objects.
+    pub async fn has_objects(&self) -> opendal::Result<bool> {
+        use futures::TryStreamExt;
+        let mut lister = self.op.lister("").await?;
+        // Bounded: the reserved prefix is one entry of a delimiter listing.
+        while let Some(entry) = lister.try_next().await? {
+            let path = entry.path();
+            if !path.is_empty() && path != "/" && !path.starts_with(RESERVED_PREFIX) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A lister over every key under `prefix` (a raw key prefix), recursively.
+    pub async fn lister_recursive(&self, prefix: &str) -> opendal::Result<opendal::Lister> {
+        self.op.lister_with(prefix).recursive(true).await
+    }
+
+    /// A lister over the direct children of `dir_key` (delimiter listing).
+    pub async fn lister_dir(&self, dir_key: &str) -> opendal::Result<opendal::Lister> {
+        self.op.lister(dir_key).await
     }
 
     /// Direct S3 calls (abandoned uploads, metadata replacement), where the bucket is S3.
@@ -100,16 +167,34 @@ impl Backend {
 
     /// HEAD of a key; `None` when there is no such object.
     pub async fn stat(&self, key: &str) -> opendal::Result<Option<ObjectInfo>> {
-        match self.op.stat(key).await {
-            Ok(meta) => Ok(Some(self.object_info(key, &meta))),
-            Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(err),
-        }
+        let meta = match self.op.stat(key).await {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let marker_metadata = match &self.direct {
+            Some(direct) if key.ends_with('/') => direct
+                .user_metadata(key)
+                .await
+                .map_err(|err| opendal::Error::new(ErrorKind::Unexpected, err.to_string()))?,
+            _ => None,
+        };
+        Ok(Some(self.object_info(key, &meta, marker_metadata.as_ref())))
     }
 
-    fn object_info(&self, key: &str, meta: &opendal::Metadata) -> ObjectInfo {
+    /// `marker` is the metadata of an S3 directory marker, read directly (OpenDAL answers
+    /// their stat from a listing, without metadata); else OpenDAL's is used.
+    fn object_info(
+        &self,
+        key: &str,
+        meta: &opendal::Metadata,
+        marker: Option<&HashMap<String, String>>,
+    ) -> ObjectInfo {
         let user = meta.user_metadata();
-        let get = |k: &str| user.as_ref().and_then(|u| u.get(k)).map(str::to_string);
+        let get = |k: &str| match marker {
+            Some(marker) => marker.get(k).cloned(),
+            None => user.as_ref().and_then(|u| u.get(k)).map(str::to_string),
+        };
         let last_modified = meta.last_modified().map(SystemTime::from);
         ObjectInfo {
             size: if key.ends_with('/') {

@@ -187,7 +187,7 @@ impl S3Direct {
             encode_path(&key),
             encode(&upload.upload_id)
         );
-        let (status, body) = self.send(&what, Method::DELETE, &url, &[]).await?;
+        let (status, _, body) = self.send(&what, Method::DELETE, &url, &[]).await?;
         if status.is_success() {
             return Ok(());
         }
@@ -225,7 +225,7 @@ impl S3Direct {
                 .iter()
                 .map(|(name, value)| (format!("x-amz-meta-{name}"), value.clone())),
         );
-        let (status, body) = self.send(&what, Method::PUT, &url, &headers).await?;
+        let (status, _, body) = self.send(&what, Method::PUT, &url, &headers).await?;
         let text = String::from_utf8_lossy(&body);
         // CopyObject may answer 200 and still fail, with an <Error> body.
         if !status.is_success() || text.contains("<Error>") {
@@ -233,6 +233,33 @@ impl S3Direct {
         }
         let result: CopyResultXml = quick_xml::de::from_str(&text).unwrap_or_default();
         Ok(Some(result.etag).filter(|etag| !etag.is_empty()))
+    }
+
+    /// The user metadata of `key` by a HEAD; `None` when there is no such object. OpenDAL
+    /// cannot do this for a directory marker (`dir/`): it answers a stat of such a key
+    /// from a listing, without the marker's metadata.
+    pub async fn user_metadata(
+        &self,
+        key: &str,
+    ) -> Result<Option<HashMap<String, String>>, S3DirectError> {
+        let full = format!("{}{key}", self.root);
+        let what = format!("HEAD `{full}`");
+        let url = format!("{}/{}/{}", self.endpoint, self.bucket, encode_path(&full));
+        let (status, headers, body) = self.send(&what, Method::HEAD, &url, &[]).await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(self.status_error(&what, status, &body));
+        }
+        let metadata = headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let name = name.as_str().strip_prefix("x-amz-meta-")?;
+                Some((name.to_string(), value.to_str().ok()?.to_string()))
+            })
+            .collect();
+        Ok(Some(metadata))
     }
 
     async fn list_page(
@@ -255,7 +282,7 @@ impl S3Direct {
                 encode(upload_id)
             ));
         }
-        let (status, body) = self.send(what, Method::GET, &url, &[]).await?;
+        let (status, _, body) = self.send(what, Method::GET, &url, &[]).await?;
         if !status.is_success() {
             return Err(self.status_error(what, status, &body));
         }
@@ -300,13 +327,13 @@ impl S3Direct {
         method: Method,
         url: &str,
         headers: &[(String, String)],
-    ) -> Result<(reqwest::StatusCode, bytes::Bytes), S3DirectError> {
+    ) -> Result<Answer, S3DirectError> {
         let mut pause = RETRY_PAUSE;
         let mut attempt = 0;
         loop {
             let result = self.send_once(what, method.clone(), url, headers).await;
             let retryable = match &result {
-                Ok((status, _)) => status.is_server_error(),
+                Ok((status, _, _)) => status.is_server_error(),
                 Err(S3DirectError::Request { .. }) => true,
                 Err(_) => false,
             };
@@ -325,7 +352,7 @@ impl S3Direct {
         method: Method,
         url: &str,
         headers: &[(String, String)],
-    ) -> Result<(reqwest::StatusCode, bytes::Bytes), S3DirectError> {
+    ) -> Result<Answer, S3DirectError> {
         let request_error = |message: String| S3DirectError::Request {
             bucket: self.bucket.clone(),
             what: what.to_string(),
@@ -363,11 +390,12 @@ impl S3Direct {
             .await
             .map_err(|err| request_error(error_chain(&err)))?;
         let status = response.status();
+        let answer_headers = response.headers().clone();
         let body = response
             .bytes()
             .await
             .map_err(|err| request_error(format!("reading the answer: {}", error_chain(&err))))?;
-        Ok((status, body))
+        Ok((status, answer_headers, body))
     }
 
     fn status_error(&self, what: &str, status: reqwest::StatusCode, body: &[u8]) -> S3DirectError {
@@ -397,6 +425,9 @@ impl S3Direct {
 
 /// The endpoint the operator talks to: the configured one (https when it has no scheme)
 /// or the region's AWS endpoint, path-style (the bucket goes in the path).
+/// Status, headers and body of one answer.
+type Answer = (reqwest::StatusCode, http::HeaderMap, bytes::Bytes);
+
 fn endpoint(bucket: &str, connection: &Connection) -> Result<String, S3DirectError> {
     let configured = match &connection.endpoint {
         Some(endpoint) if endpoint.starts_with("http") => endpoint.clone(),

@@ -20,7 +20,7 @@ use crate::meta::{
     ROOT_INO,
 };
 use crate::sync::upload::StreamUpload;
-use crate::sync::{attrs_of, discard_cache_file, file_init, key_for, read_verifier, Uploader};
+use crate::sync::{attrs_of, discard_cache_file, file_init, read_verifier, Uploader};
 use handle::{process_of, Handle};
 
 /// Longest name of one path component.
@@ -242,7 +242,7 @@ impl Core {
             .meta
             .path_of(inode.ino)?
             .ok_or_else(FsError::not_found)?;
-        key_for(&names, inode.kind)
+        self.backend.layout().key_for(&names, inode.kind)
     }
 
     /// Queues bucket work for an inode and, in write-through mode, does it now.
@@ -269,9 +269,11 @@ impl Core {
     // --- namespace ---
 
     /// Makes sure the children of a directory are known locally (plain layout: one
-    /// delimiter listing on first use).
+    /// delimiter listing on first use; hashed: always known).
     async fn ensure_listed(&self, dir: &Inode) -> FsResult<()> {
-        if dir.listed || dir.kind != Kind::Dir {
+        // In `hashed` a listing shows hash prefixes, not children: local metadata is
+        // authoritative, rebuilt from a whole-bucket scan when the store is new.
+        if dir.listed || dir.kind != Kind::Dir || !self.backend.layout().lists_lazily() {
             return Ok(());
         }
         let key = self.key_of(dir)?;
@@ -451,7 +453,7 @@ impl Core {
         }
         let mut names = self.meta.path_of(parent)?.ok_or_else(FsError::not_found)?;
         names.push(name.to_vec());
-        key_for(&names, new.kind)?;
+        self.backend.layout().key_for(&names, new.kind)?;
         let delay = self.delay();
         let inode = self.meta.transaction(|tx| {
             let inode = self.meta.create_entry(tx, parent, name, &new)?;
@@ -633,7 +635,7 @@ impl Core {
                 ));
             }
             names.push(new_name.to_vec());
-            key_for(&names, Kind::Dir)?;
+            self.backend.layout().key_for(&names, Kind::Dir)?;
             self.ensure_subtree_listed(&source).await?;
         }
         let mut new_names = self
@@ -642,7 +644,7 @@ impl Core {
             .ok_or_else(FsError::not_found)?;
         new_names.push(new_name.to_vec());
         // Refuses a destination whose key the bucket cannot store, before anything changes.
-        key_for(&new_names, source.kind)?;
+        self.backend.layout().key_for(&new_names, source.kind)?;
         let delay = self.delay();
         let mut ops = Vec::new();
         self.meta.transaction(|tx| {

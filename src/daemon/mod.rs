@@ -2,6 +2,7 @@
 //! bounded flush on `umount`, SIGTERM or SIGINT.
 
 pub mod control;
+pub mod rebuild;
 mod recovery;
 
 use std::fs::File;
@@ -34,6 +35,8 @@ pub fn mount_in_background(config: &MountConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.cache_dir)
         .with_context(|| format!("creating cache dir {}", config.cache_dir.display()))?;
     let log_path = config.cache_dir.join("bucketgate.log");
+    // One left by a daemon that died scanning would make this wait on the next one.
+    rebuild::remove_if_present(&config.cache_dir.join(REBUILDING_FILE))?;
     let log =
         File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let exe = std::env::current_exe().context("locating the bucketgate binary")?;
@@ -57,8 +60,13 @@ pub fn mount_in_background(config: &MountConfig) -> anyhow::Result<()> {
         }
         command.spawn().context("starting the daemon")?
     };
-    let deadline = Instant::now() + CHECK_TIMEOUT + Duration::from_secs(10);
+    let mut deadline = Instant::now() + CHECK_TIMEOUT + Duration::from_secs(10);
+    let scanning = config.cache_dir.join(REBUILDING_FILE);
     while Instant::now() < deadline {
+        if scanning.exists() {
+            // Scanning a big bucket takes as long as it takes; the daemon is alive.
+            deadline = Instant::now() + CHECK_TIMEOUT;
+        }
         if let Some(status) = child.try_wait().context("watching the daemon")? {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             bail!(
@@ -101,10 +109,7 @@ fn open_layers(config: &MountConfig) -> anyhow::Result<(Arc<MetaStore>, Arc<Data
         .with_context(|| format!("creating cache dir {}", config.cache_dir.display()))?;
     std::fs::set_permissions(&config.cache_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("securing cache dir {}", config.cache_dir.display()))?;
-    let lock = File::create(config.cache_dir.join("lock")).context("creating cache lock file")?;
-    nix::fcntl::Flock::lock(lock.try_clone().context("lock handle")?, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, err)| anyhow!("cache dir {} is in use by another bucketgate ({err}); give each mount its own --cache-dir", config.cache_dir.display()))
-        .map(std::mem::forget)?;
+    let lock = lock_cache_dir(&config.cache_dir)?;
     let defaults = attr_defaults(config);
     let meta = MetaStore::open(
         &config.cache_dir.join("meta.db"),
@@ -144,6 +149,18 @@ fn open_layers(config: &MountConfig) -> anyhow::Result<(Arc<MetaStore>, Arc<Data
     let cache = DataCache::open(&data_dir, config.cache_size, saved_bytes)
         .map_err(|err| anyhow!("{err}"))?;
     Ok((Arc::new(meta), Arc::new(cache), lock))
+}
+
+/// Takes the cache dir for this process: one mount (or `recover`) per cache dir. The lock
+/// lasts while the returned file is open.
+pub(crate) fn lock_cache_dir(cache_dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating cache dir {}", cache_dir.display()))?;
+    let lock = File::create(cache_dir.join("lock")).context("creating cache lock file")?;
+    nix::fcntl::Flock::lock(lock.try_clone().context("lock handle")?, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, err)| anyhow!("cache dir {} is in use by another bucketgate ({err}); give each mount its own --cache-dir", cache_dir.display()))
+        .map(std::mem::forget)?;
+    Ok(lock)
 }
 
 /// Write-through promises the old object or none: a file created and never completed
@@ -220,6 +237,12 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             "cannot reach {}: no answer within {CHECK_TIMEOUT:?}; check --endpoint and the network",
             backend.description
         ),
+    }
+    let layout =
+        rebuild::settle_layout(&check, Some(config.key_layout), !config.options.read_only).await?;
+    let backend = backend.with_layout(layout);
+    if rebuild::store_needs_scan(&meta, layout)? {
+        scan_at_mount(&config, &meta, &backend).await?;
     }
     let uploader = Uploader::new(
         meta.clone(),
@@ -319,6 +342,43 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     tracing::info!("stopped");
     flushed.map_err(|err| anyhow!("{err}"))
 }
+
+/// A `hashed` mount with a new store: the namespace comes from a scan of the whole bucket
+/// (local metadata is authoritative; listings show hash prefixes). While it runs, a
+/// `rebuilding` file in the cache dir tells `mount` the daemon is busy, not stuck.
+async fn scan_at_mount(
+    config: &MountConfig,
+    meta: &Arc<MetaStore>,
+    backend: &crate::backend::Backend,
+) -> anyhow::Result<()> {
+    let busy = config.cache_dir.join(REBUILDING_FILE);
+    File::create(&busy).with_context(|| format!("creating {}", busy.display()))?;
+    tracing::info!(layout = %backend.layout(), "new metadata store: scanning the bucket");
+    let result = rebuild::rebuild(
+        meta.clone(),
+        backend,
+        attr_defaults(config),
+        rebuild::PARALLEL_LISTINGS,
+        |_| {},
+    )
+    .await;
+    if let Err(err) = std::fs::remove_file(&busy) {
+        tracing::warn!(error = %err, "removing {}", busy.display());
+    }
+    let report = result?;
+    tracing::info!(
+        objects = report.objects,
+        directories = report.directories,
+        bytes = report.bytes,
+        skipped = report.skipped,
+        elapsed = ?report.elapsed,
+        "namespace rebuilt from the bucket"
+    );
+    Ok(())
+}
+
+/// Present in the cache dir while a mount scans the bucket.
+const REBUILDING_FILE: &str = "rebuilding";
 
 /// Cleans up after an earlier run that stopped without ending its uploads.
 async fn recover(

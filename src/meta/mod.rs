@@ -216,13 +216,17 @@ impl MetaStore {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Option<Inode>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {INODE_COLUMNS} FROM inodes WHERE parent = ?1 AND name = ?2"
-        ))?;
-        Ok(stmt
-            .query_row(params![parent as i64, name], inode_from_row)
-            .optional()?)
+        lookup_in(&self.lock(), parent, name)
+    }
+
+    /// Looks up a name inside a transaction.
+    pub fn lookup_in_tx(
+        &self,
+        tx: &Transaction<'_>,
+        parent: u64,
+        name: &[u8],
+    ) -> FsResult<Option<Inode>> {
+        lookup_in(tx, parent, name)
     }
 
     pub fn children(&self, parent: u64) -> FsResult<Vec<Inode>> {
@@ -766,6 +770,15 @@ fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<JournalEntry> {
         gen: row.get(4)?,
         attempts: row.get(5)?,
     })
+}
+
+fn lookup_in(conn: &Connection, parent: u64, name: &[u8]) -> FsResult<Option<Inode>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {INODE_COLUMNS} FROM inodes WHERE parent = ?1 AND name = ?2"
+    ))?;
+    Ok(stmt
+        .query_row(params![parent as i64, name], inode_from_row)
+        .optional()?)
 }
 
 fn get_in(conn: &Connection, ino: u64) -> FsResult<Option<Inode>> {

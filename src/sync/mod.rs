@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
 
-use crate::backend::{Backend, Kind, MetadataReplaced, ObjectAttrs, MAX_KEY_BYTES};
+use crate::backend::{Backend, Kind, MetadataReplaced, ObjectAttrs};
 use crate::cache::{CacheFile, DataCache, FileInit};
 use crate::error::{FsError, FsResult};
 use crate::integrity::{crc64, Crc64, ReadVerifier};
@@ -45,32 +45,6 @@ pub struct Uploader {
     flushing: AtomicU64,
     in_flight: AtomicU64,
     stopped: AtomicBool,
-}
-
-/// The object key of a path (names from the root): `a/b/c`, and `a/b/` for directories.
-pub fn key_for(names: &[Vec<u8>], kind: Kind) -> FsResult<String> {
-    let mut key = String::new();
-    for (i, name) in names.iter().enumerate() {
-        let name = std::str::from_utf8(name)
-            .map_err(|_| FsError::new(libc::EINVAL, "the bucket stores only UTF-8 names"))?;
-        if i > 0 {
-            key.push('/');
-        }
-        key.push_str(name);
-    }
-    if kind == Kind::Dir && !key.is_empty() {
-        key.push('/');
-    }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(FsError::loud(
-            libc::ENAMETOOLONG,
-            format!(
-                "key of {} bytes is over the bucket's {MAX_KEY_BYTES}",
-                key.len()
-            ),
-        ));
-    }
-    Ok(key)
 }
 
 /// The attributes an inode's object carries.
@@ -303,30 +277,43 @@ impl Uploader {
     }
 
     /// After a delete on the directory bucket: parent directories no inode stands for
-    /// (made implicitly by a file stored under a path renamed meanwhile) go once empty,
-    /// as they would on S3. Bounded by the key's depth.
+    /// (made implicitly by a file stored under a path renamed meanwhile, or in `hashed`,
+    /// the hash prefix and path directories a file's key made) go once empty, as they
+    /// would on S3. Bounded by the key's depth.
     fn prune_implicit_dirs(&self, key: &str) -> FsResult<()> {
         if self.backend.local_root().is_none() {
             return Ok(());
         }
-        let mut names: Vec<Vec<u8>> = key
-            .trim_end_matches('/')
-            .split('/')
-            .map(|n| n.as_bytes().to_vec())
-            .collect();
-        names.pop();
-        while !names.is_empty() {
-            let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
-            if self.meta.resolve(&refs)?.is_some() {
+        let mut dir_key = key.trim_end_matches('/');
+        while let Some((parent, _)) = dir_key.rsplit_once('/') {
+            dir_key = parent;
+            let candidate = format!("{parent}/");
+            if self.is_directory_of_the_mount(&candidate)? {
                 return Ok(()); // a directory the mount has: keep it
             }
-            let dir_key = key_for(&names, Kind::Dir)?;
-            if !self.backend.remove_empty_local_dir(&dir_key) {
+            if !self.backend.remove_empty_local_dir(&candidate) {
                 return Ok(()); // not empty (or gone)
             }
-            names.pop();
         }
         Ok(())
+    }
+
+    /// Whether `dir_key` is the marker key of a directory the mount has.
+    fn is_directory_of_the_mount(&self, dir_key: &str) -> FsResult<bool> {
+        let layout = self.backend.layout();
+        let Some((path, true)) = layout.path_of_key(dir_key) else {
+            return Ok(false);
+        };
+        let names: Vec<&[u8]> = path.split('/').map(str::as_bytes).collect();
+        Ok(match self.meta.resolve(&names)? {
+            Some(inode) if inode.kind == Kind::Dir => {
+                let owned: Vec<Vec<u8>> = names.iter().map(|n| n.to_vec()).collect();
+                layout
+                    .key_for(&owned, Kind::Dir)
+                    .is_ok_and(|k| k == dir_key)
+            }
+            _ => false,
+        })
     }
 
     /// Stores a streamed object's crc64 in its metadata, in place, where the bucket
@@ -345,7 +332,7 @@ impl Uploader {
         let current = self
             .meta
             .path_of(ino)?
-            .map(|names| key_for(&names, inode.kind));
+            .map(|names| self.backend.layout().key_for(&names, inode.kind));
         if inode.dirty || !matches!(current, Some(Ok(k)) if k == key) {
             return Ok(());
         }
@@ -383,7 +370,7 @@ impl Uploader {
         let Some(names) = self.meta.path_of(ino)? else {
             return Ok(());
         }; // unlinked: nothing to store
-        let key = key_for(&names, inode.kind)?;
+        let key = self.backend.layout().key_for(&names, inode.kind)?;
         let old_key = inode
             .remote_key
             .clone()
@@ -517,7 +504,11 @@ impl Uploader {
     /// copied it there yet. An unlinked-but-open owner has not moved: it reads from `key`.
     fn moved_away_from(&self, owner: &Inode, key: &str) -> FsResult<bool> {
         Ok(match self.meta.path_of(owner.ino)? {
-            Some(names) => key_for(&names, owner.kind).is_ok_and(|k| k != key),
+            Some(names) => self
+                .backend
+                .layout()
+                .key_for(&names, owner.kind)
+                .is_ok_and(|k| k != key),
             None => false,
         })
     }
@@ -743,23 +734,5 @@ impl<T: std::hash::Hash + Eq + Clone> Drop for BusyGuard<'_, T> {
     fn drop(&mut self) {
         self.set.items().remove(&self.item);
         self.set.changed.notify_waiters();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_follow_paths() {
-        let names = vec![b"a".to_vec(), b"b".to_vec()];
-        assert_eq!(key_for(&names, Kind::File).expect("key"), "a/b");
-        assert_eq!(key_for(&names, Kind::Dir).expect("key"), "a/b/");
-        assert_eq!(key_for(&[], Kind::Dir).expect("root"), "");
-        let long = vec![vec![b'x'; 200]; 6];
-        assert_eq!(
-            key_for(&long, Kind::File).expect_err("too long").errno,
-            libc::ENAMETOOLONG
-        );
     }
 }

@@ -998,6 +998,32 @@ pub fn xattr(path: &Path, name: &str) -> Option<String> {
     (len >= 0).then(|| String::from_utf8_lossy(&buf[..len as usize]).into_owned())
 }
 
+/// Sets `user.NAME` extended attributes, as the directory bucket keeps object metadata
+/// (objects written to it straight, as another tool would).
+pub fn set_xattrs(path: &Path, attrs: &[(&str, &str)]) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    for (name, value) in attrs {
+        let c_name = std::ffi::CString::new(format!("user.{name}")).expect("name");
+        // SAFETY: NUL-terminated strings and a buffer that live across the call.
+        let rc = unsafe {
+            libc::setxattr(
+                c_path.as_ptr(),
+                c_name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "setxattr {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Runs the `bucketgate` binary with `args`, bounded to `timeout`.
 pub fn bucketgate(args: &[&str], timeout: Duration) -> Ran {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bucketgate"));
