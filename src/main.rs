@@ -36,6 +36,13 @@ enum Commands {
     },
     /// Read objects back and check them against their stored crc64 (exit 1 on a mismatch)
     Verify(VerifyArgs),
+    /// Check PATH (default: the whole mount) against the bucket now: other tools' added,
+    /// replaced and deleted objects show at once
+    Refresh {
+        mountpoint: PathBuf,
+        /// A file or directory inside the mount point (directories: recursively)
+        path: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -115,7 +122,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Verify(args) => verify(args),
+        Commands::Refresh { mountpoint, path } => refresh(&mountpoint, path.as_deref()),
     }
+}
+
+/// `bucketgate refresh`: the daemon lists now, and the tally is printed.
+fn refresh(mountpoint: &std::path::Path, path: Option<&str>) -> anyhow::Result<()> {
+    let path = relative_to_mount(mountpoint, path.unwrap_or(""));
+    let response = control::request(
+        mountpoint,
+        control::Command::Refresh { path },
+        CONTROL_TIMEOUT,
+    )?;
+    if !response.ok {
+        bail!(
+            "{}",
+            response.error.unwrap_or_else(|| "refresh failed".into())
+        );
+    }
+    let report: bucketgate::core::RefreshReport =
+        serde_json::from_value(response.status.context("the daemon sent no report")?)
+            .context("decoding the daemon's report")?;
+    println!(
+        "refreshed {} directories: {} added, {} replaced, {} deleted, {} conflicts",
+        report.directories, report.added, report.replaced, report.deleted, report.conflicts
+    );
+    if report.truncated {
+        println!(
+            "stopped after {} directories; refresh a narrower PATH for the rest",
+            bucketgate::core::MAX_REFRESH_DIRS
+        );
+    }
+    Ok(())
 }
 
 /// `bucketgate verify`: through a running daemon when TARGET is its mount point, else

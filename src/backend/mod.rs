@@ -117,9 +117,35 @@ impl Backend {
             } else {
                 meta.content_length()
             },
-            etag: meta.etag().map(str::to_string),
+            etag: self.version_tag(meta),
             attrs: ObjectAttrs::decode(get, key.ends_with('/'), last_modified, self.defaults),
             crc64: attrs::stored_crc64(get),
+        }
+    }
+
+    /// The version of an object as listings, HEADs and writes report it, to tell when
+    /// another tool replaced it: the ETag; the directory bucket has none, so there its
+    /// size and modification time (nanoseconds) stand in.
+    pub fn version_tag(&self, meta: &opendal::Metadata) -> Option<String> {
+        if let Some(etag) = meta.etag() {
+            return Some(etag.to_string());
+        }
+        self.local_root.as_ref()?;
+        let modified = SystemTime::from(meta.last_modified()?);
+        let nanos = modified
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos();
+        Some(format!("local-{}-{nanos}", meta.content_length()))
+    }
+
+    /// Whether anything is stored at or below a directory key (a marker or any object):
+    /// a directory found missing in a listing may have reappeared since.
+    pub async fn prefix_exists(&self, dir_key: &str) -> opendal::Result<bool> {
+        match self.op.list_with(dir_key).limit(1).await {
+            Ok(entries) => Ok(!entries.is_empty()),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(err),
         }
     }
 
@@ -172,7 +198,7 @@ impl Backend {
                 name: name.to_string(),
                 is_dir,
                 size: if is_dir { 0 } else { meta.content_length() },
-                etag: meta.etag().map(str::to_string),
+                etag: if is_dir { None } else { self.version_tag(meta) },
                 last_modified: meta.last_modified().map(SystemTime::from),
             });
         }
@@ -191,7 +217,7 @@ impl Backend {
             .write_with(key, body)
             .user_metadata(metadata)
             .await?;
-        Ok(meta.etag().map(str::to_string))
+        Ok(self.version_tag(&meta))
     }
 
     /// Starts a streaming (multipart above the first part) upload. Each `write` on the

@@ -3,6 +3,10 @@
 //! lock another request needs.
 
 mod handle;
+mod prefetch;
+mod refresh;
+
+pub use refresh::{RefreshReport, MAX_REFRESH_DIRS};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,9 +19,7 @@ use crate::backend::{AttrDefaults, Backend, Kind};
 use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE};
 use crate::config::Mode;
 use crate::error::{FsError, FsResult};
-use crate::meta::{
-    AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, ROOT_INO,
-};
+use crate::meta::{AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, ROOT_INO};
 use crate::sync::upload::StreamUpload;
 use crate::sync::{attrs_of, discard_cache_file, file_init, key_for, read_verifier, Uploader};
 use handle::{process_of, Handle};
@@ -40,6 +42,8 @@ pub struct CoreConfig {
     pub dirty_wait: Duration,
     pub read_only: bool,
     pub defaults: AttrDefaults,
+    /// How long listings are trusted before the bucket is asked again; `None`: forever.
+    pub meta_ttl: Option<Duration>,
 }
 
 /// Attributes as the adapter reports them.
@@ -129,6 +133,10 @@ pub struct Core {
     dirty_sample: Mutex<(std::time::Instant, u64)>,
     /// Open handles per inode (all modes); an unlinked inode lives until this drops to 0.
     open_counts: Mutex<HashMap<u64, u32>>,
+    /// When directories were last listed (refresh of outside changes).
+    fresh: refresh::Freshness,
+    /// Sync mode: discovered objects waiting for their data.
+    prefetch: Option<prefetch::Prefetch>,
 }
 
 /// Bytes of cache that block runs take.
@@ -181,8 +189,12 @@ impl Core {
         cache: Arc<DataCache>,
         uploader: Arc<Uploader>,
     ) -> Core {
+        let fresh = refresh::Freshness::new(config.meta_ttl);
+        let prefetch = (config.mode == Mode::Sync).then(prefetch::Prefetch::default);
         Core {
             config,
+            fresh,
+            prefetch,
             meta,
             backend,
             cache,
@@ -266,58 +278,6 @@ impl Core {
     }
 
     // --- namespace ---
-
-    /// Makes sure the children of a directory are known locally (plain layout: one
-    /// delimiter listing on first use).
-    async fn ensure_listed(&self, dir: &Inode) -> FsResult<()> {
-        if dir.listed || dir.kind != Kind::Dir {
-            return Ok(());
-        }
-        let key = self.key_of(dir)?;
-        let listed = self.backend.list_dir(&key).await.map_err(|err| {
-            FsError::backend(
-                &format!("listing {}", if key.is_empty() { "/" } else { &key }),
-                err,
-            )
-        })?;
-        let defaults = self.config.defaults;
-        let found: Vec<(Vec<u8>, NewInode)> = listed
-            .into_iter()
-            .filter(|entry| entry.name.len() <= MAX_NAME_BYTES)
-            .map(|entry| {
-                let kind = if entry.is_dir { Kind::Dir } else { Kind::File };
-                let perm = match kind {
-                    Kind::Dir => 0o777 & !defaults.umask,
-                    _ => 0o666 & !defaults.umask,
-                };
-                let child_key = if entry.is_dir {
-                    format!("{key}{}/", entry.name)
-                } else {
-                    format!("{key}{}", entry.name)
-                };
-                let new = NewInode {
-                    kind,
-                    perm,
-                    uid: defaults.uid,
-                    gid: defaults.gid,
-                    size: entry.size,
-                    mtime: entry.last_modified.unwrap_or(SystemTime::UNIX_EPOCH),
-                    target: None,
-                    remote: Some(RemoteState {
-                        key: child_key,
-                        etag: entry.etag,
-                        size: entry.size,
-                        crc64: None,
-                    }),
-                    attrs_loaded: false,
-                    listed: false,
-                    dirty: false,
-                };
-                (entry.name.into_bytes(), new)
-            })
-            .collect();
-        self.meta.add_listed(dir.ino, &found)
-    }
 
     /// Fills in the attributes of an inode found by listing (one HEAD).
     async fn ensure_attrs(&self, inode: Inode) -> FsResult<Inode> {
