@@ -119,6 +119,15 @@ pub struct Status {
     pub journal: JournalSummary,
 }
 
+/// What the kernel may have cached about outside changes and must forget; the adapter
+/// implements it. Calls must not block: they come from inside requests.
+pub trait KernelCache: Send + Sync {
+    /// A name in `parent` changed (removed in the bucket).
+    fn forget_entry(&self, parent: u64, name: &[u8]);
+    /// An inode's attributes and pages are stale (replaced in the bucket).
+    fn forget_inode(&self, ino: u64);
+}
+
 pub struct Core {
     config: CoreConfig,
     meta: Arc<MetaStore>,
@@ -137,6 +146,8 @@ pub struct Core {
     fresh: refresh::Freshness,
     /// Sync mode: discovered objects waiting for their data.
     prefetch: Option<prefetch::Prefetch>,
+    /// The kernel's caches, told about outside changes once the mount is up.
+    kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
 }
 
 /// Bytes of cache that block runs take.
@@ -195,6 +206,7 @@ impl Core {
             config,
             fresh,
             prefetch,
+            kernel: std::sync::OnceLock::new(),
             meta,
             backend,
             cache,
@@ -204,6 +216,13 @@ impl Core {
             live_sizes: Mutex::new(HashMap::new()),
             dirty_sample: Mutex::new((std::time::Instant::now(), 0)),
             open_counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Connects the kernel's caches (after mounting), so outside changes reach them.
+    pub fn set_kernel_cache(&self, kernel: Arc<dyn KernelCache>) {
+        if self.kernel.set(kernel).is_err() {
+            tracing::debug!("kernel cache already connected");
         }
     }
 

@@ -431,6 +431,9 @@ impl Core {
             return Ok(RefreshReport::default()); // moved, or our own upload seen late
         }
         if !self.has_local_changes(ino)? && self.replace_record(&current, key, &info)? {
+            if let Some(kernel) = self.kernel.get() {
+                kernel.forget_inode(ino);
+            }
             tracing::info!(
                 key,
                 etag = info.etag.as_deref().unwrap_or("-"),
@@ -524,6 +527,11 @@ impl Core {
         }
         for ino in &removed {
             self.drop_cached_data(*ino)?;
+        }
+        if let (Some(kernel), Some(parent), Some(name)) =
+            (self.kernel.get(), inode.parent, inode.name.as_deref())
+        {
+            kernel.forget_entry(parent, name);
         }
         tracing::info!(key, "deleted in the bucket by another tool");
         Ok(RefreshReport::one(|r| r.deleted = 1))

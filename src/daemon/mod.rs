@@ -253,6 +253,10 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     // Sync mode's background fetch of discovered objects; ends with the runtime.
     tokio::spawn(core.clone().run_prefetch(config.upload_concurrency));
     let session = mount(&config, core.clone())?;
+    core.set_kernel_cache(Arc::new(
+        crate::fs::KernelNotifier::start(session.notifier())
+            .context("starting the kernel notifier thread")?,
+    ));
     tracing::info!(source = %backend.description, mountpoint = %config.mountpoint.display(), mode = config.mode.as_str(), "mounted");
     let (stop_tx, mut stop_rx) = mpsc::channel::<Option<StopReply>>(4);
     let socket = control::socket_path(&config.mountpoint);

@@ -44,6 +44,65 @@ impl BucketFs {
     }
 }
 
+/// One thing the kernel must forget.
+enum Notice {
+    Entry(u64, Vec<u8>),
+    Inode(u64),
+}
+
+/// Tells the kernel about outside changes, from a thread of its own: an invalidation
+/// waits for the kernel's lock on the directory, which a request being answered (the
+/// very lookup that found the change) may hold.
+pub struct KernelNotifier {
+    notices: std::sync::Mutex<std::sync::mpsc::Sender<Notice>>,
+}
+
+impl KernelNotifier {
+    pub fn start(notifier: fuser::Notifier) -> std::io::Result<KernelNotifier> {
+        let (tx, rx) = std::sync::mpsc::channel::<Notice>();
+        std::thread::Builder::new()
+            .name("bucketgate-notify".into())
+            .spawn(move || {
+                // Ends when the core (the sender's owner) goes.
+                for notice in rx {
+                    let result = match &notice {
+                        Notice::Entry(parent, name) => {
+                            notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+                        }
+                        Notice::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                    };
+                    if let Err(err) = result {
+                        tracing::debug!(error = %err, "kernel cache invalidation refused");
+                    }
+                }
+            })?;
+        Ok(KernelNotifier {
+            notices: std::sync::Mutex::new(tx),
+        })
+    }
+
+    fn send(&self, notice: Notice) {
+        let sent = self
+            .notices
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .send(notice);
+        if sent.is_err() {
+            tracing::debug!("kernel notifier stopped");
+        }
+    }
+}
+
+impl crate::core::KernelCache for KernelNotifier {
+    fn forget_entry(&self, parent: u64, name: &[u8]) {
+        self.send(Notice::Entry(parent, name.to_vec()));
+    }
+
+    fn forget_inode(&self, ino: u64) {
+        self.send(Notice::Inode(ino));
+    }
+}
+
 fn errno(op: &str, err: FsError) -> Errno {
     match err.level {
         Level::Debug => tracing::debug!(op, errno = err.errno, "{}", err.message),
