@@ -279,9 +279,15 @@ impl Backend {
         }
     }
 
-    /// Server-side copy, keeping the source's metadata.
-    pub async fn copy(&self, from: &str, to: &str) -> opendal::Result<()> {
-        self.op.copy(from, to).await.map(|_| ())
+    /// Server-side copy, keeping the source's metadata. Returns the copy's version tag: a
+    /// copy is a new version (a new modification time on the directory bucket, a plain
+    /// ETag for a multipart source on S3), asked with a HEAD when the copy did not say.
+    pub async fn copy(&self, from: &str, to: &str) -> opendal::Result<Option<String>> {
+        let meta = self.op.copy(from, to).await?;
+        if let Some(tag) = self.version_tag(&meta) {
+            return Ok(Some(tag));
+        }
+        Ok(self.stat(to).await?.and_then(|info| info.etag))
     }
 
     /// Deletes a key; a missing key is not an error.

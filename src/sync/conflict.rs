@@ -61,6 +61,7 @@ pub async fn preserve_remote(
 ) -> FsResult<Option<String>> {
     let kept = match free_conflict_key(backend, key).await? {
         Some(target) => {
+            // The copy's own version does not matter: nothing of the mount owns it.
             backend
                 .copy(key, &target)
                 .await

@@ -503,13 +503,14 @@ impl Uploader {
         if !dirty {
             if let Some(old) = old_key {
                 // A rename of an unchanged file: server-side copy, no data through us.
-                self.backend
+                let etag = self
+                    .backend
                     .copy(old, key)
                     .await
                     .map_err(|err| FsError::backend(&format!("copying {old} to {key}"), err))?;
                 let remote = RemoteState {
                     key: key.to_string(),
-                    etag: inode.remote_etag.clone(),
+                    etag,
                     size: inode.remote_size.unwrap_or(0),
                     crc64: inode.remote_crc64,
                 };
