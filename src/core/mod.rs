@@ -436,6 +436,10 @@ impl Core {
             self.meta.enqueue(tx, &JournalOp::Sync(inode.ino), delay)?;
             Ok(inode)
         })?;
+        if new.kind == Kind::Dir {
+            // Made here, so known to be empty: no listing needed until the TTL passes.
+            self.fresh.mark(inode.ino, std::time::Instant::now());
+        }
         Ok(inode)
     }
 

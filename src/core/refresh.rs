@@ -75,7 +75,7 @@ impl Freshness {
         }
     }
 
-    fn mark(&self, ino: u64, started: Instant) {
+    pub(super) fn mark(&self, ino: u64, started: Instant) {
         self.listed_at.insert(ino, started);
     }
 

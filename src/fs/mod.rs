@@ -54,7 +54,7 @@ enum Notice {
 /// waits for the kernel's lock on the directory, which a request being answered (the
 /// very lookup that found the change) may hold.
 pub struct KernelNotifier {
-    notices: std::sync::Mutex<std::sync::mpsc::Sender<Notice>>,
+    notices: std::sync::mpsc::Sender<Notice>,
 }
 
 impl KernelNotifier {
@@ -76,18 +76,11 @@ impl KernelNotifier {
                     }
                 }
             })?;
-        Ok(KernelNotifier {
-            notices: std::sync::Mutex::new(tx),
-        })
+        Ok(KernelNotifier { notices: tx })
     }
 
     fn send(&self, notice: Notice) {
-        let sent = self
-            .notices
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .send(notice);
-        if sent.is_err() {
+        if self.notices.send(notice).is_err() {
             tracing::debug!("kernel notifier stopped");
         }
     }
