@@ -66,6 +66,10 @@ impl Defaults {
     pub const DIRTY_WAIT_SECS: u64 = 60;
     pub const RETRIES: usize = 4;
     pub const REQUEST_TIMEOUT_SECS: u64 = 60;
+    /// Listings older than this are checked against the bucket again. Between mountpoint-s3
+    /// (1 s) and rclone's directory cache (5 min): other tools' changes show within
+    /// seconds, for one LIST per directory in use per period.
+    pub const META_TTL_SECS: u64 = 5;
     pub const REGION: &'static str = "us-east-1";
     pub const UMASK: u32 = 0o022;
 }
@@ -119,6 +123,10 @@ pub struct MountArgs {
     /// Time limit of one bucket request, e.g. 60s
     #[arg(long)]
     pub request_timeout: Option<String>,
+    /// How long directory listings and attributes are trusted before they are checked
+    /// against the bucket again, e.g. 5s, 1m, 0 (every access) or never (default 5s)
+    #[arg(long)]
+    pub meta_ttl: Option<String>,
     /// S3/OSS endpoint URL, e.g. http://127.0.0.1:9000
     #[arg(long)]
     pub endpoint: Option<String>,
@@ -156,6 +164,7 @@ struct FileConfig {
     dirty_wait: Option<String>,
     retries: Option<usize>,
     request_timeout: Option<String>,
+    meta_ttl: Option<String>,
     endpoint: Option<String>,
     region: Option<String>,
     credentials: Option<PathBuf>,
@@ -190,6 +199,8 @@ pub struct MountConfig {
     pub dirty_wait: Duration,
     pub retries: usize,
     pub request_timeout: Duration,
+    /// How long listings are trusted; `None`: forever (never checked again).
+    pub meta_ttl: Option<Duration>,
     pub endpoint: Option<String>,
     pub region: String,
     pub credentials: Option<PathBuf>,
@@ -292,6 +303,13 @@ impl MountConfig {
                 message: "must be more than 0s".to_string(),
             });
         }
+        let meta_ttl = pick(
+            "meta-ttl",
+            &args.meta_ttl,
+            &file.meta_ttl,
+            Some(Duration::from_secs(Defaults::META_TTL_SECS)),
+            parse_ttl,
+        )?;
         let retries = args.retries.or(file.retries).unwrap_or(Defaults::RETRIES);
         if retries > 100 {
             return Err(ConfigError::Invalid {
@@ -316,6 +334,7 @@ impl MountConfig {
             dirty_wait,
             retries,
             request_timeout,
+            meta_ttl,
             endpoint: args.endpoint.clone().or(file.endpoint),
             region: args
                 .region
@@ -409,6 +428,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     ))
 }
 
+/// Parses a TTL: a duration (`0` included), or `never` for one that never expires.
+pub fn parse_ttl(text: &str) -> Result<Option<Duration>, String> {
+    if text.trim().eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    parse_duration(text)
+        .map(Some)
+        .map_err(|message| format!("{message}, 0 or never"))
+}
+
 fn parse_mount_options(words: &[String]) -> Result<MountOptions, ConfigError> {
     let mut options = MountOptions {
         allow_other: false,
@@ -477,6 +506,10 @@ mod tests {
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_ttl("never"), Ok(None));
+        assert_eq!(parse_ttl("0"), Ok(Some(Duration::ZERO)));
+        assert_eq!(parse_ttl("1s"), Ok(Some(Duration::from_secs(1))));
+        assert!(parse_ttl("sometimes").unwrap_err().contains("never"));
     }
 
     #[test]

@@ -25,9 +25,13 @@ enum Commands {
     /// Mount a bucket
     Mount(Box<MountArgs>),
     /// Flush every change to the bucket, then unmount (non-zero exit if data stays unflushed)
-    Umount { mountpoint: PathBuf },
+    Umount {
+        mountpoint: PathBuf,
+    },
     /// Return once every byte written so far is in the bucket
-    Flush { mountpoint: PathBuf },
+    Flush {
+        mountpoint: PathBuf,
+    },
     /// Show mode, cache use, dirty files, uploads in flight, last errors
     Status {
         mountpoint: PathBuf,
@@ -38,6 +42,13 @@ enum Commands {
     Verify(VerifyArgs),
     /// Rebuild the local metadata store of a cache dir from the bucket (lost cache disk,
     /// new host); refuses while the cache dir holds changes not yet uploaded
+    /// Check PATH (default: the whole mount) against the bucket now: other tools' added,
+    /// replaced and deleted objects show at once
+    Refresh {
+        mountpoint: PathBuf,
+        /// A file or directory inside the mount point (directories: recursively)
+        path: Option<String>,
+    },
     Recover(RecoverArgs),
 }
 
@@ -169,7 +180,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging();
             recover(args)
         }
+        Commands::Refresh { mountpoint, path } => refresh(&mountpoint, path.as_deref()),
     }
+}
+
+/// `bucketgate refresh`: the daemon lists now, and the tally is printed.
+fn refresh(mountpoint: &std::path::Path, path: Option<&str>) -> anyhow::Result<()> {
+    let path = relative_to_mount(mountpoint, path.unwrap_or(""));
+    let response = control::request(
+        mountpoint,
+        control::Command::Refresh { path },
+        CONTROL_TIMEOUT,
+    )?;
+    if !response.ok {
+        bail!(
+            "{}",
+            response.error.unwrap_or_else(|| "refresh failed".into())
+        );
+    }
+    let report: bucketgate::core::RefreshReport =
+        serde_json::from_value(response.status.context("the daemon sent no report")?)
+            .context("decoding the daemon's report")?;
+    println!(
+        "refreshed {} directories: {} added, {} replaced, {} deleted, {} conflicts",
+        report.directories, report.added, report.replaced, report.deleted, report.conflicts
+    );
+    if report.truncated {
+        println!(
+            "stopped after {} directories; refresh a narrower PATH for the rest",
+            bucketgate::core::MAX_REFRESH_DIRS
+        );
+    }
+    Ok(())
 }
 
 /// Owner and mode for objects without metadata, outside a mount: the caller's.

@@ -202,9 +202,35 @@ impl Backend {
             } else {
                 meta.content_length()
             },
-            etag: meta.etag().map(str::to_string),
+            etag: self.version_tag(meta),
             attrs: ObjectAttrs::decode(get, key.ends_with('/'), last_modified, self.defaults),
             crc64: attrs::stored_crc64(get),
+        }
+    }
+
+    /// The version of an object as listings, HEADs and writes report it, to tell when
+    /// another tool replaced it: the ETag; the directory bucket has none, so there its
+    /// size and modification time (nanoseconds) stand in.
+    pub fn version_tag(&self, meta: &opendal::Metadata) -> Option<String> {
+        if let Some(etag) = meta.etag() {
+            return Some(etag.to_string());
+        }
+        self.local_root.as_ref()?;
+        let modified = SystemTime::from(meta.last_modified()?);
+        let nanos = modified
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos();
+        Some(format!("local-{}-{nanos}", meta.content_length()))
+    }
+
+    /// Whether anything is stored at or below a directory key (a marker or any object):
+    /// a directory found missing in a listing may have reappeared since.
+    pub async fn prefix_exists(&self, dir_key: &str) -> opendal::Result<bool> {
+        match self.op.list_with(dir_key).limit(1).await {
+            Ok(entries) => Ok(!entries.is_empty()),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(err),
         }
     }
 
@@ -257,7 +283,7 @@ impl Backend {
                 name: name.to_string(),
                 is_dir,
                 size: if is_dir { 0 } else { meta.content_length() },
-                etag: meta.etag().map(str::to_string),
+                etag: if is_dir { None } else { self.version_tag(meta) },
                 last_modified: meta.last_modified().map(SystemTime::from),
             });
         }
@@ -277,7 +303,7 @@ impl Backend {
             .user_metadata(metadata)
             .await?;
         tracing::debug!(key, "stored object");
-        Ok(meta.etag().map(str::to_string))
+        Ok(self.version_tag(&meta))
     }
 
     /// Starts a streaming (multipart above the first part) upload. Each `write` on the
@@ -339,11 +365,16 @@ impl Backend {
         }
     }
 
-    /// Server-side copy, keeping the source's metadata.
-    pub async fn copy(&self, from: &str, to: &str) -> opendal::Result<()> {
-        self.op.copy(from, to).await?;
+    /// Server-side copy, keeping the source's metadata. Returns the copy's version tag: a
+    /// copy is a new version (a new modification time on the directory bucket, a plain
+    /// ETag for a multipart source on S3), asked with a HEAD when the copy did not say.
+    pub async fn copy(&self, from: &str, to: &str) -> opendal::Result<Option<String>> {
+        let meta = self.op.copy(from, to).await?;
         tracing::debug!(from, to, "copied object");
-        Ok(())
+        if let Some(tag) = self.version_tag(&meta) {
+            return Ok(Some(tag));
+        }
+        Ok(self.stat(to).await?.and_then(|info| info.etag))
     }
 
     /// Deletes a key; a missing key is not an error.

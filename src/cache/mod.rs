@@ -50,6 +50,9 @@ pub struct FileState {
     pub verifier: Option<ReadVerifier>,
     /// Set when the object failed its check: reads fail until the content is replaced.
     pub corrupt: Option<String>,
+    /// Bumped when another tool's version of the object replaces the cached one, so a
+    /// download that started before does not store the old version's bytes.
+    pub source_epoch: u64,
 }
 
 impl FileState {
@@ -164,13 +167,14 @@ impl CacheFile {
     pub async fn fetch(&self, backend: &Backend, runs: Vec<Range<u64>>) -> FsResult<()> {
         let _one_at_a_time = self.fetch_lock.lock().await;
         for run in runs {
-            let (key, limit, still_missing) = {
+            let (key, limit, still_missing, epoch) = {
                 let state = self.lock();
                 state.check_not_corrupt()?;
                 (
                     state.source_key.clone(),
                     state.fetch_limit,
                     !state.blocks.missing_runs(run.clone()).is_empty(),
+                    state.source_epoch,
                 )
             };
             if !still_missing {
@@ -204,6 +208,9 @@ impl CacheFile {
                 ));
             }
             let mut state = self.lock();
+            if state.source_epoch != epoch {
+                continue; // the object was replaced meanwhile: these bytes are stale
+            }
             Self::verify(&mut state, start, &data)?;
             for block in run {
                 if state.blocks.contains(block) {
@@ -424,6 +431,7 @@ impl DataCache {
                 persisted_gen: 0,
                 verifier: init.verifier,
                 corrupt: None,
+                source_epoch: 0,
             }),
             fetch_lock: tokio::sync::Mutex::new(()),
         });
@@ -464,6 +472,82 @@ impl DataCache {
         self.delete_file(ino)?;
         forget(ino)?;
         Ok(true)
+    }
+
+    /// Another version of an inode's object replaced the cached one: `record` (the
+    /// metadata update) runs, and the cached bytes go, both under the registry's lock, so
+    /// no load in between sees one without the other. A loaded file (perhaps open) is
+    /// emptied in place and refetches from `init`. Refused (`false`, nothing done) when
+    /// the file has local changes: those are never dropped. `record` returns the bytes
+    /// of saved presence it forgot (of a file not loaded).
+    pub fn invalidate(
+        &self,
+        ino: u64,
+        init: FileInit,
+        record: impl FnOnce() -> FsResult<u64>,
+    ) -> FsResult<bool> {
+        let files = self.registry();
+        let Some(file) = files.get(&ino) else {
+            let forgotten = record()?;
+            self.delete_file(ino)?;
+            self.forget_unloaded(forgotten);
+            return Ok(true);
+        };
+        let mut state = file.lock();
+        if state.dirty {
+            return Ok(false);
+        }
+        record()?;
+        file.file
+            .set_len(0)
+            .and_then(|()| file.file.set_len(init.size))
+            .map_err(|err| FsError::io("emptying cache file", err))?;
+        state.blocks.clear();
+        state.size = init.size;
+        state.fetch_limit = init.fetch_limit;
+        state.source_key = init.source_key;
+        state.verifier = init.verifier;
+        state.corrupt = None;
+        state.source_epoch += 1;
+        Ok(true)
+    }
+
+    /// Closes an idle, clean file but keeps its bytes: `save` records its presence map
+    /// first (under the registry's lock, so an invalidation cannot slip in between), and
+    /// the next use loads it from there. Keeps files loaded in the background from
+    /// holding a descriptor each. Returns whether it was unloaded.
+    pub fn unload_if_idle(
+        &self,
+        file: Arc<CacheFile>,
+        save: impl FnOnce(&FileState) -> FsResult<()>,
+    ) -> FsResult<bool> {
+        let mut files = self.registry();
+        let registered = files.get(&file.ino).is_some_and(|f| Arc::ptr_eq(f, &file));
+        // Two references: the registry's and the caller's.
+        if !registered || Arc::strong_count(&file) > 2 {
+            return Ok(false);
+        }
+        let present = {
+            let state = file.lock();
+            if state.dirty || state.open_handles > 0 || state.corrupt.is_some() {
+                return Ok(false);
+            }
+            save(&state)?;
+            state.blocks.count() * BLOCK_SIZE
+        };
+        files.remove(&file.ino);
+        self.unloaded_bytes.fetch_add(present, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Saved bytes of a file not loaded were dropped.
+    fn forget_unloaded(&self, bytes: u64) {
+        // The closure always returns Some: the update cannot fail.
+        let _ = self
+            .unloaded_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(bytes))
+            });
     }
 
     /// Whether `file` is still the registered cache file of its inode.

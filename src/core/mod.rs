@@ -3,6 +3,10 @@
 //! lock another request needs.
 
 mod handle;
+mod prefetch;
+mod refresh;
+
+pub use refresh::{RefreshReport, MAX_REFRESH_DIRS};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +20,7 @@ use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE};
 use crate::config::Mode;
 use crate::error::{FsError, FsResult};
 use crate::meta::{
-    AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, RemoteState, Settles,
-    ROOT_INO,
+    AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, Settles, ROOT_INO,
 };
 use crate::sync::upload::StreamUpload;
 use crate::sync::{attrs_of, discard_cache_file, file_init, read_verifier, Uploader};
@@ -41,6 +44,8 @@ pub struct CoreConfig {
     pub dirty_wait: Duration,
     pub read_only: bool,
     pub defaults: AttrDefaults,
+    /// How long listings are trusted before the bucket is asked again; `None`: forever.
+    pub meta_ttl: Option<Duration>,
 }
 
 /// Attributes as the adapter reports them.
@@ -116,6 +121,15 @@ pub struct Status {
     pub journal: JournalSummary,
 }
 
+/// What the kernel may have cached about outside changes and must forget; the adapter
+/// implements it. Calls must not block: they come from inside requests.
+pub trait KernelCache: Send + Sync {
+    /// A name in `parent` changed (removed in the bucket).
+    fn forget_entry(&self, parent: u64, name: &[u8]);
+    /// An inode's attributes and pages are stale (replaced in the bucket).
+    fn forget_inode(&self, ino: u64);
+}
+
 pub struct Core {
     config: CoreConfig,
     meta: Arc<MetaStore>,
@@ -130,6 +144,12 @@ pub struct Core {
     dirty_sample: Mutex<(std::time::Instant, u64)>,
     /// Open handles per inode (all modes); an unlinked inode lives until this drops to 0.
     open_counts: Mutex<HashMap<u64, u32>>,
+    /// When directories were last listed (refresh of outside changes).
+    fresh: refresh::Freshness,
+    /// Sync mode: discovered objects waiting for their data.
+    prefetch: Option<prefetch::Prefetch>,
+    /// The kernel's caches, told about outside changes once the mount is up.
+    kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
 }
 
 /// Bytes of cache that block runs take.
@@ -182,8 +202,13 @@ impl Core {
         cache: Arc<DataCache>,
         uploader: Arc<Uploader>,
     ) -> Core {
+        let fresh = refresh::Freshness::new(config.meta_ttl);
+        let prefetch = (config.mode == Mode::Sync).then(prefetch::Prefetch::default);
         Core {
             config,
+            fresh,
+            prefetch,
+            kernel: std::sync::OnceLock::new(),
             meta,
             backend,
             cache,
@@ -193,6 +218,13 @@ impl Core {
             live_sizes: Mutex::new(HashMap::new()),
             dirty_sample: Mutex::new((std::time::Instant::now(), 0)),
             open_counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Connects the kernel's caches (after mounting), so outside changes reach them.
+    pub fn set_kernel_cache(&self, kernel: Arc<dyn KernelCache>) {
+        if self.kernel.set(kernel).is_err() {
+            tracing::debug!("kernel cache already connected");
         }
     }
 
@@ -267,60 +299,6 @@ impl Core {
     }
 
     // --- namespace ---
-
-    /// Makes sure the children of a directory are known locally (plain layout: one
-    /// delimiter listing on first use; hashed: always known).
-    async fn ensure_listed(&self, dir: &Inode) -> FsResult<()> {
-        // In `hashed` a listing shows hash prefixes, not children: local metadata is
-        // authoritative, rebuilt from a whole-bucket scan when the store is new.
-        if dir.listed || dir.kind != Kind::Dir || !self.backend.layout().lists_lazily() {
-            return Ok(());
-        }
-        let key = self.key_of(dir)?;
-        let listed = self.backend.list_dir(&key).await.map_err(|err| {
-            FsError::backend(
-                &format!("listing {}", if key.is_empty() { "/" } else { &key }),
-                err,
-            )
-        })?;
-        let defaults = self.config.defaults;
-        let found: Vec<(Vec<u8>, NewInode)> = listed
-            .into_iter()
-            .filter(|entry| entry.name.len() <= MAX_NAME_BYTES)
-            .map(|entry| {
-                let kind = if entry.is_dir { Kind::Dir } else { Kind::File };
-                let perm = match kind {
-                    Kind::Dir => 0o777 & !defaults.umask,
-                    _ => 0o666 & !defaults.umask,
-                };
-                let child_key = if entry.is_dir {
-                    format!("{key}{}/", entry.name)
-                } else {
-                    format!("{key}{}", entry.name)
-                };
-                let new = NewInode {
-                    kind,
-                    perm,
-                    uid: defaults.uid,
-                    gid: defaults.gid,
-                    size: entry.size,
-                    mtime: entry.last_modified.unwrap_or(SystemTime::UNIX_EPOCH),
-                    target: None,
-                    remote: Some(RemoteState {
-                        key: child_key,
-                        etag: entry.etag,
-                        size: entry.size,
-                        crc64: None,
-                    }),
-                    attrs_loaded: false,
-                    listed: false,
-                    dirty: false,
-                };
-                (entry.name.into_bytes(), new)
-            })
-            .collect();
-        self.meta.add_listed(dir.ino, &found)
-    }
 
     /// Fills in the attributes of an inode found by listing (one HEAD).
     async fn ensure_attrs(&self, inode: Inode) -> FsResult<Inode> {
@@ -460,6 +438,10 @@ impl Core {
             self.meta.enqueue(tx, &JournalOp::Sync(inode.ino), delay)?;
             Ok(inode)
         })?;
+        if new.kind == Kind::Dir {
+            // Made here, so known to be empty: no listing needed until the TTL passes.
+            self.fresh.mark(inode.ino, std::time::Instant::now());
+        }
         Ok(inode)
     }
 

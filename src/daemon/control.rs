@@ -1,4 +1,4 @@
-//! The control socket: `status`, `flush` and `umount` talk to a running daemon through a
+//! The control socket: `status`, `flush`, `verify`, `refresh` and `umount` talk to a running daemon through a
 //! Unix socket named after its mount point.
 
 use std::io::{BufRead, BufReader, Write};
@@ -18,6 +18,10 @@ pub enum Command {
     /// Scrub objects under `path` against their crc64; answered by progress lines, then
     /// the final response.
     Verify {
+        path: String,
+    },
+    /// Check `path` (and every directory known below it) against the bucket now.
+    Refresh {
         path: String,
     },
 }

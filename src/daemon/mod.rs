@@ -266,13 +266,20 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             dirty_wait: config.dirty_wait,
             read_only: config.options.read_only,
             defaults: attr_defaults(&config),
+            meta_ttl: config.meta_ttl,
         },
         meta.clone(),
         backend.clone(),
         cache,
         uploader.clone(),
     ));
+    // Sync mode's background fetch of discovered objects; ends with the runtime.
+    tokio::spawn(core.clone().run_prefetch(config.upload_concurrency));
     let session = mount(&config, core.clone())?;
+    core.set_kernel_cache(Arc::new(
+        crate::fs::KernelNotifier::start(session.notifier())
+            .context("starting the kernel notifier thread")?,
+    ));
     tracing::info!(source = %backend.description, mountpoint = %config.mountpoint.display(), mode = config.mode.as_str(), "mounted");
     let (stop_tx, mut stop_rx) = mpsc::channel::<Option<StopReply>>(4);
     let socket = control::socket_path(&config.mountpoint);
@@ -556,6 +563,18 @@ async fn serve_control(
                 Ok(Command::Verify { path }) => {
                     verify_for_client(core.backend(), &path, &mut write).await
                 }
+                Ok(Command::Refresh { path }) => match core.refresh(&path).await {
+                    Ok(report) => Response {
+                        ok: true,
+                        status: serde_json::to_value(report).ok(),
+                        ..Default::default()
+                    },
+                    Err(err) => Response {
+                        ok: false,
+                        error: Some(err.to_string()),
+                        ..Default::default()
+                    },
+                },
                 Err(err) => Response {
                     ok: false,
                     error: Some(format!("bad request: {err}")),

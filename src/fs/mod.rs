@@ -19,17 +19,17 @@ use crate::backend::Kind;
 use crate::core::{Attr, Caller, Core, OpenMode, SetAttr, MAX_NAME_BYTES};
 use crate::error::{FsError, Level};
 
-/// How long the kernel may cache entries and attributes.
-const TTL: Duration = Duration::from_secs(1);
-
 pub struct BucketFs {
     core: Arc<Core>,
     runtime: tokio::runtime::Handle,
+    /// How long the kernel may cache entries and attributes (never past `--meta-ttl`).
+    ttl: Duration,
 }
 
 impl BucketFs {
     pub fn new(core: Arc<Core>, runtime: tokio::runtime::Handle) -> BucketFs {
-        BucketFs { core, runtime }
+        let ttl = core.kernel_ttl();
+        BucketFs { core, runtime, ttl }
     }
 
     fn spawn<F>(&self, op: &'static str, work: impl FnOnce(Arc<Core>) -> F + Send + 'static)
@@ -41,6 +41,58 @@ impl BucketFs {
             tracing::trace!(op, "request");
             work(core).await
         });
+    }
+}
+
+/// One thing the kernel must forget.
+enum Notice {
+    Entry(u64, Vec<u8>),
+    Inode(u64),
+}
+
+/// Tells the kernel about outside changes, from a thread of its own: an invalidation
+/// waits for the kernel's lock on the directory, which a request being answered (the
+/// very lookup that found the change) may hold.
+pub struct KernelNotifier {
+    notices: std::sync::mpsc::Sender<Notice>,
+}
+
+impl KernelNotifier {
+    pub fn start(notifier: fuser::Notifier) -> std::io::Result<KernelNotifier> {
+        let (tx, rx) = std::sync::mpsc::channel::<Notice>();
+        std::thread::Builder::new()
+            .name("bucketgate-notify".into())
+            .spawn(move || {
+                // Ends when the core (the sender's owner) goes.
+                for notice in rx {
+                    let result = match &notice {
+                        Notice::Entry(parent, name) => {
+                            notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+                        }
+                        Notice::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                    };
+                    if let Err(err) = result {
+                        tracing::debug!(error = %err, "kernel cache invalidation refused");
+                    }
+                }
+            })?;
+        Ok(KernelNotifier { notices: tx })
+    }
+
+    fn send(&self, notice: Notice) {
+        if self.notices.send(notice).is_err() {
+            tracing::debug!("kernel notifier stopped");
+        }
+    }
+}
+
+impl crate::core::KernelCache for KernelNotifier {
+    fn forget_entry(&self, parent: u64, name: &[u8]) {
+        self.send(Notice::Entry(parent, name.to_vec()));
+    }
+
+    fn forget_inode(&self, ino: u64) {
+        self.send(Notice::Inode(ino));
     }
 }
 
@@ -122,18 +174,20 @@ impl Filesystem for BucketFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name_bytes(name);
+        let ttl = self.ttl;
         self.spawn("lookup", move |core| async move {
             match core.lookup(parent.0, &name).await {
-                Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
                 Err(err) => reply.error(errno("lookup", err)),
             }
         });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.ttl;
         self.spawn("getattr", move |core| async move {
             match core.getattr(ino.0).await {
-                Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
                 Err(err) => reply.error(errno("getattr", err)),
             }
         });
@@ -165,9 +219,10 @@ impl Filesystem for BucketFs {
             mtime: mtime.map(time_of),
             fh: fh.map(|f| f.0),
         };
+        let ttl = self.ttl;
         self.spawn("setattr", move |core| async move {
             match core.setattr(ino.0, change).await {
-                Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
                 Err(err) => reply.error(errno("setattr", err)),
             }
         });
@@ -192,9 +247,10 @@ impl Filesystem for BucketFs {
         reply: ReplyEntry,
     ) {
         let (name, uid, gid) = (name_bytes(name), req.uid(), req.gid());
+        let ttl = self.ttl;
         self.spawn("mkdir", move |core| async move {
             match core.mkdir(parent.0, &name, mode & !umask, uid, gid).await {
-                Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
                 Err(err) => reply.error(errno("mkdir", err)),
             }
         });
@@ -234,9 +290,10 @@ impl Filesystem for BucketFs {
             req.uid(),
             req.gid(),
         );
+        let ttl = self.ttl;
         self.spawn("symlink", move |core| async move {
             match core.symlink(parent.0, &name, &target, uid, gid).await {
-                Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
                 Err(err) => reply.error(errno("symlink", err)),
             }
         });
@@ -308,13 +365,14 @@ impl Filesystem for BucketFs {
             gid: req.gid(),
             pid: req.pid(),
         };
+        let ttl = self.ttl;
         self.spawn("create", move |core| async move {
             match core
                 .create(parent.0, &name, mode & !umask, flags, caller)
                 .await
             {
                 Ok((attr, fh)) => reply.created(
-                    &TTL,
+                    &ttl,
                     &file_attr(&attr),
                     Generation(0),
                     FileHandle(fh),
@@ -453,6 +511,7 @@ impl Filesystem for BucketFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let ttl = self.ttl;
         self.spawn("readdirplus", move |core| async move {
             match core.readdir(ino.0, true).await {
                 Ok(entries) => {
@@ -464,7 +523,7 @@ impl Filesystem for BucketFs {
                             INodeNo(entry.ino),
                             next,
                             name,
-                            &TTL,
+                            &ttl,
                             &file_attr(attr),
                             Generation(0),
                         ) {

@@ -1,6 +1,7 @@
 //! The metadata store (SQLite): inodes, directory entries, attributes, remote keys, the
 //! upload journal. It speaks the filesystem's language; no SQL leaves this module.
 
+mod remote;
 mod schema;
 
 use std::path::Path;
@@ -291,12 +292,13 @@ impl MetaStore {
     }
 
     /// Records what a listing of `parent` found: adds names not known locally, marks the
-    /// directory listed. Local entries always win.
-    pub fn add_listed(&self, parent: u64, found: &[(Vec<u8>, NewInode)]) -> FsResult<()> {
+    /// directory listed. Local entries always win. Returns the inodes created.
+    pub fn add_listed(&self, parent: u64, found: &[(Vec<u8>, NewInode)]) -> FsResult<Vec<u64>> {
         self.transaction(|tx| {
+            let mut created = Vec::new();
             for (name, new) in found {
                 match self.create_entry(tx, parent, name, new) {
-                    Ok(_) => {}
+                    Ok(inode) => created.push(inode.ino),
                     Err(err) if err.errno == libc::EEXIST => {}
                     Err(err) => return Err(err),
                 }
@@ -305,7 +307,7 @@ impl MetaStore {
                 "UPDATE inodes SET listed = 1 WHERE ino = ?1",
                 params![parent as i64],
             )?;
-            Ok(())
+            Ok(created)
         })
     }
 

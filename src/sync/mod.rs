@@ -1,6 +1,7 @@
 //! The uploader: works through the journal, making the bucket match local metadata
 //! (uploads, directory markers, symlinks, moves after renames, deletes), with retries.
 
+pub mod conflict;
 pub mod upload;
 
 use std::collections::HashSet;
@@ -536,13 +537,14 @@ impl Uploader {
         if !dirty {
             if let Some(old) = old_key {
                 // A rename of an unchanged file: server-side copy, no data through us.
-                self.backend
+                let etag = self
+                    .backend
                     .copy(old, key)
                     .await
                     .map_err(|err| FsError::backend(&format!("copying {old} to {key}"), err))?;
                 let remote = RemoteState {
                     key: key.to_string(),
-                    etag: inode.remote_etag.clone(),
+                    etag,
                     size: inode.remote_size.unwrap_or(0),
                     crc64: inode.remote_crc64,
                 };
@@ -565,6 +567,9 @@ impl Uploader {
             let state = file.lock();
             (state.gen, state.size)
         };
+        if inode.remote_key.as_deref() == Some(key) {
+            self.keep_remote_if_changed(inode.ino, key).await?;
+        }
         let uploaded = self.upload_from_cache(&file, inode, key, size).await?;
         let remote = uploaded.remote();
         // Memory and store change together, under the file's lock (as `persist` does).
@@ -603,6 +608,38 @@ impl Uploader {
             }
         }
         Ok(())
+    }
+
+    /// Before a local version replaces the object at its own key: if another tool changed
+    /// the object since this mount last saw it, that version is kept under a conflict key
+    /// first. (A change landing between this HEAD and the upload is not caught: S3 offers
+    /// no conditional overwrite that every service here speaks.)
+    async fn keep_remote_if_changed(&self, ino: u64, key: &str) -> FsResult<()> {
+        // Read afresh: a refresh may have preserved and recorded a newer version.
+        let Some(known) = self.meta.get(ino)?.and_then(|inode| inode.remote_etag) else {
+            return Ok(()); // version unknown: nothing to compare with
+        };
+        let current = self
+            .backend
+            .stat(key)
+            .await
+            .map_err(|err| FsError::backend(&format!("HEAD {key}"), err))?;
+        let Some(remote) = current.and_then(|info| info.etag) else {
+            return Ok(()); // deleted meanwhile (or no version): nothing to keep
+        };
+        if remote == known {
+            return Ok(());
+        }
+        conflict::preserve_remote(
+            &self.backend,
+            &self.meta,
+            ino,
+            key,
+            Some(&known),
+            Some(&remote),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Uploads a cached file to `key`: one PUT when small, else growing parts. The

@@ -31,6 +31,8 @@ pub fn max_object_size(base: u64) -> u64 {
 pub struct StreamUpload {
     key: String,
     writer: opendal::Writer,
+    /// Reads the finished object's version tag.
+    backend: Backend,
     base_part: u64,
     buffer: Vec<u8>,
     parts_sent: u64,
@@ -81,6 +83,7 @@ impl StreamUpload {
         Ok(StreamUpload {
             key: key.to_string(),
             writer,
+            backend: backend.clone(),
             base_part,
             buffer: Vec::new(),
             parts_sent: 0,
@@ -174,7 +177,7 @@ impl StreamUpload {
         // The ledger entry stays until the caller has recorded the object.
         Ok(Uploaded {
             key: self.key,
-            etag: meta.etag().map(str::to_string),
+            etag: self.backend.version_tag(&meta),
             size: self.bytes,
             crc64: Some(self.crc.value()),
         })
