@@ -38,6 +38,24 @@ pub struct Response {
     pub progress: Option<serde_json::Value>,
 }
 
+impl Response {
+    /// The final line of a command that ends with a report (or fails with an error).
+    pub fn of_report<T: Serialize>(result: Result<T, String>) -> Response {
+        match result {
+            Ok(report) => Response {
+                ok: true,
+                status: serde_json::to_value(report).ok(),
+                ..Default::default()
+            },
+            Err(error) => Response {
+                ok: false,
+                error: Some(error),
+                ..Default::default()
+            },
+        }
+    }
+}
+
 fn runtime_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/run/bucketgate");

@@ -399,7 +399,7 @@ async fn recover(
     let started = std::time::SystemTime::now();
     match tokio::time::timeout(
         RECOVERY_TIMEOUT,
-        recovery::abort_abandoned_uploads(meta, uploader, backend.direct(), started),
+        recovery::abort_abandoned_uploads(meta, uploader, backend, started),
     )
     .await
     {
@@ -514,20 +514,9 @@ async fn serve_control(
             }
             let mut delivered = None;
             let response = match serde_json::from_str::<Command>(line.trim()) {
-                Ok(Command::Status) => match core.status(&source) {
-                    Ok(status) => Response {
-                        ok: true,
-                        error: None,
-                        status: serde_json::to_value(status).ok(),
-                        progress: None,
-                    },
-                    Err(err) => Response {
-                        ok: false,
-                        error: Some(err.to_string()),
-                        status: None,
-                        progress: None,
-                    },
-                },
+                Ok(Command::Status) => {
+                    Response::of_report(core.status(&source).map_err(|e| e.to_string()))
+                }
                 Ok(Command::Flush) => match core.flush_all(flush_timeout).await {
                     Ok(()) => Response {
                         ok: true,
@@ -563,18 +552,9 @@ async fn serve_control(
                 Ok(Command::Verify { path }) => {
                     verify_for_client(core.backend(), &path, &mut write).await
                 }
-                Ok(Command::Refresh { path }) => match core.refresh(&path).await {
-                    Ok(report) => Response {
-                        ok: true,
-                        status: serde_json::to_value(report).ok(),
-                        ..Default::default()
-                    },
-                    Err(err) => Response {
-                        ok: false,
-                        error: Some(err.to_string()),
-                        ..Default::default()
-                    },
-                },
+                Ok(Command::Refresh { path }) => {
+                    Response::of_report(core.refresh(&path).await.map_err(|e| e.to_string()))
+                }
                 Err(err) => Response {
                     ok: false,
                     error: Some(format!("bad request: {err}")),
@@ -622,18 +602,7 @@ async fn verify_for_client(
     while let Ok(value) = rx.try_recv() {
         send_progress(write, value).await;
     }
-    match result {
-        Ok(report) => Response {
-            ok: true,
-            status: serde_json::to_value(report).ok(),
-            ..Default::default()
-        },
-        Err(err) => Response {
-            ok: false,
-            error: Some(format!("{err:#}")),
-            ..Default::default()
-        },
-    }
+    Response::of_report(result.map_err(|err| format!("{err:#}")))
 }
 
 async fn send_progress(write: &mut tokio::net::unix::OwnedWriteHalf, value: serde_json::Value) {

@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use crate::backend::s3_direct::S3Direct;
 use crate::backend::source::LOCAL_TMP_DIR;
-use crate::meta::{JournalOp, MetaStore};
+use crate::backend::Backend;
+use crate::meta::{JournalOp, MetaStore, RemoteState, Settles};
 use crate::sync::Uploader;
 
 /// Temporary files of the directory bucket older than this belong to no live writer.
@@ -21,9 +21,10 @@ const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 pub async fn abort_abandoned_uploads(
     meta: &MetaStore,
     uploader: &Uploader,
-    janitor: Option<&S3Direct>,
+    backend: &Backend,
     started: SystemTime,
 ) -> anyhow::Result<()> {
+    let janitor = backend.direct();
     let keys = meta
         .unfinished_uploads()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -50,6 +51,7 @@ pub async fn abort_abandoned_uploads(
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             other => other.map_err(|e| anyhow::anyhow!("{e}"))?,
         }
+        record_kept_object(meta, backend, key).await?;
         meta.upload_ended(key).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     tracing::info!(
@@ -58,6 +60,41 @@ pub async fn abort_abandoned_uploads(
         "settled uploads interrupted by an earlier run"
     );
     Ok(())
+}
+
+/// A key its owner still stands at holds either the version the store records or the
+/// one our interrupted run uploaded and did not record. Either is ours: recording what is
+/// there keeps the next upload from taking our own object for another tool's change (a
+/// false conflict copy) and keeps reads checked against the right crc64.
+async fn record_kept_object(meta: &MetaStore, backend: &Backend, key: &str) -> anyhow::Result<()> {
+    let err = |e: crate::error::FsError| anyhow::anyhow!("{e}");
+    let Some(owner) = meta.key_owner(key).map_err(err)? else {
+        return Ok(());
+    };
+    let Some(info) = backend
+        .stat(key)
+        .await
+        .map_err(|e| anyhow::anyhow!("HEAD {key}: {e}"))?
+    else {
+        return Ok(());
+    };
+    if info.etag == owner.remote_etag && Some(info.size) == owner.remote_size {
+        return Ok(());
+    }
+    let remote = RemoteState {
+        key: key.to_string(),
+        etag: info.etag,
+        size: info.size,
+        crc64: info.crc64,
+    };
+    tracing::debug!(
+        key,
+        ino = owner.ino,
+        "recorded the object an interrupted upload left"
+    );
+    meta.transaction(|tx| meta.set_remote(tx, owner.ino, &remote, Settles::Nothing))
+        .map(drop)
+        .map_err(err)
 }
 
 /// Removes the directory bucket's temporary files that no writer has touched for an hour.
