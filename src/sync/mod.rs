@@ -550,6 +550,15 @@ impl Uploader {
                 };
                 let settles = Settles::IfAttrsStill(attrs_of(inode));
                 self.record_remote(inode.ino, &remote, settles, Some(old))?;
+                // A loaded cache file fetches what it lacks from its source key: point it
+                // at the copy before the old key goes (a file loaded from the store
+                // before the record still names the old key).
+                if let Some(file) = self.cache.loaded(inode.ino) {
+                    let mut state = file.lock();
+                    if state.source_key.as_deref() == Some(old) {
+                        state.source_key = Some(key.to_string());
+                    }
+                }
             }
             return Ok(());
         }
