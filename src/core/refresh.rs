@@ -135,14 +135,6 @@ fn child_key(dir_key: &str, name: &str, is_dir: bool) -> String {
     }
 }
 
-/// Whether the object `info` is the version the inode records.
-fn same_version(inode: &Inode, info: &ObjectInfo) -> bool {
-    match (&inode.remote_etag, &info.etag) {
-        (Some(known), Some(now)) => known == now,
-        _ => inode.remote_size == Some(info.size),
-    }
-}
-
 /// What a listing says about a name the mount knows, if anything needs doing.
 fn compare(child: Inode, key: String, entry: &ListedEntry) -> Option<Change> {
     if (child.kind == Kind::Dir) != entry.is_dir {
@@ -436,7 +428,7 @@ impl Core {
         let Some(current) = self.meta.get(ino)? else {
             return Ok(RefreshReport::default());
         };
-        if current.remote_key.as_deref() != Some(key) || same_version(&current, &info) {
+        if current.remote_key.as_deref() != Some(key) || conflict::same_version(&current, &info) {
             return Ok(RefreshReport::default()); // moved, or our own upload seen late
         }
         if !self.has_local_changes(ino)? && self.replace_record(&current, key, &info)? {

@@ -275,15 +275,25 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     ));
     // Sync mode's background fetch of discovered objects; ends with the runtime.
     tokio::spawn(core.clone().run_prefetch(config.upload_concurrency));
-    let session = mount(&config, core.clone())?;
+    // Bound before the mount appears, so a client that sees the mount can connect at
+    // once (its request waits in the backlog until the mount is up and answers start).
+    let socket = control::socket_path(&config.mountpoint);
+    let listener = bind_socket(&socket)?;
+    let session = match mount(&config, core.clone()) {
+        Ok(session) => session,
+        Err(err) => {
+            if let Err(rm) = std::fs::remove_file(&socket) {
+                tracing::debug!(error = %rm, "removing control socket");
+            }
+            return Err(err);
+        }
+    };
     core.set_kernel_cache(Arc::new(
         crate::fs::KernelNotifier::start(session.notifier())
             .context("starting the kernel notifier thread")?,
     ));
     tracing::info!(source = %backend.description, mountpoint = %config.mountpoint.display(), mode = config.mode.as_str(), "mounted");
     let (stop_tx, mut stop_rx) = mpsc::channel::<Option<StopReply>>(4);
-    let socket = control::socket_path(&config.mountpoint);
-    let listener = bind_socket(&socket)?;
     tokio::spawn(serve_control(
         listener,
         core.clone(),

@@ -6,10 +6,25 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::backend::{Backend, MAX_KEY_BYTES};
+use crate::backend::{Backend, ObjectInfo, MAX_KEY_BYTES};
 use crate::core::MAX_NAME_BYTES;
 use crate::error::{FsError, FsResult};
-use crate::meta::MetaStore;
+use crate::meta::{Inode, MetaStore};
+
+/// Whether `info` (a HEAD of the inode's key) is the version the inode records. The
+/// version tag decides, except that an object carrying the crc64 and size this mount
+/// recorded for it is ours whatever its tag says: the directory bucket's tag is size
+/// plus mtime, which its writes do not always report as a later HEAD does, and taking
+/// our own object for another tool's would make a false conflict copy.
+pub fn same_version(inode: &Inode, info: &ObjectInfo) -> bool {
+    let ours = info.crc64.is_some()
+        && info.crc64 == inode.remote_crc64
+        && inode.remote_size == Some(info.size);
+    ours || match (&inode.remote_etag, &info.etag) {
+        (Some(known), Some(now)) => known == now,
+        _ => inode.remote_size == Some(info.size),
+    }
+}
 
 /// Conflict keys tried for one conflict before giving up (same second, same key).
 const MAX_CONFLICT_NAMES: u32 = 16;

@@ -625,7 +625,10 @@ impl Uploader {
     /// no conditional overwrite that every service here speaks.)
     async fn keep_remote_if_changed(&self, ino: u64, key: &str) -> FsResult<()> {
         // Read afresh: a refresh may have preserved and recorded a newer version.
-        let Some(known) = self.meta.get(ino)?.and_then(|inode| inode.remote_etag) else {
+        let Some(inode) = self.meta.get(ino)? else {
+            return Ok(());
+        };
+        let Some(known) = inode.remote_etag.clone() else {
             return Ok(()); // version unknown: nothing to compare with
         };
         let current = self
@@ -633,10 +636,16 @@ impl Uploader {
             .stat(key)
             .await
             .map_err(|err| FsError::backend(&format!("HEAD {key}"), err))?;
-        let Some(remote) = current.and_then(|info| info.etag) else {
-            return Ok(()); // deleted meanwhile (or no version): nothing to keep
+        let Some(info) = current else {
+            return Ok(()); // deleted meanwhile: nothing to keep
         };
-        if remote == known {
+        let Some(remote) = info.etag.clone() else {
+            return Ok(()); // no version to compare
+        };
+        if conflict::same_version(&inode, &info) {
+            if remote != known {
+                self.meta.set_remote_etag(ino, Some(&remote))?;
+            }
             return Ok(());
         }
         conflict::preserve_remote(
