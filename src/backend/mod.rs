@@ -224,6 +224,22 @@ impl Backend {
         Some(format!("local-{}-{nanos}", meta.content_length()))
     }
 
+    /// The version tag of an object just written. The directory bucket's tag is size plus
+    /// mtime, and what its writer reports is not always what a later HEAD (or listing)
+    /// reads, which would make our own object look replaced by another tool: ask it.
+    pub async fn written_tag(&self, key: &str, meta: &opendal::Metadata) -> Option<String> {
+        if meta.etag().is_some() || self.local_root.is_none() {
+            return self.version_tag(meta);
+        }
+        match self.op.stat(key).await {
+            Ok(now) => self.version_tag(&now),
+            Err(err) => {
+                tracing::debug!(key, error = %err, "no version tag for a written object");
+                None
+            }
+        }
+    }
+
     /// Whether anything is stored at or below a directory key (a marker or any object):
     /// a directory found missing in a listing may have reappeared since.
     pub async fn prefix_exists(&self, dir_key: &str) -> opendal::Result<bool> {
@@ -303,7 +319,7 @@ impl Backend {
             .user_metadata(metadata)
             .await?;
         tracing::debug!(key, "stored object");
-        Ok(self.version_tag(&meta))
+        Ok(self.written_tag(key, &meta).await)
     }
 
     /// Starts a streaming (multipart above the first part) upload. Each `write` on the

@@ -174,10 +174,11 @@ impl StreamUpload {
             }
         };
         tracing::debug!(key = %self.key, parts = self.parts_sent, "completed streamed object");
+        let etag = self.backend.written_tag(&self.key, &meta).await;
         // The ledger entry stays until the caller has recorded the object.
         Ok(Uploaded {
             key: self.key,
-            etag: self.backend.version_tag(&meta),
+            etag,
             size: self.bytes,
             crc64: Some(self.crc.value()),
         })
