@@ -389,10 +389,7 @@ impl Uploader {
             self.store_marker_or_link(&inode, &key, old_key.as_deref())
                 .await?;
             // Removed or moved while the marker or link was written: do not leave it behind.
-            match self.delete_if_unclaimed(&key).await {
-                Err(err) if err.errno == libc::EAGAIN => {}
-                other => other?,
-            }
+            self.delete_unless_still_needed(&key).await?;
         }
         match old_key.filter(|_| inode.kind != Kind::Dir) {
             Some(old) => self.delete_old_key(&old).await,
@@ -405,7 +402,13 @@ impl Uploader {
     /// needed by another pending move is left to that move's journal entry.
     async fn delete_old_key(&self, old: &str) -> FsResult<()> {
         let _old = self.busy_keys.lock(old.to_string()).await;
-        match self.delete_if_unclaimed(old).await {
+        self.delete_unless_still_needed(old).await
+    }
+
+    /// [`Self::delete_if_unclaimed`] where a key still needed by a pending move is not an
+    /// error: that move's own sync deletes it once it has copied it.
+    async fn delete_unless_still_needed(&self, key: &str) -> FsResult<()> {
+        match self.delete_if_unclaimed(key).await {
             Err(err) if err.errno == libc::EAGAIN => Ok(()),
             other => other,
         }
@@ -489,10 +492,7 @@ impl Uploader {
             self.store_file(inode, key, old_key.as_deref()).await?;
             // The file may have been unlinked while it uploaded. If it moved, the sync its
             // rename queued copies the object and deletes this key.
-            match self.delete_if_unclaimed(key).await {
-                Err(err) if err.errno == libc::EAGAIN => {}
-                other => other?,
-            }
+            self.delete_unless_still_needed(key).await?;
             self.meta.upload_ended(key)?;
         }
         match old_key {
