@@ -38,6 +38,16 @@ impl Mode {
     }
 }
 
+/// Whether the kernel may read and write cached files itself (FUSE passthrough).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Passthrough {
+    /// Where the kernel and the mount's privileges allow it (cached and sync modes).
+    Auto,
+    /// Every read and write goes through the daemon.
+    Off,
+}
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
@@ -58,6 +68,7 @@ pub struct Defaults;
 
 impl Defaults {
     pub const MODE: Mode = Mode::Cached;
+    pub const PASSTHROUGH: Passthrough = Passthrough::Auto;
     pub const CACHE_SIZE: u64 = 10 << 30;
     pub const PART_SIZE: u64 = 8 << 20;
     pub const UPLOAD_CONCURRENCY: usize = 4;
@@ -94,6 +105,10 @@ pub struct MountArgs {
     /// Local cache directory (default: one per mount point under /var/cache/bucketgate)
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// auto (default): a file whose bytes are all in the cache is read and written by
+    /// the kernel itself (FUSE passthrough; needs kernel 6.9+ and root); off: never
+    #[arg(long, value_enum)]
+    pub passthrough: Option<Passthrough>,
     /// How paths map to keys: plain (default; key = path) or hashed[:N] (key = first N
     /// hex chars of the path's MD5, `/`, path; N 1..8, default 4)
     #[arg(long)]
@@ -155,6 +170,7 @@ struct FileConfig {
     mountpoint: Option<PathBuf>,
     mode: Option<Mode>,
     cache_dir: Option<PathBuf>,
+    passthrough: Option<Passthrough>,
     key_layout: Option<String>,
     cache_size: Option<String>,
     part_size: Option<String>,
@@ -190,6 +206,7 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     pub mode: Mode,
     pub cache_dir: PathBuf,
+    pub passthrough: Passthrough,
     pub key_layout: KeyLayout,
     pub cache_size: u64,
     pub part_size: u64,
@@ -325,6 +342,10 @@ impl MountConfig {
             mountpoint,
             mode: args.mode.or(file.mode).unwrap_or(Defaults::MODE),
             cache_dir,
+            passthrough: args
+                .passthrough
+                .or(file.passthrough)
+                .unwrap_or(Defaults::PASSTHROUGH),
             key_layout,
             cache_size,
             part_size,

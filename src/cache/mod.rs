@@ -53,6 +53,14 @@ pub struct FileState {
     /// Bumped when another tool's version of the object replaces the cached one, so a
     /// download that started before does not store the old version's bytes.
     pub source_epoch: u64,
+    /// Handles the kernel serves from this file itself (FUSE passthrough).
+    pub passthrough_opens: u32,
+    /// Of those, the ones open for writing: the bytes may change without the daemon
+    /// seeing a write, so the file never counts as settled while any is open.
+    pub kernel_writers: u32,
+    /// When the file last changed, as taken in with kernel writes (the cache file's own
+    /// mtime), for the next persist; `None`: now.
+    pub changed_at: Option<std::time::SystemTime>,
 }
 
 impl FileState {
@@ -338,6 +346,100 @@ impl CacheFile {
         &self.path
     }
 
+    /// Whether every byte is valid on disk, so the kernel may serve the file itself.
+    pub fn is_complete(&self) -> bool {
+        let state = self.lock();
+        state.corrupt.is_none() && Self::missing(&state, 0..state.size).is_empty()
+    }
+
+    /// A second descriptor of the file, for the kernel's passthrough I/O.
+    pub fn backing_file(&self) -> FsResult<File> {
+        self.file
+            .try_clone()
+            .map_err(|err| FsError::io("duplicating cache file descriptor", err))
+    }
+
+    /// A handle opens for passthrough: the kernel reads (and, with `write`, writes) the
+    /// file directly from now on. A writer makes the file changed at once: its writes
+    /// never reach the daemon, so an upload that started before must not settle it. The
+    /// cache file's mtime starts as the inode's (`mtime`), so that afterwards it tells
+    /// when the file last changed: at a kernel write, or at a utimens (which sets both).
+    pub fn start_passthrough(&self, write: bool, mtime: std::time::SystemTime) -> FsResult<()> {
+        if write {
+            self.set_disk_mtime(mtime)?;
+        }
+        let mut state = self.lock();
+        state.passthrough_opens += 1;
+        if write {
+            state.kernel_writers += 1;
+            state.gen += 1;
+            state.dirty = true;
+        }
+        state.last_access = Instant::now();
+        Ok(())
+    }
+
+    /// Sets the cache file's own mtime (see [`CacheFile::start_passthrough`]).
+    pub fn set_disk_mtime(&self, mtime: std::time::SystemTime) -> FsResult<()> {
+        self.file
+            .set_modified(mtime)
+            .map_err(|err| FsError::io("setting the cache file's mtime", err))
+    }
+
+    /// A passthrough handle was released (its writes were taken in before).
+    pub fn end_passthrough(&self, write: bool) {
+        let mut state = self.lock();
+        state.passthrough_opens = state.passthrough_opens.saturating_sub(1);
+        if write {
+            state.kernel_writers = state.kernel_writers.saturating_sub(1);
+        }
+    }
+
+    /// Takes in what kernel writers did, unseen: the size is the file's length on disk
+    /// (which always equals the logical size: every resize goes through the daemon or
+    /// through a write that extends the file), every block of it is local data, and the
+    /// content is a new generation to upload.
+    pub fn absorb_kernel_writes(&self) -> FsResult<()> {
+        let disk = self
+            .file
+            .metadata()
+            .map_err(|err| FsError::io("stat of cache file", err))?;
+        let mut state = self.lock();
+        if state.kernel_writers == 0 {
+            return Ok(());
+        }
+        let len = disk.len();
+        state.changed_at = disk.modified().ok();
+        state.size = len;
+        for block in 0..len.div_ceil(BLOCK_SIZE) {
+            state.blocks.insert(block);
+        }
+        state.gen += 1;
+        state.dirty = true;
+        state.last_access = Instant::now();
+        Ok(())
+    }
+
+    /// The size writers see, with kernel writers' growth that was not taken in yet.
+    pub fn current_size(&self) -> FsResult<u64> {
+        let (size, kernel_writing) = {
+            let state = self.lock();
+            (state.size, state.kernel_writers > 0)
+        };
+        if kernel_writing {
+            return self.disk_len();
+        }
+        Ok(size)
+    }
+
+    fn disk_len(&self) -> FsResult<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|err| FsError::io("stat of cache file", err))?
+            .len())
+    }
+
     /// Bytes of the bucket's data held locally.
     pub fn present_bytes(&self) -> u64 {
         self.lock().blocks.count() * BLOCK_SIZE
@@ -432,6 +534,9 @@ impl DataCache {
                 verifier: init.verifier,
                 corrupt: None,
                 source_epoch: 0,
+                passthrough_opens: 0,
+                kernel_writers: 0,
+                changed_at: None,
             }),
             fetch_lock: tokio::sync::Mutex::new(()),
         });
@@ -478,8 +583,9 @@ impl DataCache {
     /// metadata update) runs, and the cached bytes go, both under the registry's lock, so
     /// no load in between sees one without the other. A loaded file (perhaps open) is
     /// emptied in place and refetches from `init`. Refused (`false`, nothing done) when
-    /// the file has local changes: those are never dropped. `record` returns the bytes
-    /// of saved presence it forgot (of a file not loaded).
+    /// the file has local changes (those are never dropped) or the kernel serves it
+    /// itself (passthrough). `record` returns the bytes of saved presence it forgot (of a
+    /// file not loaded).
     pub fn invalidate(
         &self,
         ino: u64,
@@ -494,7 +600,8 @@ impl DataCache {
             return Ok(true);
         };
         let mut state = file.lock();
-        if state.dirty {
+        if state.dirty || state.passthrough_opens > 0 {
+            // Local changes win; and the kernel reads a passthrough file without asking.
             return Ok(false);
         }
         record()?;

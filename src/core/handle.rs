@@ -1,5 +1,6 @@
 //! Open file handles: access mode, the write-through stream, read-ahead state.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -43,6 +44,8 @@ pub struct Handle {
     pub opener: Option<u32>,
     pub io: tokio::sync::Mutex<HandleIo>,
     read: Mutex<ReadState>,
+    /// The kernel does this handle's reads and writes on the cache file (passthrough).
+    kernel_io: AtomicBool,
 }
 
 const FIRST_READ_AHEAD: u64 = 1 << 20;
@@ -56,7 +59,17 @@ impl Handle {
             opener,
             io: tokio::sync::Mutex::new(HandleIo::default()),
             read: Mutex::new(ReadState::default()),
+            kernel_io: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the kernel serves this handle itself (FUSE passthrough).
+    pub fn kernel_io(&self) -> bool {
+        self.kernel_io.load(Ordering::Relaxed)
+    }
+
+    pub fn set_kernel_io(&self, kernel: bool) {
+        self.kernel_io.store(kernel, Ordering::Relaxed);
     }
 
     fn read_state(&self) -> std::sync::MutexGuard<'_, ReadState> {

@@ -3,6 +3,7 @@
 //! lock another request needs.
 
 mod handle;
+mod passthrough;
 mod prefetch;
 mod refresh;
 
@@ -46,6 +47,16 @@ pub struct CoreConfig {
     pub defaults: AttrDefaults,
     /// How long listings are trusted before the bucket is asked again; `None`: forever.
     pub meta_ttl: Option<Duration>,
+    /// Whether complete cached files may be served by the kernel itself (passthrough).
+    pub passthrough: bool,
+}
+
+/// A handle as opened: its number, and when the kernel is to serve it from the cache
+/// file itself (FUSE passthrough), a descriptor of that file.
+#[derive(Debug)]
+pub struct Opened {
+    pub fh: u64,
+    pub backing: Option<std::fs::File>,
 }
 
 /// Attributes as the adapter reports them.
@@ -150,6 +161,8 @@ pub struct Core {
     prefetch: Option<prefetch::Prefetch>,
     /// The kernel's caches, told about outside changes once the mount is up.
     kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
+    /// Which handles the kernel serves itself (passthrough).
+    kernel_io: passthrough::KernelIo,
 }
 
 /// Bytes of cache that block runs take.
@@ -204,7 +217,9 @@ impl Core {
     ) -> Core {
         let fresh = refresh::Freshness::new(config.meta_ttl);
         let prefetch = (config.mode == Mode::Sync).then(prefetch::Prefetch::default);
+        let kernel_io = passthrough::KernelIo::new(config.passthrough && config.mode.keeps_data());
         Core {
+            kernel_io,
             config,
             fresh,
             prefetch,
@@ -252,7 +267,10 @@ impl Core {
         if let Some(live) = lock(&self.live_sizes).get(&inode.ino) {
             size = *live;
         } else if let Some(file) = self.cache.loaded(inode.ino) {
-            size = file.lock().size;
+            size = file.current_size().unwrap_or_else(|err| {
+                tracing::debug!(ino = inode.ino, error = %err, "size of a passthrough file");
+                file.lock().size
+            });
         }
         if inode.kind == Kind::Symlink {
             size = inode.target.as_ref().map_or(size, |t| t.len() as u64);
@@ -699,6 +717,10 @@ impl Core {
         })?;
         if let Some(file) = self.cache.loaded(ino) {
             file.lock().dirty = true;
+            if let (Some(mtime), true) = (change.mtime, file.lock().kernel_writers > 0) {
+                // Kernel writes are taken in with the cache file's mtime: keep it true.
+                file.set_disk_mtime(mtime)?;
+            }
         }
         // With a handle open, write-through uploads at close; otherwise now.
         let open = lock(&self.open_counts).get(&ino).copied().unwrap_or(0) > 0;
@@ -716,6 +738,7 @@ impl Core {
             }
         }
         let file = self.cache_file(inode)?;
+        file.absorb_kernel_writes()?;
         let missing = file.missing_for_truncate(size);
         if !missing.is_empty() {
             file.fetch(&self.backend, missing).await?;
@@ -747,7 +770,7 @@ impl Core {
     }
 
     /// Opens a file for process `pid` (the kernel's caller).
-    pub async fn open(&self, ino: u64, mode: OpenMode, pid: u32) -> FsResult<u64> {
+    pub async fn open(&self, ino: u64, mode: OpenMode, pid: u32) -> FsResult<Opened> {
         let inode = self.ensure_attrs(self.inode(ino)?).await?;
         if inode.kind == Kind::Dir {
             return Err(FsError::new(libc::EISDIR, "is a directory"));
@@ -765,7 +788,7 @@ impl Core {
         mode: OpenMode,
         fresh: bool,
         pid: u32,
-    ) -> FsResult<u64> {
+    ) -> FsResult<Opened> {
         let handle = Handle::new(
             inode.ino,
             mode,
@@ -785,8 +808,105 @@ impl Core {
                 file.truncate(0)?;
                 self.persist(&file, inode.ino, false)?;
             }
+            let backing = self.open_kernel_io(&handle, inode, &file)?;
+            let fh = self.add_handle(handle);
+            return Ok(Opened { fh, backing });
         }
-        Ok(self.add_handle(handle))
+        let fh = self.add_handle(handle);
+        Ok(Opened { fh, backing: None })
+    }
+
+    /// Decides whether the kernel serves a cached-mode handle itself, and if so, readies
+    /// the file: a writer marks it changed in the store first, so that after a crash the
+    /// bytes the kernel wrote unseen are uploaded, never mistaken for the bucket's.
+    fn open_kernel_io(
+        &self,
+        handle: &Handle,
+        inode: &Inode,
+        file: &CacheFile,
+    ) -> FsResult<Option<std::fs::File>> {
+        let write = handle.mode.write;
+        let eligible = passthrough::Eligibility {
+            complete: self.kernel_io.enabled() && file.is_complete(),
+            write,
+            room_for_writes: write && self.room_for_kernel_writes()?,
+        };
+        if !self.kernel_io.open(inode.ino, eligible) {
+            return Ok(None);
+        }
+        // The store's mtime, not `inode`'s: opening with O_TRUNC just changed it.
+        let started = self
+            .inode(inode.ino)
+            .and_then(|current| file.start_passthrough(write, current.mtime));
+        if let Err(err) = started {
+            self.kernel_io.demote(inode.ino);
+            return Err(err);
+        }
+        // From here no upload can settle the file (its generation moved on), so the
+        // store's dirty flag read next is the last word.
+        let ready = file.backing_file().and_then(|backing| {
+            if write {
+                self.mark_dirty_in_store(inode.ino)?;
+            }
+            Ok(backing)
+        });
+        match ready {
+            Ok(backing) => {
+                handle.set_kernel_io(true);
+                Ok(Some(backing))
+            }
+            Err(err) => {
+                file.end_passthrough(write);
+                self.kernel_io.demote(inode.ino);
+                Err(err)
+            }
+        }
+    }
+
+    /// Records an inode as changed unless the store says so already (one read, and a
+    /// commit only for a clean file).
+    fn mark_dirty_in_store(&self, ino: u64) -> FsResult<()> {
+        if self.inode(ino)?.dirty {
+            return Ok(());
+        }
+        let change = AttrChange {
+            dirty: Some(true),
+            ..Default::default()
+        };
+        self.meta
+            .transaction(|tx| self.meta.change_attrs(tx, ino, &change))
+    }
+
+    /// Whether unseen kernel writes could take [`passthrough::KERNEL_WRITE_HEADROOM`]
+    /// without crowding the cache disk or `--cache-size`.
+    fn room_for_kernel_writes(&self) -> FsResult<bool> {
+        let headroom = passthrough::KERNEL_WRITE_HEADROOM;
+        let under_limit = self.cache.dirty_bytes() + headroom <= self.cache.limit();
+        Ok(under_limit && self.cache.room_on_disk()? >= headroom)
+    }
+
+    /// Whether passthrough is to be asked of the kernel at all.
+    pub fn passthrough_wanted(&self) -> bool {
+        self.kernel_io.enabled()
+    }
+
+    /// The kernel (or the mount's privileges) cannot do passthrough.
+    pub fn disable_passthrough(&self, why: &str) {
+        self.kernel_io.disable(why);
+    }
+
+    /// The kernel refused the backing file of handle `fh`: the daemon serves it.
+    pub fn passthrough_refused(&self, fh: u64) -> FsResult<()> {
+        let handle = self.handle(fh)?;
+        if !handle.kernel_io() {
+            return Ok(());
+        }
+        handle.set_kernel_io(false);
+        self.kernel_io.demote(handle.ino);
+        if let Some(file) = self.cache.loaded(handle.ino) {
+            file.end_passthrough(handle.mode.write);
+        }
+        Ok(())
     }
 
     pub async fn create(
@@ -796,15 +916,15 @@ impl Core {
         mode: u32,
         flags: i32,
         caller: Caller,
-    ) -> FsResult<(Attr, u64)> {
+    ) -> FsResult<(Attr, Opened)> {
         let open_mode = OpenMode::from_flags(flags);
         let new = self.new_entry(Kind::File, mode & 0o7777, caller.uid, caller.gid, None);
         let inode = self.create_node(parent, name, new).await?;
-        let fh = self.open_inode(&inode, open_mode, true, caller.pid).await?;
+        let opened = self.open_inode(&inode, open_mode, true, caller.pid).await?;
         if !self.write_through() {
             self.uploader.wake();
         }
-        Ok((self.attr_of(&inode), fh))
+        Ok((self.attr_of(&inode), opened))
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -1157,7 +1277,7 @@ impl Core {
         let change = AttrChange {
             size: Some(state.size),
             fetch_limit: Some(state.fetch_limit),
-            mtime: Some(SystemTime::now()),
+            mtime: Some(state.changed_at.take().unwrap_or_else(SystemTime::now)),
             dirty: Some(true),
             ..Default::default()
         };
@@ -1194,6 +1314,9 @@ impl Core {
         let inode = self.inode(handle.ino)?;
         if !self.write_through() {
             let file = self.cache_file(&inode)?;
+            if handle.kernel_io() {
+                file.absorb_kernel_writes()?;
+            }
             self.persist(&file, inode.ino, false)?;
             self.uploader.wake();
             return Ok(());
@@ -1297,7 +1420,13 @@ impl Core {
             }
             remaining
         };
+        self.kernel_io.close(ino, handle.kernel_io());
         if let Some(file) = self.cache.loaded(ino) {
+            if handle.kernel_io() {
+                file.end_passthrough(handle.mode.write);
+                // Its upload waited for the kernel writers to go.
+                self.uploader.wake();
+            }
             let mut state = file.lock();
             let held = if self.write_through() {
                 u32::from(handle.io.try_lock().is_ok_and(|io| io.holds_cache_file))

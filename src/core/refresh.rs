@@ -407,6 +407,13 @@ impl Core {
         Ok(RefreshReport::one(|r| r.added = 1))
     }
 
+    /// Whether the kernel reads the inode's cache file itself (FUSE passthrough).
+    fn served_by_kernel(&self, ino: u64) -> bool {
+        self.cache
+            .loaded(ino)
+            .is_some_and(|file| file.lock().passthrough_opens > 0)
+    }
+
     /// Whether the inode holds changes the bucket does not have yet.
     fn has_local_changes(&self, ino: u64) -> FsResult<bool> {
         let cached_dirty = self.cache.loaded(ino).is_some_and(|file| file.lock().dirty);
@@ -430,6 +437,15 @@ impl Core {
         };
         if current.remote_key.as_deref() != Some(key) || conflict::same_version(&current, &info) {
             return Ok(RefreshReport::default()); // moved, or our own upload seen late
+        }
+        if self.served_by_kernel(ino) {
+            // A passthrough reader reads the cached bytes without asking: they stay until
+            // it closes, and a later refresh replaces them.
+            tracing::debug!(
+                key,
+                "replaced in the bucket while open in passthrough; later"
+            );
+            return Ok(RefreshReport::default());
         }
         if !self.has_local_changes(ino)? && self.replace_record(&current, key, &info)? {
             if let Some(kernel) = self.kernel.get() {

@@ -267,6 +267,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             read_only: config.options.read_only,
             defaults: attr_defaults(&config),
             meta_ttl: config.meta_ttl,
+            passthrough: config.passthrough == crate::config::Passthrough::Auto,
         },
         meta.clone(),
         backend.clone(),
@@ -405,6 +406,15 @@ async fn recover(
 ) -> anyhow::Result<()> {
     if let Some(root) = backend.local_root() {
         recovery::sweep_local_tmp(root);
+    }
+    let requeued = meta
+        .requeue_dirty()
+        .map_err(|err| anyhow::anyhow!("queueing uploads of changed files: {err}"))?;
+    if requeued > 0 {
+        tracing::info!(
+            requeued,
+            "queued uploads of files changed while an earlier run stopped"
+        );
     }
     let started = std::time::SystemTime::now();
     match tokio::time::timeout(

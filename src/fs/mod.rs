@@ -1,22 +1,23 @@
 //! The thin FUSE adapter: kernel arguments to core calls, core results to replies.
 //! Every request runs as a task on the tokio runtime, so the request loop never waits.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     Request, TimeOrNow, WriteFlags,
 };
 
 use crate::backend::Kind;
-use crate::core::{Attr, Caller, Core, OpenMode, SetAttr, MAX_NAME_BYTES};
+use crate::core::{Attr, Caller, Core, OpenMode, Opened, SetAttr, MAX_NAME_BYTES};
 use crate::error::{FsError, Level};
 
 pub struct BucketFs {
@@ -24,12 +25,75 @@ pub struct BucketFs {
     runtime: tokio::runtime::Handle,
     /// How long the kernel may cache entries and attributes (never past `--meta-ttl`).
     ttl: Duration,
+    backings: Arc<Backings>,
+}
+
+/// Cache files registered with the kernel for passthrough: one per inode while any of
+/// its passthrough handles is open (the kernel wants the same one for all of them, and
+/// it must outlive the open reply).
+#[derive(Default)]
+struct Backings {
+    table: Mutex<BackingTable>,
+}
+
+#[derive(Default)]
+struct BackingTable {
+    by_ino: HashMap<u64, (Arc<BackingId>, u32)>,
+    ino_of_fh: HashMap<u64, u64>,
+}
+
+impl Backings {
+    fn table(&self) -> std::sync::MutexGuard<'_, BackingTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backing id of `ino` for handle `fh`, registering `file` when it has none.
+    fn attach(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce() -> std::io::Result<BackingId>,
+    ) -> std::io::Result<Arc<BackingId>> {
+        let mut table = self.table();
+        let id = match table.by_ino.get_mut(&ino) {
+            Some((id, handles)) => {
+                *handles += 1;
+                id.clone()
+            }
+            None => {
+                let id = Arc::new(register()?);
+                table.by_ino.insert(ino, (id.clone(), 1));
+                id
+            }
+        };
+        table.ino_of_fh.insert(fh, ino);
+        Ok(id)
+    }
+
+    /// Handle `fh` was released; the inode's backing id goes with its last handle.
+    fn detach(&self, fh: u64) {
+        let mut table = self.table();
+        let Some(ino) = table.ino_of_fh.remove(&fh) else {
+            return;
+        };
+        if let Some((_, handles)) = table.by_ino.get_mut(&ino) {
+            *handles -= 1;
+            if *handles == 0 {
+                table.by_ino.remove(&ino);
+            }
+        }
+    }
 }
 
 impl BucketFs {
     pub fn new(core: Arc<Core>, runtime: tokio::runtime::Handle) -> BucketFs {
         let ttl = core.kernel_ttl();
-        BucketFs { core, runtime, ttl }
+        BucketFs {
+            core,
+            runtime,
+            ttl,
+            backings: Arc::default(),
+        }
     }
 
     fn spawn<F>(&self, op: &'static str, work: impl FnOnce(Arc<Core>) -> F + Send + 'static)
@@ -132,6 +196,29 @@ fn file_attr(attr: &Attr) -> FileAttr {
     }
 }
 
+/// The backing id for a handle the core wants served by the kernel, or `None` when the
+/// daemon serves it: no backing file asked for, or the kernel refused it (then nothing
+/// more is asked of the kernel, and the core counts the handle as the daemon's).
+fn backing_for(
+    core: &Core,
+    backings: &Backings,
+    ino: u64,
+    opened: &Opened,
+    register: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+) -> Option<Arc<BackingId>> {
+    let file = opened.backing.as_ref()?;
+    match backings.attach(ino, opened.fh, || register(file)) {
+        Ok(id) => Some(id),
+        Err(err) => {
+            core.disable_passthrough(&format!("the kernel refused a backing file: {err}"));
+            if let Err(err) = core.passthrough_refused(opened.fh) {
+                tracing::error!(fh = opened.fh, "{}", err.message);
+            }
+            None
+        }
+    }
+}
+
 fn time_of(value: TimeOrNow) -> SystemTime {
     match value {
         TimeOrNow::SpecificTime(time) => time,
@@ -159,6 +246,17 @@ impl Filesystem for BucketFs {
                 ?missing,
                 "kernel lacks atomic O_TRUNC; write-through truncates before writing"
             );
+        }
+        if self.core.passthrough_wanted() {
+            // The cache dir sits on a plain filesystem: one level of stacking.
+            let granted = config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !granted {
+                self.core
+                    .disable_passthrough("the kernel lacks FUSE passthrough (needs 6.9+)");
+            }
         }
         // 1 MiB writes and reads: fewer round trips through the daemon.
         if let Err(max) = config.set_max_write(1 << 20) {
@@ -341,9 +439,17 @@ impl Filesystem for BucketFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (mode, pid) = (OpenMode::from_flags(flags.0), req.pid());
+        let backings = self.backings.clone();
         self.spawn("open", move |core| async move {
             match core.open(ino.0, mode, pid).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(opened) => {
+                    let fh = FileHandle(opened.fh);
+                    let register = |file: &std::fs::File| reply.open_backing(file);
+                    match backing_for(&core, &backings, ino.0, &opened, register) {
+                        Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), &id),
+                        None => reply.opened(fh, FopenFlags::empty()),
+                    }
+                }
                 Err(err) => reply.error(errno("open", err)),
             }
         });
@@ -366,18 +472,27 @@ impl Filesystem for BucketFs {
             pid: req.pid(),
         };
         let ttl = self.ttl;
+        let backings = self.backings.clone();
         self.spawn("create", move |core| async move {
             match core
                 .create(parent.0, &name, mode & !umask, flags, caller)
                 .await
             {
-                Ok((attr, fh)) => reply.created(
-                    &ttl,
-                    &file_attr(&attr),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                ),
+                Ok((attr, opened)) => {
+                    let (fh, attr) = (FileHandle(opened.fh), file_attr(&attr));
+                    let register = |file: &std::fs::File| reply.open_backing(file);
+                    match backing_for(&core, &backings, attr.ino.0, &opened, register) {
+                        Some(id) => reply.created_passthrough(
+                            &ttl,
+                            &attr,
+                            Generation(0),
+                            fh,
+                            FopenFlags::empty(),
+                            &id,
+                        ),
+                        None => reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::empty()),
+                    }
+                }
                 Err(err) => reply.error(errno("create", err)),
             }
         });
@@ -450,8 +565,11 @@ impl Filesystem for BucketFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let backings = self.backings.clone();
         self.spawn("release", move |core| async move {
-            match core.release(fh.0).await {
+            let result = core.release(fh.0).await;
+            backings.detach(fh.0);
+            match result {
                 Ok(()) => reply.ok(),
                 Err(err) => reply.error(errno("release", err)),
             }

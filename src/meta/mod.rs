@@ -583,6 +583,31 @@ impl MetaStore {
         Ok(())
     }
 
+    /// The entry cannot run yet (it did not fail): it is tried again after `delay`.
+    pub fn postpone(&self, entry: &JournalEntry, delay: Duration) -> FsResult<()> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE journal SET not_before_ms = ?2 WHERE id = ?1",
+            params![entry.id, now_ms() + delay.as_millis() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Queues an upload for every inode the store says is changed but that has none:
+    /// what a crash leaves of a file the kernel wrote unseen (passthrough), which
+    /// counts as changed from its open until its close is uploaded.
+    pub fn requeue_dirty(&self) -> FsResult<u64> {
+        let conn = self.lock();
+        let queued = conn.execute(
+            "INSERT INTO journal(op, ino, key, not_before_ms)
+             SELECT 'sync', ino, '', 0 FROM inodes
+             WHERE dirty = 1 AND (parent IS NOT NULL OR ino = ?1)
+             ON CONFLICT(op, ino, key) DO NOTHING",
+            params![ROOT_INO as i64],
+        )?;
+        Ok(queued as u64)
+    }
+
     pub fn journal_len(&self) -> FsResult<u64> {
         let conn = self.lock();
         Ok(conn.query_row("SELECT COUNT(*) FROM journal", [], |row| {

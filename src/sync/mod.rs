@@ -21,6 +21,11 @@ use upload::{StreamUpload, Uploaded};
 /// Retry delays grow from this, doubling, up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+/// An upload that cannot run yet (not a failure) reports this errno and is tried again
+/// after [`POSTPONE_DELAY`], without counting as an attempt.
+const POSTPONE_ERRNO: i32 = libc::EBUSY;
+/// Short: the close that ends the wait re-queues the upload anyway.
+const POSTPONE_DELAY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone)]
 pub struct UploaderConfig {
@@ -186,6 +191,10 @@ impl Uploader {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         match &result {
             Ok(()) => self.meta.complete(entry)?,
+            Err(err) if err.errno == POSTPONE_ERRNO => {
+                tracing::debug!(op = ?entry.op, "{}", err.message);
+                self.meta.postpone(entry, POSTPONE_DELAY)?;
+            }
             Err(err) => {
                 let delay = FIRST_RETRY_DELAY
                     .saturating_mul(1 << entry.attempts.clamp(0, 7) as u32)
@@ -568,6 +577,15 @@ impl Uploader {
                 .cache
                 .get_or_load(inode.ino, || file_init(&self.meta, inode))?,
         };
+        if file.lock().kernel_writers > 0 && self.flushing.load(Ordering::SeqCst) == 0 {
+            return Err(FsError::new(
+                POSTPONE_ERRNO,
+                format!(
+                    "inode {} is open for writing in passthrough; uploading after it closes",
+                    inode.ino
+                ),
+            ));
+        }
         let missing = file.missing_all();
         if !missing.is_empty() {
             file.fetch(&self.backend, missing).await?;
@@ -584,7 +602,9 @@ impl Uploader {
         // Memory and store change together, under the file's lock (as `persist` does).
         let clean = {
             let mut state = file.lock();
-            let unchanged = state.gen == gen;
+            // A kernel writer may have changed bytes unseen (a flush uploads what is
+            // there, but only its close settles the file).
+            let unchanged = state.gen == gen && state.kernel_writers == 0;
             let settles = if unchanged {
                 Settles::IfAttrsStill(attrs_of(inode))
             } else {
