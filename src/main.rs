@@ -416,6 +416,15 @@ fn print_status(status: &serde_json::Value) {
     );
     println!("pending changes:   {}", field("pending"));
     println!("uploads in flight: {}", field("uploads_in_flight"));
+    println!(
+        "passthrough:       {} ({} handles served by the kernel)",
+        if field("passthrough").as_bool() == Some(true) {
+            "on"
+        } else {
+            "off"
+        },
+        field("passthrough_handles")
+    );
     if let Some(errors) = field("last_errors").as_array().filter(|e| !e.is_empty()) {
         println!("last errors:");
         for error in errors {

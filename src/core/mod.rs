@@ -128,6 +128,10 @@ pub struct Status {
     pub cache_used_bytes: u64,
     pub cache_limit_bytes: u64,
     pub uploads_in_flight: u64,
+    /// Whether new handles of complete cached files may be served by the kernel.
+    pub passthrough: bool,
+    /// Handles the kernel served itself (passthrough) since the mount.
+    pub passthrough_handles: u64,
     #[serde(flatten)]
     pub journal: JournalSummary,
 }
@@ -1480,6 +1484,8 @@ impl Core {
             cache_used_bytes: self.cache.used_bytes(),
             cache_limit_bytes: self.cache.limit(),
             uploads_in_flight: self.uploader.in_flight(),
+            passthrough: self.kernel_io.enabled(),
+            passthrough_handles: self.kernel_io.served(),
             journal: self.meta.summary()?,
         })
     }

@@ -8,7 +8,7 @@
 //! writes are taken in (size, presence, a new generation) at flush, fsync and release.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::lock;
@@ -29,6 +29,8 @@ struct InodeIo {
 pub struct KernelIo {
     enabled: AtomicBool,
     inodes: Mutex<HashMap<u64, InodeIo>>,
+    /// Handles the kernel served since the mount (`status`).
+    served: AtomicU64,
 }
 
 /// What the first handle of an inode is decided on.
@@ -46,6 +48,7 @@ impl KernelIo {
         KernelIo {
             enabled: AtomicBool::new(enabled),
             inodes: Mutex::new(HashMap::new()),
+            served: AtomicU64::new(0),
         }
     }
 
@@ -77,6 +80,7 @@ impl KernelIo {
         };
         if kernel {
             io.kernel += 1;
+            self.served.fetch_add(1, Ordering::Relaxed);
         } else {
             io.daemon += 1;
         }
@@ -90,6 +94,12 @@ impl KernelIo {
         let io = inodes.entry(ino).or_default();
         io.kernel = io.kernel.saturating_sub(1);
         io.daemon += 1;
+        self.served.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Handles the kernel served since the mount.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 
     /// A handle of `ino` was released.
