@@ -57,6 +57,19 @@ pub struct CoreConfig {
 pub struct Opened {
     pub fh: u64,
     pub backing: Option<std::fs::File>,
+    /// How the kernel's page cache treats the handle when the daemon serves it.
+    pub page_cache: PageCache,
+}
+
+/// The kernel's page cache for a handle the daemon serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageCache {
+    /// Kept across opens: every change the kernel did not make itself (another tool's
+    /// version, a failed check) is invalidated explicitly.
+    Keep,
+    /// Not used (direct I/O): the cache file's own page cache is the one copy, so a
+    /// later passthrough open finds the bytes warm and there is nothing to invalidate.
+    Bypass,
 }
 
 /// Attributes as the adapter reports them.
@@ -814,10 +827,29 @@ impl Core {
             }
             let backing = self.open_kernel_io(&handle, inode, &file)?;
             let fh = self.add_handle(handle);
-            return Ok(Opened { fh, backing });
+            return Ok(Opened {
+                fh,
+                backing,
+                page_cache: self.daemon_page_cache(),
+            });
         }
         let fh = self.add_handle(handle);
-        Ok(Opened { fh, backing: None })
+        Ok(Opened {
+            fh,
+            backing: None,
+            page_cache: PageCache::Keep,
+        })
+    }
+
+    /// Where passthrough is on, cached-mode handles the daemon serves bypass the page
+    /// cache: no double buffering, and a file read cold is served by the kernel from the
+    /// warm cache file at its next open.
+    fn daemon_page_cache(&self) -> PageCache {
+        if self.kernel_io.enabled() {
+            PageCache::Bypass
+        } else {
+            PageCache::Keep
+        }
     }
 
     /// Decides whether the kernel serves a cached-mode handle itself, and if so, readies
@@ -932,6 +964,20 @@ impl Core {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let result = self.read_data(fh, offset, size).await;
+        if let Err(err) = &result {
+            if err.errno == libc::EIO {
+                // An object failing its check may have served bytes before the check
+                // ended: the kernel's page cache (kept across opens) must not keep them.
+                if let (Ok(handle), Some(kernel)) = (self.handle(fh), self.kernel.get()) {
+                    kernel.forget_inode(handle.ino);
+                }
+            }
+        }
+        result
+    }
+
+    async fn read_data(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let handle = self.handle(fh)?;
         let inode = self.inode(handle.ino)?;
         let read_ahead = handle.read_ahead(offset, size as u64, MAX_READ_AHEAD);
@@ -1408,6 +1454,16 @@ impl Core {
         self.complete(fh).await
     }
 
+    /// The kernel released handle `fh`: called in the order requests arrive, before the
+    /// release work runs, so that an open right after a close sees the inode as the
+    /// kernel does (it dropped the handle's I/O mode before sending the release).
+    pub fn note_release(&self, fh: u64) {
+        if let Ok(handle) = self.handle(fh) {
+            self.kernel_io.close(handle.ino, handle.kernel_io());
+        }
+    }
+
+    /// Completes and forgets handle `fh`; [`Core::note_release`] came first.
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let result = self.complete(fh).await;
         let Some(handle) = lock(&self.handles).remove(&fh) else {
@@ -1424,7 +1480,6 @@ impl Core {
             }
             remaining
         };
-        self.kernel_io.close(ino, handle.kernel_io());
         if let Some(file) = self.cache.loaded(ino) {
             if handle.kernel_io() {
                 file.end_passthrough(handle.mode.write);

@@ -17,7 +17,7 @@ use fuser::{
 };
 
 use crate::backend::Kind;
-use crate::core::{Attr, Caller, Core, OpenMode, Opened, SetAttr, MAX_NAME_BYTES};
+use crate::core::{Attr, Caller, Core, OpenMode, Opened, PageCache, SetAttr, MAX_NAME_BYTES};
 use crate::error::{FsError, Level};
 
 pub struct BucketFs {
@@ -219,6 +219,14 @@ fn backing_for(
     }
 }
 
+/// Flags of a handle the daemon serves.
+fn open_flags(opened: &Opened) -> FopenFlags {
+    match opened.page_cache {
+        PageCache::Keep => FopenFlags::FOPEN_KEEP_CACHE,
+        PageCache::Bypass => FopenFlags::FOPEN_DIRECT_IO,
+    }
+}
+
 fn time_of(value: TimeOrNow) -> SystemTime {
     match value {
         TimeOrNow::SpecificTime(time) => time,
@@ -256,6 +264,13 @@ impl Filesystem for BucketFs {
             if !granted {
                 self.core
                     .disable_passthrough("the kernel lacks FUSE passthrough (needs 6.9+)");
+            } else if config
+                .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+                .is_err()
+            {
+                // Direct I/O handles (see `PageCache::Bypass`) must still allow mmap.
+                self.core
+                    .disable_passthrough("the kernel lacks mmap of direct I/O files");
             }
         }
         // 1 MiB writes and reads: fewer round trips through the daemon.
@@ -447,7 +462,7 @@ impl Filesystem for BucketFs {
                     let register = |file: &std::fs::File| reply.open_backing(file);
                     match backing_for(&core, &backings, ino.0, &opened, register) {
                         Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), &id),
-                        None => reply.opened(fh, FopenFlags::empty()),
+                        None => reply.opened(fh, open_flags(&opened)),
                     }
                 }
                 Err(err) => reply.error(errno("open", err)),
@@ -490,7 +505,9 @@ impl Filesystem for BucketFs {
                             FopenFlags::empty(),
                             &id,
                         ),
-                        None => reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::empty()),
+                        None => {
+                            reply.created(&ttl, &attr, Generation(0), fh, open_flags(&opened))
+                        }
                     }
                 }
                 Err(err) => reply.error(errno("create", err)),
@@ -565,6 +582,7 @@ impl Filesystem for BucketFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.core.note_release(fh.0);
         let backings = self.backings.clone();
         self.spawn("release", move |core| async move {
             let result = core.release(fh.0).await;
