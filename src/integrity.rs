@@ -57,34 +57,25 @@ pub fn crc64_combine(crc_a: u64, crc_b: u64, len_b: u64) -> u64 {
     if len_b == 0 {
         return crc_a;
     }
-    // `odd` is the operator for one zero bit, then squared into 2, 4, 8... zero bits.
-    let mut odd = [0u64; 64];
-    odd[0] = POLY_REFLECTED;
-    for (n, row) in odd.iter_mut().enumerate().skip(1) {
+    // The operator that appends one zero bit to a crc, squared into one zero byte.
+    let mut op = [0u64; 64];
+    op[0] = POLY_REFLECTED;
+    for (n, row) in op.iter_mut().enumerate().skip(1) {
         *row = 1 << (n - 1);
     }
-    let mut even = [0u64; 64];
-    gf2_square(&mut even, &odd);
-    gf2_square(&mut odd, &even);
-    let mut crc = crc_a;
-    let mut len = len_b;
+    for _ in 0..3 {
+        op = gf2_square(&op);
+    }
+    // Appends `len_b` zero bytes: the operator for 2^k bytes for each bit k set.
+    let (mut crc, mut len) = (crc_a, len_b);
     // Bounded: one pass per bit of `len_b` (at most 64).
-    loop {
-        gf2_square(&mut even, &odd);
+    while len != 0 {
         if len & 1 != 0 {
-            crc = gf2_times(&even, crc);
+            crc = gf2_times(&op, crc);
         }
         len >>= 1;
-        if len == 0 {
-            break;
-        }
-        gf2_square(&mut odd, &even);
-        if len & 1 != 0 {
-            crc = gf2_times(&odd, crc);
-        }
-        len >>= 1;
-        if len == 0 {
-            break;
+        if len != 0 {
+            op = gf2_square(&op);
         }
     }
     crc ^ crc_b
@@ -96,10 +87,12 @@ fn gf2_times(mat: &[u64; 64], vec: u64) -> u64 {
         .fold(0, |sum, bit| sum ^ mat[bit])
 }
 
-fn gf2_square(square: &mut [u64; 64], mat: &[u64; 64]) {
+fn gf2_square(mat: &[u64; 64]) -> [u64; 64] {
+    let mut square = [0u64; 64];
     for (row, &m) in square.iter_mut().zip(mat.iter()) {
         *row = gf2_times(mat, m);
     }
+    square
 }
 
 /// Pieces checked ahead of the verified prefix that a verifier remembers; past this, more
