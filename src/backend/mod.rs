@@ -260,6 +260,15 @@ impl Backend {
         self.op.read_with(key).range(range).await
     }
 
+    /// Streams `range` of an object: its bytes as they arrive, one GET.
+    pub async fn read_stream(
+        &self,
+        key: &str,
+        range: Range<u64>,
+    ) -> opendal::Result<opendal::FuturesBytesStream> {
+        self.op.reader(key).await?.into_bytes_stream(range).await
+    }
+
     /// Every object key under `prefix` (recursively), without directory markers and the
     /// gateway's reserved prefix.
     pub async fn list_objects(&self, prefix: &str) -> opendal::Result<Vec<String>> {

@@ -5,16 +5,17 @@
 
 pub mod blocks;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blocks::BlockSet;
+use futures::StreamExt;
 
 use crate::backend::Backend;
 use crate::error::{FsError, FsResult};
@@ -22,6 +23,17 @@ use crate::integrity::ReadVerifier;
 
 /// Cache granularity: what one ranged GET fills at the least.
 pub const BLOCK_SIZE: u64 = 1 << 20;
+
+/// Blocks of one ranged GET at the most: runs are cut into parts on a grid of this many
+/// blocks, and the parts of one fetch are downloaded in parallel.
+pub const PART_BLOCKS: u64 = 8;
+/// Parts of one fetch call downloading at once.
+const PARTS_IN_FLIGHT: usize = 8;
+/// How long a fetch waits for blocks another task is downloading.
+const FETCH_WAIT: Duration = Duration::from_secs(300);
+/// Passes of claiming and waiting one fetch makes at the most (each pass downloads what it
+/// claimed or waits for a download to land).
+const FETCH_PASSES: usize = 10_000;
 
 /// Space on the cache disk that data never takes (a tenth of the disk, within bounds).
 const METADATA_RESERVE_MIN: u64 = 1 << 20;
@@ -88,8 +100,76 @@ pub struct CacheFile {
     file: File,
     path: PathBuf,
     state: Mutex<FileState>,
-    /// One download at a time per file, so parallel readers do not fetch a block twice.
-    fetch_lock: tokio::sync::Mutex<()>,
+    /// Blocks some task is downloading now: claimed before the GET, released after it,
+    /// so parallel readers and the read-ahead never fetch a block twice.
+    in_flight: Mutex<HashSet<u64>>,
+    /// Bumped whenever claimed blocks are released (landed or failed).
+    landed: tokio::sync::watch::Sender<u64>,
+    /// Taken (before the state lock) by everything that writes the file; see
+    /// [`CacheFile::write_lock`].
+    writes: Mutex<()>,
+}
+
+/// Blocks one fetch claimed: released (and waiters woken) when dropped, also on an error
+/// or a cancelled task.
+struct Claim<'a> {
+    file: &'a CacheFile,
+    blocks: Range<u64>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = lock_set(&self.file.in_flight);
+        for block in self.blocks.clone() {
+            in_flight.remove(&block);
+        }
+        drop(in_flight);
+        self.file.landed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// What a download of claimed parts needs from the file's state, read once when claiming.
+struct Source {
+    key: String,
+    limit: u64,
+    epoch: u64,
+}
+
+fn lock_set(set: &Mutex<HashSet<u64>>) -> MutexGuard<'_, HashSet<u64>> {
+    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The pieces of byte range `range` that lie in blocks absent from `blocks`.
+fn absent_segments(blocks: &BlockSet, range: Range<u64>) -> Vec<Range<u64>> {
+    let mut segments: Vec<Range<u64>> = Vec::new();
+    let mut from = range.start;
+    // Bounded: each pass moves to the next block boundary.
+    while from < range.end {
+        let block = block_of(from);
+        let to = ((block + 1) * BLOCK_SIZE).min(range.end);
+        if !blocks.contains(block) {
+            match segments.last_mut() {
+                Some(last) if last.end == from => last.end = to,
+                _ => segments.push(from..to),
+            }
+        }
+        from = to;
+    }
+    segments
+}
+
+/// `run` cut on the grid of [`PART_BLOCKS`].
+fn grid_parts(run: Range<u64>) -> impl Iterator<Item = Range<u64>> {
+    let mut start = run.start;
+    std::iter::from_fn(move || {
+        if start >= run.end {
+            return None;
+        }
+        let end = ((start / PART_BLOCKS + 1) * PART_BLOCKS).min(run.end);
+        let part = start..end;
+        start = end;
+        Some(part)
+    })
 }
 
 /// What a local write needs first.
@@ -170,83 +250,270 @@ impl CacheFile {
         Self::missing(&state, 0..state.size)
     }
 
-    /// Downloads block runs from the bucket into the file. Blocks written locally in the
-    /// meantime are left alone.
+    /// Downloads block runs from the bucket into the file and returns once all of them are
+    /// present: parts nobody is fetching are downloaded (in parallel), parts another task
+    /// is fetching are waited for. Blocks written locally in the meantime are left alone.
     pub async fn fetch(&self, backend: &Backend, runs: Vec<Range<u64>>) -> FsResult<()> {
-        let _one_at_a_time = self.fetch_lock.lock().await;
-        for run in runs {
-            let (key, limit, still_missing, epoch) = {
-                let state = self.lock();
-                state.check_not_corrupt()?;
-                (
-                    state.source_key.clone(),
-                    state.fetch_limit,
-                    !state.blocks.missing_runs(run.clone()).is_empty(),
-                    state.source_epoch,
-                )
-            };
-            if !still_missing {
-                continue;
+        let deadline = tokio::time::Instant::now() + FETCH_WAIT;
+        for _ in 0..FETCH_PASSES {
+            // Subscribed before claiming: a release in between still wakes the wait below.
+            let mut landed = self.landed.subscribe();
+            let (claims, source, others) = self.claim(&runs)?;
+            if let Some(source) = source {
+                self.download(backend, &source, claims).await?;
             }
-            let Some(key) = key else {
-                return Err(FsError::loud(
-                    libc::EIO,
-                    format!(
-                        "inode {}: data missing and no object to fetch it from",
-                        self.ino
-                    ),
-                ));
-            };
-            let start = run.start * BLOCK_SIZE;
-            let end = (run.end * BLOCK_SIZE).min(limit);
-            if start >= end {
-                continue;
+            if !others {
+                return Ok(());
             }
-            let data = backend
-                .read_range(&key, start..end)
+            if tokio::time::timeout_at(deadline, landed.changed())
                 .await
-                .map_err(|err| {
-                    FsError::backend(&format!("fetching {key} bytes {start}..{end}"), err)
-                })?
-                .to_bytes();
-            if (data.len() as u64) < end - start {
-                return Err(FsError::loud(
-                    libc::EIO,
-                    format!("{key}: object is shorter than expected ({} bytes at {start}); it changed in the bucket", data.len()),
-                ));
-            }
-            let mut state = self.lock();
-            if state.source_epoch != epoch {
-                continue; // the object was replaced meanwhile: these bytes are stale
-            }
-            Self::verify(&mut state, start, &data)?;
-            for block in run {
-                if state.blocks.contains(block) {
-                    continue;
-                }
-                let from = block * BLOCK_SIZE;
-                if from >= end {
-                    break;
-                }
-                let to = ((block + 1) * BLOCK_SIZE).min(end);
-                let slice = &data[(from - start) as usize..(to - start) as usize];
-                self.file
-                    .write_all_at(slice, from)
-                    .map_err(|err| FsError::io("writing cache file", err))?;
-                state.blocks.insert(block);
+                .is_err()
+            {
+                break;
             }
         }
+        Err(FsError::loud(
+            libc::EIO,
+            format!(
+                "inode {}: blocks another read was downloading did not arrive",
+                self.ino
+            ),
+        ))
+    }
+
+    /// Downloads the blocks of `runs` nobody is fetching yet, without waiting for the ones
+    /// in flight elsewhere: the read-ahead.
+    pub async fn fetch_ahead(&self, backend: &Backend, runs: Vec<Range<u64>>) -> FsResult<()> {
+        let (claims, source, _others) = self.claim(&runs)?;
+        match source {
+            Some(source) => self.download(backend, &source, claims).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Claims the missing blocks of `runs` nobody is fetching, as parts on the grid.
+    /// Returns the claims, what to fetch them from (`None` when nothing was claimed), and
+    /// whether some blocks were in flight elsewhere.
+    fn claim(&self, runs: &[Range<u64>]) -> FsResult<(Vec<Claim<'_>>, Option<Source>, bool)> {
+        let state = self.lock();
+        state.check_not_corrupt()?;
+        let limit_block = state.fetch_limit.div_ceil(BLOCK_SIZE);
+        let mut in_flight = lock_set(&self.in_flight);
+        let mut others = false;
+        let mut claims = Vec::new();
+        for run in runs {
+            for missing in state
+                .blocks
+                .missing_runs(run.start..run.end.min(limit_block))
+            {
+                for part in grid_parts(missing) {
+                    others |= self.claim_part(&mut in_flight, part, &mut claims);
+                }
+            }
+        }
+        drop(in_flight);
+        if claims.is_empty() {
+            return Ok((claims, None, others));
+        }
+        let Some(key) = state.source_key.clone() else {
+            return Err(FsError::loud(
+                libc::EIO,
+                format!(
+                    "inode {}: data missing and no object to fetch it from",
+                    self.ino
+                ),
+            ));
+        };
+        let source = Source {
+            key,
+            limit: state.fetch_limit,
+            epoch: state.source_epoch,
+        };
+        Ok((claims, Some(source), others))
+    }
+
+    /// Claims the blocks of `part` not in flight, as contiguous claims; returns whether
+    /// some were in flight.
+    fn claim_part<'a>(
+        &'a self,
+        in_flight: &mut HashSet<u64>,
+        part: Range<u64>,
+        claims: &mut Vec<Claim<'a>>,
+    ) -> bool {
+        let mut busy = false;
+        let mut start = None;
+        for block in part.clone() {
+            if in_flight.insert(block) {
+                start.get_or_insert(block);
+                continue;
+            }
+            busy = true;
+            if let Some(from) = start.take() {
+                claims.push(Claim {
+                    file: self,
+                    blocks: from..block,
+                });
+            }
+        }
+        if let Some(from) = start {
+            claims.push(Claim {
+                file: self,
+                blocks: from..part.end,
+            });
+        }
+        busy
+    }
+
+    /// Downloads claimed parts, [`PARTS_IN_FLIGHT`] at a time; the first error wins (the
+    /// other parts' claims are released as they end).
+    async fn download(
+        &self,
+        backend: &Backend,
+        source: &Source,
+        claims: Vec<Claim<'_>>,
+    ) -> FsResult<()> {
+        let mut waiting = claims.into_iter();
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut first_error = None;
+        // Bounded: one pass per claim, plus one to see the set empty.
+        loop {
+            while running.len() < PARTS_IN_FLIGHT {
+                let Some(claim) = waiting.next() else { break };
+                running.push(self.download_claim(backend, source, claim));
+            }
+            let Some(result) = running.next().await else {
+                break;
+            };
+            if let Err(err) = result {
+                first_error.get_or_insert(err);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn download_claim(
+        &self,
+        backend: &Backend,
+        source: &Source,
+        claim: Claim<'_>,
+    ) -> FsResult<()> {
+        // The claim is released (its waiters woken) when this returns.
+        self.download_part(backend, source, &claim.blocks).await
+    }
+
+    /// Streams one part to the file as its bytes arrive (memory stays at one network
+    /// chunk), hashing it on the way, then checks it and marks its blocks present.
+    async fn download_part(
+        &self,
+        backend: &Backend,
+        source: &Source,
+        blocks: &Range<u64>,
+    ) -> FsResult<()> {
+        let start = blocks.start * BLOCK_SIZE;
+        let end = (blocks.end * BLOCK_SIZE).min(source.limit);
+        if start >= end {
+            return Ok(());
+        }
+        let key = &source.key;
+        let context = || format!("fetching {key} bytes {start}..{end}");
+        let mut stream = backend
+            .read_stream(key, start..end)
+            .await
+            .map_err(|err| FsError::backend(&context(), err))?;
+        let mut digest = crc64fast::Digest::new();
+        // Network chunks are small: they are gathered into a block per write.
+        let mut block = Vec::with_capacity(BLOCK_SIZE as usize);
+        let (mut at, mut received) = (start, 0u64);
+        // Bounded: the stream ends after the range's bytes (extra bytes are refused).
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|err| FsError::io(&context(), err))?;
+            received += chunk.len() as u64;
+            if start + received > end {
+                return Err(FsError::loud(
+                    libc::EIO,
+                    format!("{}: more bytes than asked for", context()),
+                ));
+            }
+            digest.write(&chunk);
+            block.extend_from_slice(&chunk);
+            if block.len() as u64 >= BLOCK_SIZE || start + received == end {
+                if !self.store_chunk(at, &block, source.epoch)? {
+                    return Ok(()); // the object was replaced meanwhile: these bytes are stale
+                }
+                at += block.len() as u64;
+                block.clear();
+            }
+        }
+        if at < end {
+            return Err(FsError::loud(
+                libc::EIO,
+                format!("{key}: object is shorter than expected ({received} bytes at {start}); it changed in the bucket"),
+            ));
+        }
+        let mut state = self.lock();
+        if state.source_epoch != source.epoch {
+            return Ok(());
+        }
+        Self::verify(&mut state, start, end - start, digest.sum64())?;
+        // A truncation meanwhile cut these bytes off: they are not the file's any more.
+        let kept = blocks.start..blocks.end.min(state.fetch_limit.div_ceil(BLOCK_SIZE));
+        for block in kept {
+            state.blocks.insert(block);
+        }
         Ok(())
+    }
+
+    /// Writes fetched bytes at `at`, except into blocks that became present meanwhile
+    /// (local writes win). Returns false when the object was replaced since the claim.
+    fn store_chunk(&self, at: u64, chunk: &[u8], epoch: u64) -> FsResult<bool> {
+        // Held across the write, the state lock is not: readers of present blocks go on
+        // meanwhile, while local writes and truncations (which take this lock) wait.
+        let _writes = self.write_lock();
+        let segments = {
+            let state = self.lock();
+            if state.source_epoch != epoch {
+                return Ok(false);
+            }
+            // Bytes a truncation cut off are not written (they would regrow the file).
+            let end = (at + chunk.len() as u64).min(state.fetch_limit);
+            absent_segments(&state.blocks, at..end)
+        };
+        for segment in &segments {
+            let slice = &chunk[(segment.start - at) as usize..(segment.end - at) as usize];
+            self.file
+                .write_all_at(slice, segment.start)
+                .map_err(|err| FsError::io("writing cache file", err))?;
+        }
+        let state = self.lock();
+        if state.source_epoch == epoch {
+            return Ok(true);
+        }
+        // The object was replaced during the write: its blocks are not marked present, so
+        // the stale bytes are refetched before use, except past the new size, cut here.
+        let wrote_to = segments.last().map_or(0, |s| s.end);
+        if wrote_to > state.size {
+            self.file
+                .set_len(state.size)
+                .map_err(|err| FsError::io("truncating cache file", err))?;
+        }
+        Ok(false)
+    }
+
+    /// Serialises writes to the cache file (fetched bytes, local writes, truncation).
+    fn write_lock(&self) -> MutexGuard<'_, ()> {
+        self.writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Feeds fetched bytes to the crc64 check. On a mismatch nothing of the object stays
     /// servable: fetched blocks are dropped (unless local writes are mixed in) and every
     /// later read fails.
-    fn verify(state: &mut FileState, start: u64, data: &[u8]) -> FsResult<()> {
+    fn verify(state: &mut FileState, start: u64, len: u64, crc: u64) -> FsResult<()> {
         let Some(verifier) = state.verifier.as_mut() else {
             return Ok(());
         };
-        if let Err(err) = verifier.feed(start, data) {
+        if let Err(err) = verifier.feed_hashed(start, len, crc) {
             state.verifier = None;
             state.corrupt = Some(err.message.clone());
             if !state.dirty {
@@ -260,6 +527,7 @@ impl CacheFile {
     /// Writes locally when the partly covered edge blocks are valid.
     pub fn write_local(&self, offset: u64, data: &[u8]) -> FsResult<WriteOutcome> {
         let end = offset + data.len() as u64;
+        let _writes = self.write_lock();
         let mut state = self.lock();
         let touched = blocks_covering(&(offset..end));
         let mut need = Vec::new();
@@ -300,6 +568,7 @@ impl CacheFile {
 
     /// Sets the size. Bytes cut off are never fetched again; growth reads as zeros.
     pub fn truncate(&self, size: u64) -> FsResult<()> {
+        let _writes = self.write_lock();
         let mut state = self.lock();
         self.file
             .set_len(size)
@@ -538,7 +807,9 @@ impl DataCache {
                 kernel_writers: 0,
                 changed_at: None,
             }),
-            fetch_lock: tokio::sync::Mutex::new(()),
+            in_flight: Mutex::new(HashSet::new()),
+            landed: tokio::sync::watch::Sender::new(0),
+            writes: Mutex::new(()),
         });
         files.insert(ino, cached.clone());
         Ok(cached)

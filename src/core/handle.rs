@@ -3,8 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use bytes::Bytes;
-
+use super::window::{PartData, Window};
 use super::OpenMode;
 use crate::error::{FsError, FsResult};
 use crate::integrity::ReadVerifier;
@@ -23,13 +22,12 @@ pub struct HandleIo {
 
 #[derive(Default)]
 struct ReadState {
-    /// Where the previous read ended (sequential detection).
+    /// Where the furthest read so far ended (sequential detection).
     next_offset: u64,
     /// Current read-ahead, doubled while reads stay sequential.
     ahead: u64,
-    /// Write-through reads: bytes fetched ahead, and where they start.
-    window_start: u64,
-    window: Bytes,
+    /// Write-through reads: the parts fetched ahead.
+    window: Window,
     /// Write-through reads: the object's crc64 check, and its verdict once it failed.
     verifier: Option<ReadVerifier>,
     corrupt: Option<String>,
@@ -49,6 +47,10 @@ pub struct Handle {
 }
 
 const FIRST_READ_AHEAD: u64 = 1 << 20;
+/// How far a read may start from where the furthest one ended and still count as
+/// sequential: the kernel sends a sequential reader's requests in parallel, and the tasks
+/// serving them start in any order.
+const SEQUENTIAL_SLACK: u64 = 4 << 20;
 
 impl Handle {
     pub fn new(ino: u64, mode: OpenMode, streamable: bool, opener: Option<u32>) -> Handle {
@@ -80,35 +82,47 @@ impl Handle {
     /// nothing on a seek.
     pub fn read_ahead(&self, offset: u64, len: u64, max: u64) -> u64 {
         let mut state = self.read_state();
-        let sequential = offset == state.next_offset;
-        state.ahead = if sequential {
-            (state.ahead * 2).clamp(FIRST_READ_AHEAD, max)
+        let sequential = offset.abs_diff(state.next_offset) <= SEQUENTIAL_SLACK
+            && (state.ahead > 0 || offset == state.next_offset);
+        if sequential {
+            state.ahead = (state.ahead * 2).clamp(FIRST_READ_AHEAD, max);
+            state.next_offset = state.next_offset.max(offset + len);
         } else {
-            0
-        };
-        state.next_offset = offset + len;
+            state.ahead = 0;
+            state.next_offset = offset + len;
+        }
         state.ahead
     }
 
-    /// Serves `offset..end` from the fetched window if it holds all of it.
-    pub fn window_read(&self, offset: u64, end: u64) -> Option<Vec<u8>> {
-        let state = self.read_state();
-        let window_end = state.window_start + state.window.len() as u64;
-        if offset >= state.window_start && end <= window_end {
-            let from = (offset - state.window_start) as usize;
-            let to = (end - state.window_start) as usize;
-            return Some(state.window[from..to].to_vec());
-        }
-        None
+    /// Write-through: the parts holding `need`, starting the missing ones and those
+    /// `ahead` bytes further (see [`Window::parts_for`]).
+    pub fn window_parts(
+        &self,
+        need: std::ops::Range<u64>,
+        ahead: u64,
+        object_end: u64,
+        start: impl FnMut(std::ops::Range<u64>) -> PartData,
+    ) -> Vec<(std::ops::Range<u64>, PartData)> {
+        self.read_state()
+            .window
+            .parts_for(need, ahead, object_end, start)
     }
 
     pub fn set_verifier(&self, verifier: Option<ReadVerifier>) {
         self.read_state().verifier = verifier;
     }
 
-    /// Checks bytes fetched for a write-through read; once the object failed its check,
-    /// every read of this handle fails.
-    pub fn verify(&self, offset: u64, data: &[u8]) -> FsResult<()> {
+    /// Fails once the object failed its check: every later read of this handle fails.
+    pub fn check_not_corrupt(&self) -> FsResult<()> {
+        match &self.read_state().corrupt {
+            Some(message) => Err(FsError::new(libc::EIO, message.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a part fetched for a write-through read (`crc` of `len` bytes at `offset`);
+    /// parts may land in any order (see [`ReadVerifier::feed_hashed`]).
+    pub fn verify_hashed(&self, offset: u64, len: u64, crc: u64) -> FsResult<()> {
         let mut state = self.read_state();
         if let Some(message) = &state.corrupt {
             return Err(FsError::new(libc::EIO, message.clone()));
@@ -116,18 +130,12 @@ impl Handle {
         let Some(verifier) = state.verifier.as_mut() else {
             return Ok(());
         };
-        if let Err(err) = verifier.feed(offset, data) {
+        if let Err(err) = verifier.feed_hashed(offset, len, crc) {
             state.verifier = None;
             state.corrupt = Some(err.message.clone());
             return Err(err);
         }
         Ok(())
-    }
-
-    pub fn set_window(&self, start: u64, data: Bytes) {
-        let mut state = self.read_state();
-        state.window_start = start;
-        state.window = data;
     }
 }
 

@@ -6,6 +6,7 @@ mod handle;
 mod passthrough;
 mod prefetch;
 mod refresh;
+mod window;
 
 pub use refresh::{RefreshReport, MAX_REFRESH_DIRS};
 
@@ -17,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 
 use crate::backend::{AttrDefaults, Backend, Kind};
-use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE};
+use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE, PART_BLOCKS};
 use crate::config::Mode;
 use crate::error::{FsError, FsResult};
 use crate::meta::{
@@ -31,8 +32,11 @@ use handle::{process_of, Handle};
 pub const MAX_NAME_BYTES: usize = 255;
 /// HEAD requests in flight while readdirplus fills in attributes.
 const PARALLEL_HEADS: usize = 16;
-/// Largest read-ahead for a sequential reader.
-const MAX_READ_AHEAD: u64 = 16 << 20;
+/// Largest read-ahead for a sequential reader in cached and sync mode: this many parts
+/// of [`PART_BLOCKS`] in flight at once, streamed to the cache disk.
+const MAX_READ_AHEAD: u64 = 8 * PART_BLOCKS * BLOCK_SIZE;
+/// Largest read-ahead in write-through mode, where it is held in memory.
+const MAX_STREAM_AHEAD: u64 = window::MAX_PARTS_AHEAD as u64 * window::STREAM_PART;
 
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -980,28 +984,26 @@ impl Core {
     async fn read_data(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let handle = self.handle(fh)?;
         let inode = self.inode(handle.ino)?;
-        let read_ahead = handle.read_ahead(offset, size as u64, MAX_READ_AHEAD);
         let staged = self.cache.loaded(inode.ino);
         if self.write_through() && staged.is_none() {
+            let read_ahead = handle.read_ahead(offset, size as u64, MAX_STREAM_AHEAD);
             return self
                 .read_streamed(&handle, &inode, offset, size as u64, read_ahead)
                 .await;
         }
+        let read_ahead = handle.read_ahead(offset, size as u64, MAX_READ_AHEAD);
         let file = match staged {
             Some(file) => file,
             None => self.cache_file(&inode)?,
         };
+        let range = offset..offset + size as u64;
         // Bounded: a block fetched stays present unless evicted between the two steps.
         for _ in 0..4 {
+            self.read_ahead_in_background(&file, &range, read_ahead)?;
             if let Some(data) = file.read_local(offset, size as u64)? {
                 return Ok(data);
             }
-            let range = offset..offset + size as u64;
-            let mut missing = file.missing_for_read(range.clone(), read_ahead);
-            if self.cache.room_on_disk()? < run_bytes(&missing) {
-                // A nearly full cache disk: fetch what this read needs, no read-ahead.
-                missing = file.missing_for_read(range, 0);
-            }
+            let missing = file.missing_for_read(range.clone(), 0);
             self.ensure_disk_room(run_bytes(&missing))?;
             file.fetch(&self.backend, missing).await?;
         }
@@ -1011,10 +1013,54 @@ impl Core {
         ))
     }
 
-    /// Write-through reads: ranged GETs into a per-handle window, nothing on disk.
+    /// Starts fetching the whole parts of the next `read_ahead` bytes after `range` that
+    /// nobody fetches yet, in a task of their own: the read itself waits only for its own
+    /// blocks. Skipped on a nearly full cache disk.
+    fn read_ahead_in_background(
+        &self,
+        file: &Arc<CacheFile>,
+        range: &std::ops::Range<u64>,
+        read_ahead: u64,
+    ) -> FsResult<()> {
+        if read_ahead == 0 {
+            return Ok(());
+        }
+        let part = PART_BLOCKS * BLOCK_SIZE;
+        let size = file.lock().size;
+        let mut end = range.end.saturating_add(read_ahead).min(size);
+        if end < size {
+            end -= end % part; // whole parts only: one GET each, never a block at a time
+        }
+        if end <= range.end {
+            return Ok(());
+        }
+        let ahead = file.missing_for_read(range.end..end, 0);
+        if ahead.is_empty() || self.cache.room_on_disk()? < run_bytes(&ahead) {
+            return Ok(());
+        }
+        let (file, backend) = (file.clone(), self.backend.clone());
+        tokio::spawn(async move {
+            match file.fetch_ahead(&backend, ahead).await {
+                Ok(()) => {}
+                // Said where it is found (a crc64 mismatch, names the key): the reads that
+                // fail on it later only see the file marked corrupt.
+                Err(err) if err.level == crate::error::Level::Error => {
+                    tracing::error!(ino = file.ino, "read-ahead: {}", err.message)
+                }
+                // Not fatal: the read that needs these bytes fetches them itself.
+                Err(err) => {
+                    tracing::debug!(ino = file.ino, error = %err.message, "read-ahead failed")
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Write-through reads: ranged GETs in parallel into a per-handle window of parts,
+    /// nothing on disk.
     async fn read_streamed(
         &self,
-        handle: &Handle,
+        handle: &Arc<Handle>,
         inode: &Inode,
         offset: u64,
         size: u64,
@@ -1028,29 +1074,79 @@ impl Core {
         if offset >= end {
             return Ok(Vec::new());
         }
-        if let Some(data) = handle.window_read(offset, end) {
-            handle.verify(offset, &[])?;
-            return Ok(data);
-        }
+        handle.check_not_corrupt()?;
         let key = inode
             .remote_key
             .clone()
             .filter(|k| !k.is_empty())
             .ok_or_else(|| FsError::loud(libc::EIO, "object not in the bucket yet"))?;
-        let fetch_end = (end + read_ahead)
-            .min(inode.remote_size.unwrap_or(total))
-            .max(end);
-        let data = self
-            .backend
-            .read_range(&key, offset..fetch_end)
-            .await
-            .map_err(|err| FsError::backend(&format!("reading {key}"), err))?
-            .to_bytes();
-        handle.verify(offset, &data)?;
-        handle.set_window(offset, data);
-        handle
-            .window_read(offset, end)
-            .ok_or_else(|| FsError::loud(libc::EIO, format!("{key}: short read")))
+        let object_end = inode.remote_size.unwrap_or(total).max(end);
+        let parts = handle.window_parts(offset..end, read_ahead, object_end, |range| {
+            self.start_part(handle, &key, range)
+        });
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (range, data) in parts {
+            let data = data.await.map_err(|err| FsError {
+                errno: err.errno,
+                message: err.message.clone(),
+                level: err.level,
+            })?;
+            let from = offset.max(range.start);
+            let to = end.min(range.end);
+            let slice = (from - range.start) as usize..(to - range.start) as usize;
+            for chunk in data.slice(slice) {
+                out.extend_from_slice(&chunk);
+            }
+        }
+        if out.len() as u64 != end - offset {
+            return Err(FsError::loud(libc::EIO, format!("{key}: short read")));
+        }
+        handle.check_not_corrupt()?;
+        Ok(out)
+    }
+
+    /// Starts the GET of one write-through read part in its own task; the part is checked
+    /// against the object's crc64 when it lands.
+    fn start_part(
+        &self,
+        handle: &Arc<Handle>,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> window::PartData {
+        use futures::FutureExt;
+        let (backend, handle, key) = (self.backend.clone(), handle.clone(), key.to_string());
+        let task = tokio::spawn(async move {
+            let context = format!("reading {key} bytes {}..{}", range.start, range.end);
+            let data = backend
+                .read_range(&key, range.clone())
+                .await
+                .map_err(|err| Arc::new(FsError::backend(&context, err)))?;
+            let len = range.end - range.start;
+            if (data.len() as u64) < len {
+                return Err(Arc::new(FsError::loud(
+                    libc::EIO,
+                    format!("{context}: object is shorter than expected; it changed in the bucket"),
+                )));
+            }
+            let mut digest = crc64fast::Digest::new();
+            for chunk in data.clone() {
+                digest.write(&chunk);
+            }
+            handle
+                .verify_hashed(range.start, len, digest.sum64())
+                .map_err(Arc::new)?;
+            Ok(data)
+        });
+        async move {
+            task.await.unwrap_or_else(|err| {
+                Err(Arc::new(FsError::loud(
+                    libc::EIO,
+                    format!("read task failed: {err}"),
+                )))
+            })
+        }
+        .boxed()
+        .shared()
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {

@@ -294,6 +294,10 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             .context("starting the kernel notifier thread")?,
     ));
     tracing::info!(source = %backend.description, mountpoint = %config.mountpoint.display(), mode = config.mode.as_str(), "mounted");
+    let mountpoint = config.mountpoint.clone();
+    // A thread of its own, not the runtime's: the stat waits for the kernel's INIT, which
+    // this runtime serves, and a stuck one must not hold up the runtime's shutdown.
+    std::thread::spawn(move || widen_kernel_read_ahead(&mountpoint));
     let (stop_tx, mut stop_rx) = mpsc::channel::<Option<StopReply>>(4);
     tokio::spawn(serve_control(
         listener,
@@ -480,6 +484,45 @@ fn mount(config: &MountConfig, core: Arc<Core>) -> anyhow::Result<fuser::Backgro
             config.mountpoint.display()
         )
     })
+}
+
+/// Kernel read-ahead of the mount, in KiB: one FUSE read request of `max_pages` (the 1 MiB
+/// that `init` asks for).
+const KERNEL_READ_AHEAD_KB: u64 = 1024;
+
+/// Raises the kernel's read-ahead for the mount to [`KERNEL_READ_AHEAD_KB`]. The kernel
+/// sizes a sequential reader's FUSE requests by it, and a FUSE server cannot raise it at
+/// INIT beyond the default 128 KiB: 1 MiB reads then arrive as eight 128 KiB requests
+/// (measured: 512 vs 64 requests for 64 MiB). Best effort (needs root; a value an
+/// administrator raised further is kept).
+fn widen_kernel_read_ahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // The stat returns once the kernel's INIT is answered: set before, it would be cut
+    // back to what INIT negotiated.
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(meta) => meta.dev(),
+        Err(err) => {
+            tracing::debug!(error = %err, "stat of the mount point for its read-ahead");
+            return;
+        }
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    let current = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    if current.is_some_and(|kb| kb >= KERNEL_READ_AHEAD_KB) {
+        return;
+    }
+    match std::fs::write(&path, KERNEL_READ_AHEAD_KB.to_string()) {
+        Ok(()) => tracing::debug!(%path, kb = KERNEL_READ_AHEAD_KB, "kernel read-ahead raised"),
+        Err(err) => {
+            tracing::info!(%path, error = %err, "could not raise the kernel's read-ahead for the mount; sequential reads arrive in 128 KiB requests")
+        }
+    }
 }
 
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {

@@ -1,0 +1,132 @@
+//! Write-through reads: the parts of an object a handle fetched ahead, each its own ranged
+//! GET, in flight in parallel and held in memory (nothing is kept on disk in this mode).
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::Arc;
+
+use futures::future::{BoxFuture, Shared};
+use opendal::Buffer;
+
+use crate::error::FsError;
+
+/// Bytes of one ranged GET of a sequential reader.
+pub const STREAM_PART: u64 = 4 << 20;
+/// Parts held ahead of the reader at the most (one more is kept behind it for reads the
+/// kernel sends slightly out of order): memory per reader stays near this × [`STREAM_PART`].
+pub const MAX_PARTS_AHEAD: usize = 6;
+
+/// One part's bytes, once its GET (and its crc64 check) is done; every read that needs
+/// the part awaits the same fetch.
+pub type PartData = Shared<BoxFuture<'static, Result<Buffer, Arc<FsError>>>>;
+
+pub struct Part {
+    pub range: Range<u64>,
+    pub data: PartData,
+}
+
+/// A handle's parts: contiguous, in object order.
+#[derive(Default)]
+pub struct Window {
+    parts: VecDeque<Part>,
+}
+
+impl Window {
+    /// The parts holding `need`, after starting (with `start`) the parts missing for it and
+    /// for `ahead` bytes past it, within `object_end`. A read outside the window (a seek)
+    /// drops it; `ahead == 0` (a random reader) fetches exactly `need`.
+    pub fn parts_for(
+        &mut self,
+        need: Range<u64>,
+        ahead: u64,
+        object_end: u64,
+        mut start: impl FnMut(Range<u64>) -> PartData,
+    ) -> Vec<(Range<u64>, PartData)> {
+        self.forget_outside(need.start);
+        let want = need.end.saturating_add(ahead).min(object_end).max(need.end);
+        let mut next = self.parts.back().map_or(need.start, |p| p.range.end);
+        // Bounded: each pass adds a part of at least one byte, and at most
+        // MAX_PARTS_AHEAD of them go past the bytes this read needs.
+        while next < want {
+            let len = if ahead == 0 { want - next } else { STREAM_PART };
+            let end = (next + len).min(object_end);
+            let needed = next < need.end;
+            let whole = next + len <= want || end == object_end;
+            if !needed && (!whole || self.ahead_of(need.end) >= MAX_PARTS_AHEAD) {
+                break;
+            }
+            let range = next..end;
+            self.parts.push_back(Part {
+                data: start(range.clone()),
+                range,
+            });
+            next = end;
+        }
+        self.parts
+            .iter()
+            .filter(|p| p.range.start < need.end && p.range.end > need.start)
+            .map(|p| (p.range.clone(), p.data.clone()))
+            .collect()
+    }
+
+    /// Drops every part on a seek out of the window, else the parts more than one part
+    /// behind `offset`.
+    fn forget_outside(&mut self, offset: u64) {
+        let inside = match (self.parts.front(), self.parts.back()) {
+            (Some(first), Some(last)) => offset >= first.range.start && offset <= last.range.end,
+            _ => false,
+        };
+        if !inside {
+            self.parts.clear();
+            return;
+        }
+        // Bounded: each pass removes a part.
+        while self.parts.len() > 1 && self.parts[1].range.end <= offset {
+            self.parts.pop_front();
+        }
+    }
+
+    /// Parts that start at or past `offset`.
+    fn ahead_of(&self, offset: u64) -> usize {
+        self.parts.iter().filter(|p| p.range.end > offset).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn ready(_: Range<u64>) -> PartData {
+        async { Ok(Buffer::new()) }.boxed().shared()
+    }
+
+    fn ranges(window: &Window) -> Vec<Range<u64>> {
+        window.parts.iter().map(|p| p.range.clone()).collect()
+    }
+
+    #[test]
+    fn sequential_reads_fetch_whole_parts_ahead_and_seeks_drop_them() {
+        const MIB: u64 = 1 << 20;
+        let mut window = Window::default();
+        let got = window.parts_for(0..MIB, MIB, 100 * MIB, ready);
+        assert_eq!(got.len(), 1);
+        assert_eq!(ranges(&window), vec![0..4 * MIB]);
+        window.parts_for(MIB..2 * MIB, 16 * MIB, 100 * MIB, ready);
+        assert_eq!(ranges(&window).last(), Some(&(12 * MIB..16 * MIB)));
+        window.parts_for(2 * MIB..3 * MIB, 64 * MIB, 100 * MIB, ready);
+        assert!(
+            window.ahead_of(3 * MIB) <= MAX_PARTS_AHEAD,
+            "{:?}",
+            ranges(&window)
+        );
+        // A random read: exactly its bytes, the old window gone.
+        let got = window.parts_for(50 * MIB..50 * MIB + 4096, 0, 100 * MIB, ready);
+        assert_eq!(got.len(), 1);
+        assert_eq!(ranges(&window), vec![50 * MIB..50 * MIB + 4096]);
+        // Near the end of the object, the last part is short.
+        let mut window = Window::default();
+        window.parts_for(98 * MIB..99 * MIB, 8 * MIB, 100 * MIB, ready);
+        assert_eq!(ranges(&window), vec![98 * MIB..100 * MIB]);
+    }
+}
