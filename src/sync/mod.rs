@@ -22,6 +22,15 @@ use upload::{StreamUpload, Uploaded};
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
+/// Journal entries run at once per unit of `concurrency`. Most entries hold little
+/// memory (a small file's PUT, a copy, a delete, a marker) and wait on the network, so
+/// many go at once, as a direct client's small PUTs on 16 threads do; uploads that hold
+/// more than [`SMALL_UPLOAD`] bytes also take one of `concurrency` large-upload slots,
+/// which keeps memory where it was: (concurrency + 1) x part size per large upload.
+const ENTRIES_PER_SLOT: usize = 4;
+/// Files smaller than this upload without a large-upload slot.
+const SMALL_UPLOAD: u64 = 1 << 20;
+
 #[derive(Debug, Clone)]
 pub struct UploaderConfig {
     pub part_size: u64,
@@ -43,6 +52,8 @@ pub struct Uploader {
     /// Keys being written: an upload, its record and the cleanup after it go as one.
     busy_keys: BusySet<String>,
     workers: Arc<Semaphore>,
+    /// Slots for uploads of [`SMALL_UPLOAD`] bytes or more.
+    large_uploads: Semaphore,
     flushing: AtomicU64,
     in_flight: AtomicU64,
     stopped: AtomicBool,
@@ -98,7 +109,8 @@ impl Uploader {
         cache: Arc<DataCache>,
         config: UploaderConfig,
     ) -> Arc<Uploader> {
-        let workers = Arc::new(Semaphore::new(config.concurrency));
+        let workers = Arc::new(Semaphore::new(config.concurrency * ENTRIES_PER_SLOT));
+        let large_uploads = Semaphore::new(config.concurrency);
         Arc::new(Uploader {
             meta,
             backend,
@@ -109,6 +121,7 @@ impl Uploader {
             busy_inodes: BusySet::default(),
             busy_keys: BusySet::default(),
             workers,
+            large_uploads,
             flushing: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
@@ -270,6 +283,9 @@ impl Uploader {
                 format!("{key} is still the source of a pending move; deleting it later"),
             ));
         }
+        // The records that free this key (a move, an unlink) must outlive a power loss
+        // before the object goes: unsynced ones would come back pointing at nothing.
+        self.meta.sync_log()?;
         self.backend
             .delete(key)
             .await
@@ -464,6 +480,13 @@ impl Uploader {
     /// for good. Files and links also delete it right away (see `delete_old_key`); that
     /// entry then finds nothing left. A directory's old marker goes only by its entry,
     /// retried until its children moved out (some stores refuse to drop a non-empty dir).
+    ///
+    /// Committed unsynced: if a power loss drops it, the inode is still dirty with its
+    /// sync queued, the ledger (synced before the PUT) makes the next mount delete the
+    /// object unless an inode owns it, and the sync uploads again. What cannot be undone
+    /// and relies on this record syncs the log first: deleting the old key (see
+    /// `delete_if_unclaimed`), and deleting the now clean file's cache data (eviction and
+    /// discard call `forget_blocks`, a synced commit, before removing the file).
     fn record_remote(
         &self,
         ino: u64,
@@ -471,7 +494,7 @@ impl Uploader {
         settles: Settles,
         old_key: Option<&str>,
     ) -> FsResult<bool> {
-        self.meta.transaction(|tx| {
+        self.meta.bookkeeping(|tx| {
             let cleared = self.meta.set_remote(tx, ino, remote, settles)?;
             if let Some(old) = old_key {
                 self.meta
@@ -602,7 +625,7 @@ impl Uploader {
             cleared
         };
         if clean {
-            self.meta.save_blocks(
+            self.meta.save_clean_blocks(
                 inode.ino,
                 crate::cache::BLOCK_SIZE,
                 &file.lock().blocks.to_bytes(),
@@ -671,6 +694,12 @@ impl Uploader {
         key: &str,
         size: u64,
     ) -> FsResult<Uploaded> {
+        let _large = if size >= SMALL_UPLOAD {
+            let permit = self.large_uploads.acquire().await;
+            Some(permit.map_err(|_| FsError::loud(libc::EIO, "the uploader stopped"))?)
+        } else {
+            None
+        };
         let attrs = attrs_of(inode);
         if size < self.config.part_size {
             let body = file.read_for_upload(0, size as usize)?;
@@ -685,6 +714,7 @@ impl Uploader {
                 etag,
                 size,
                 crc64: Some(crc),
+                crc_stored: true,
             });
         }
         let mut expected = Crc64::default();
