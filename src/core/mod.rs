@@ -1209,6 +1209,8 @@ impl Core {
         }
         let mut io = handle.io.lock().await;
         if let Some(stream) = io.stream.take() {
+            // Until recorded: the uploader's checksum job must not copy the key meanwhile.
+            let _key = self.uploader.hold_key(stream.key()).await;
             let uploaded = match stream.finish().await {
                 Ok(uploaded) => uploaded,
                 Err(err) => {

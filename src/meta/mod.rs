@@ -793,6 +793,13 @@ impl MetaStore {
     /// appear next, and only this record lets the next mount clean it up), but group
     /// committed: concurrent uploads share one fsync.
     pub fn upload_started(&self, key: &str) -> FsResult<()> {
+        self.upload_starting(key)?;
+        self.sync_log()
+    }
+
+    /// [`Self::upload_started`] without the sync: the caller syncs the log before the
+    /// object can appear, or knows that losing the record leaves nothing behind.
+    pub fn upload_starting(&self, key: &str) -> FsResult<()> {
         self.bookkeeping(|tx| {
             tx.prepare_cached(
                 "INSERT INTO uploads(key, started_ms) VALUES (?1, ?2)
@@ -800,8 +807,7 @@ impl MetaStore {
             )?
             .execute(params![key, now_ms()])?;
             Ok(())
-        })?;
-        self.sync_log()
+        })
     }
 
     /// Records that the upload to `key` was completed or aborted. Unsynced: a record lost

@@ -128,6 +128,14 @@ impl Uploader {
         })
     }
 
+    /// Holds `key` against the uploader's own work on it (an upload, a delete, the
+    /// checksum job's copy of the object onto itself) until the guard drops: a
+    /// write-through close completing its object there takes it, or a copy running
+    /// across its PUT could put the previous version back.
+    pub async fn hold_key(&self, key: &str) -> impl Drop + '_ {
+        self.busy_keys.lock(key.to_string()).await
+    }
+
     /// New work is queued.
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -354,6 +362,19 @@ impl Uploader {
             return Ok(());
         }
         let _key = self.busy_keys.lock(key.clone()).await;
+        // Read again under the key's lock: a write-through close may have replaced the
+        // object meanwhile (it holds this lock while it does), and copying the new object
+        // onto itself with the old one's checksum would make it unreadable.
+        let Some(inode) = self.meta.get(ino)? else {
+            return Ok(());
+        };
+        if inode.dirty
+            || inode.remote_key.as_deref() != Some(key.as_str())
+            || inode.remote_crc64 != Some(crc)
+            || inode.remote_size != Some(size)
+        {
+            return Ok(());
+        }
         let metadata = attrs_of(&inode).encode(Some(crc));
         match self.backend.replace_metadata(&key, size, &metadata).await {
             Ok(MetadataReplaced::Done { etag }) => {
@@ -511,7 +532,8 @@ impl Uploader {
         {
             let _key = self.busy_keys.lock(key.to_string()).await;
             self.check_not_a_pending_source(inode, key)?;
-            self.meta.upload_started(key)?;
+            // Synced before the object can appear: see `ledger_ready_for_put`.
+            self.meta.upload_starting(key)?;
             self.store_file(inode, key, old_key.as_deref()).await?;
             // The file may have been unlinked while it uploaded. If it moved, the sync its
             // rename queued copies the object and deletes this key.
@@ -527,14 +549,15 @@ impl Uploader {
     /// Whether `owner`, whose data lives at `key`, now sits at another path and has not
     /// copied it there yet. An unlinked-but-open owner has not moved: it reads from `key`.
     fn moved_away_from(&self, owner: &Inode, key: &str) -> FsResult<bool> {
-        Ok(match self.meta.path_of(owner.ino)? {
-            Some(names) => self
-                .backend
-                .layout()
-                .key_for(&names, owner.kind)
-                .is_ok_and(|k| k != key),
-            None => false,
-        })
+        Ok(self.key_now(owner)?.is_some_and(|k| k != key))
+    }
+
+    /// The key the inode's current path maps to (`None` when unlinked or unstorable).
+    fn key_now(&self, inode: &Inode) -> FsResult<Option<String>> {
+        Ok(self
+            .meta
+            .path_of(inode.ino)?
+            .and_then(|names| self.backend.layout().key_for(&names, inode.kind).ok()))
     }
 
     /// Refuses (EAGAIN, retried later) to overwrite a key another inode moved away from
@@ -683,6 +706,27 @@ impl Uploader {
         .map(|_| ())
     }
 
+    /// Before a single PUT to `key`, the ledger entry `sync_file` wrote unsynced is synced,
+    /// unless losing it to a power loss would leave nothing behind: when the inode has
+    /// never stored an object at `key` and still stands at a path whose key it is. A
+    /// power loss that drops the entry drops every later commit too (see `meta::log`),
+    /// while namespace changes are synced commits, and the inode's creation is made
+    /// durable here. So the store after it still has the inode at that path, dirty, with
+    /// this sync queued, and the sync stores the object at `key` again: nothing is left
+    /// that no inode owns. (A rename or unlink before the entry shows in the check; one
+    /// after it syncs the entry with itself.) An overwrite of an object the inode stored
+    /// needs the entry: the next mount records the version the upload left, or the redo
+    /// would take it for another tool's change.
+    fn ledger_ready_for_put(&self, inode: &Inode, key: &str) -> FsResult<()> {
+        if inode.remote_key.as_deref() != Some(key) {
+            self.meta.make_durable(inode.ino)?;
+            if self.key_now(inode)?.as_deref() == Some(key) {
+                return Ok(());
+            }
+        }
+        self.meta.sync_log()
+    }
+
     /// Uploads a cached file to `key`: one PUT when small, else growing parts. The
     /// object carries the crc64 of its bytes; a multipart upload reads the file twice (the
     /// checksum must go out with the first request) and is abandoned if the bytes changed
@@ -702,6 +746,7 @@ impl Uploader {
         };
         let attrs = attrs_of(inode);
         if size < self.config.part_size {
+            self.ledger_ready_for_put(inode, key)?;
             let body = file.read_for_upload(0, size as usize)?;
             let crc = crc64(&body);
             let etag = self

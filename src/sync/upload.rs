@@ -101,6 +101,11 @@ impl StreamUpload {
         part_size(self.base_part, self.parts_sent) as usize
     }
 
+    /// The key the object is written to.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// The crc64 of the bytes accepted so far.
     pub fn crc64(&self) -> u64 {
         self.crc.value()
