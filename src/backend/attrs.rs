@@ -85,9 +85,14 @@ impl ObjectAttrs {
         map.insert(keys::GID.to_string(), self.gid.to_string());
         map.insert(keys::MTIME.to_string(), format_mtime(self.mtime));
         if let Some(crc) = crc64 {
-            map.insert(keys::CRC64.to_string(), crc.to_string());
+            map.extend(Self::crc64_entry(crc));
         }
         map
+    }
+
+    /// The metadata entry that carries an object's crc64.
+    pub fn crc64_entry(crc: u64) -> [(String, String); 1] {
+        [(keys::CRC64.to_string(), crc.to_string())]
     }
 
     /// Decodes user metadata. `key_is_dir` says the key ends in `/`; `last_modified`

@@ -845,8 +845,10 @@ impl DataCache {
         let ino = file.ino;
         drop(file);
         files.remove(&ino);
-        self.delete_file(ino)?;
+        // The map goes first: `forget` is a synced commit, which the records saying the
+        // file is clean must reach before its data goes (see `sync::record_remote`).
         forget(ino)?;
+        self.delete_file(ino)?;
         Ok(true)
     }
 
@@ -1022,8 +1024,9 @@ impl DataCache {
                 break;
             }
             files.remove(&ino);
-            self.delete_file(ino)?;
+            // Map first, as in `discard_if_unused`.
             forget(ino)?;
+            self.delete_file(ino)?;
             used = used.saturating_sub(bytes);
             evicted.push(ino);
         }

@@ -472,11 +472,18 @@ impl Core {
         names.push(name.to_vec());
         self.backend.layout().key_for(&names, new.kind)?;
         let delay = self.delay();
-        let inode = self.meta.transaction(|tx| {
+        let create = |tx: &rusqlite::Transaction<'_>| {
             let inode = self.meta.create_entry(tx, parent, name, &new)?;
             self.meta.enqueue(tx, &JournalOp::Sync(inode.ino), delay)?;
             Ok(inode)
-        })?;
+        };
+        let inode = if new.kind == Kind::File {
+            // Made durable by the file's close (`persist`) or its upload's ledger entry.
+            self.meta
+                .transaction_deferred(|tx| create(tx).map(|i| (i.clone(), i.ino)))?
+        } else {
+            self.meta.transaction(create)?
+        };
         if new.kind == Kind::Dir {
             // Made here, so known to be empty: no listing needed until the TTL passes.
             self.fresh.mark(inode.ino, std::time::Instant::now());
@@ -1409,7 +1416,8 @@ impl Core {
         let gen = {
             let state = file.lock();
             if state.gen == state.persisted_gen && !force {
-                return Ok(());
+                // Nothing written: still, a close acknowledges the file's creation.
+                return self.meta.make_durable(ino);
             }
             state.gen
         };
@@ -1427,9 +1435,10 @@ impl Core {
             dirty: Some(true),
             ..Default::default()
         };
-        self.meta
-            .save_blocks(ino, BLOCK_SIZE, &state.blocks.to_bytes())?;
+        // One commit (one fsync): the presence map, the size and the journal entry.
+        let bitmap = state.blocks.to_bytes();
         self.meta.transaction(|tx| {
+            self.meta.save_blocks_tx(tx, ino, BLOCK_SIZE, &bitmap)?;
             self.meta.change_attrs(tx, ino, &change)?;
             self.meta.enqueue(tx, &JournalOp::Sync(ino), delay)
         })?;
@@ -1469,6 +1478,8 @@ impl Core {
         }
         let mut io = handle.io.lock().await;
         if let Some(stream) = io.stream.take() {
+            // Until recorded: the uploader's checksum job must not copy the key meanwhile.
+            let _key = self.uploader.hold_key(stream.key()).await;
             let uploaded = match stream.finish().await {
                 Ok(uploaded) => uploaded,
                 Err(err) => {
@@ -1497,6 +1508,9 @@ impl Core {
                 )?;
                 // Its metadata left with the first part, before the crc64 was known: the
                 // uploader stores it in the background (close does not wait for a copy).
+                if uploaded.crc_stored {
+                    return Ok(());
+                }
                 self.meta
                     .enqueue(tx, &JournalOp::Checksum(inode.ino), Duration::ZERO)
             })?;

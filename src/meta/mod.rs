@@ -1,9 +1,11 @@
 //! The metadata store (SQLite): inodes, directory entries, attributes, remote keys, the
 //! upload journal. It speaks the filesystem's language; no SQL leaves this module.
 
+mod log;
 mod remote;
 mod schema;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -120,7 +122,15 @@ pub struct JournalSummary {
 
 pub struct MetaStore {
     conn: Mutex<Connection>,
+    /// Which commits are durable; see [`log`].
+    log: log::CommitLog,
+    /// Inodes whose creation committed unsynced, with the commit's number: see
+    /// [`MetaStore::transaction_deferred`].
+    deferred: Mutex<HashMap<u64, u64>>,
 }
+
+/// Deferred creations remembered before the ones already durable are pruned.
+const DEFERRED_PRUNE_AT: usize = 1024;
 
 pub fn to_ns(time: SystemTime) -> i64 {
     match time.duration_since(UNIX_EPOCH) {
@@ -175,27 +185,99 @@ impl MetaStore {
     pub fn open(path: &Path, root_perm: u32, uid: u32, gid: u32) -> FsResult<MetaStore> {
         let mut conn = Connection::open(path)?;
         // FULL: a transaction acknowledged to a writer survives power loss.
+        // EXCLUSIVE: one process uses the store (the cache dir is locked), so SQLite
+        // takes its file lock once and keeps the WAL index in memory, instead of ~80
+        // fcntl lock calls per file written; set before WAL mode, as SQLite requires.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
+            "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+             PRAGMA foreign_keys=OFF;",
         )?;
         conn.busy_timeout(Duration::from_secs(10))?;
         schema::migrate(&mut conn)?;
         let now = to_ns(SystemTime::now());
-        conn.execute(
-            "INSERT OR IGNORE INTO inodes(ino, parent, name, kind, perm, uid, gid, mtime_ns, ctime_ns, remote_key)
-             VALUES (1, NULL, NULL, 2, ?1, ?2, ?3, ?4, ?4, '')",
+        conn.prepare_cached("INSERT OR IGNORE INTO inodes(ino, parent, name, kind, perm, uid, gid, mtime_ns, ctime_ns, remote_key)
+             VALUES (1, NULL, NULL, 2, ?1, ?2, ?3, ?4, ?4, '')")?.execute(
             params![root_perm, uid, gid, now],
         )?;
         Ok(MetaStore {
             conn: Mutex::new(conn),
+            log: log::CommitLog::new(path),
+            deferred: Mutex::new(HashMap::new()),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite itself consistent; carry on.
-        self.conn
+        let conn = self
+            .conn
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.log.is_not_full() && set_synchronous(&conn, true).is_ok() {
+            self.log.set_not_full(false);
+        }
+        conn
+    }
+
+    /// Runs `f` in one transaction committed without an fsync (synchronous=NORMAL). Only
+    /// for records that recovery redoes or does without when a power loss drops them (a
+    /// SIGKILL does not: see `log`). A caller about to do something that relies on the
+    /// record and cannot be undone (a PUT, a DELETE) first calls [`Self::sync_log`].
+    pub fn bookkeeping<T>(&self, f: impl FnOnce(&Transaction<'_>) -> FsResult<T>) -> FsResult<T> {
+        self.commit_unsynced(f).map(|(out, _)| out)
+    }
+
+    /// Runs `f` (which names the inode it creates) in one unsynced transaction, made
+    /// durable by [`Self::make_durable`] for that inode or by any later synced commit. For
+    /// a new file: its close makes it durable, so create need not wait for a disk flush
+    /// (a power loss before that close loses a file no close acknowledged).
+    pub fn transaction_deferred<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> FsResult<(T, u64)>,
+    ) -> FsResult<T> {
+        let ((out, ino), seq) = self.commit_unsynced(f)?;
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        if deferred.len() >= DEFERRED_PRUNE_AT {
+            deferred.retain(|_, seq| !self.log.is_synced(*seq));
+        }
+        deferred.insert(ino, seq);
+        Ok(out)
+    }
+
+    /// Makes the deferred creation of `ino`, if any, durable (usually already done by a
+    /// later synced commit, at no cost).
+    pub fn make_durable(&self, ino: u64) -> FsResult<()> {
+        let seq = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ino);
+        match seq {
+            Some(seq) => self.log.sync_to(seq),
+            None => Ok(()),
+        }
+    }
+
+    /// One transaction committed with synchronous=NORMAL; returns its commit number.
+    fn commit_unsynced<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> FsResult<T>,
+    ) -> FsResult<(T, u64)> {
+        let mut conn = self.lock();
+        set_synchronous(&conn, false)?;
+        let result = commit_in(&mut conn, f);
+        if let Err(err) = set_synchronous(&conn, true) {
+            // Every later lock tries again; until then FULL commits are not trusted.
+            self.log.set_not_full(true);
+            return Err(err.into());
+        }
+        let out = result?;
+        Ok((out, self.log.wrote()))
+    }
+
+    /// Makes every commit so far durable: one fsync of the log, shared by the callers
+    /// that arrive while it runs (group commit).
+    pub fn sync_log(&self) -> FsResult<()> {
+        self.log.sync_all()
     }
 
     /// Runs `f` in one transaction.
@@ -204,6 +286,13 @@ impl MetaStore {
         let tx = conn.transaction()?;
         let out = f(&tx)?;
         tx.commit()?;
+        if self.log.is_not_full() {
+            drop(conn);
+            self.log.sync_all()?;
+        } else {
+            // synchronous=FULL synced the whole log, earlier unsynced commits included.
+            self.log.all_synced();
+        }
         Ok(out)
     }
 
@@ -255,10 +344,9 @@ impl MetaStore {
     ) -> FsResult<Inode> {
         let now = to_ns(SystemTime::now());
         let remote = new.remote.as_ref();
-        let result = tx.execute(
-            "INSERT INTO inodes(parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, attrs_loaded,
+        let result = tx.prepare_cached("INSERT INTO inodes(parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, attrs_loaded,
                                 listed, remote_key, remote_etag, remote_size, fetch_limit, dirty, remote_crc64)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)")?.execute(
             params![
                 parent as i64,
                 name,
@@ -303,10 +391,8 @@ impl MetaStore {
                     Err(err) => return Err(err),
                 }
             }
-            tx.execute(
-                "UPDATE inodes SET listed = 1 WHERE ino = ?1",
-                params![parent as i64],
-            )?;
+            tx.prepare_cached("UPDATE inodes SET listed = 1 WHERE ino = ?1")?
+                .execute(params![parent as i64])?;
             Ok(created)
         })
     }
@@ -319,9 +405,8 @@ impl MetaStore {
         crc64: Option<u64>,
     ) -> FsResult<()> {
         let conn = self.lock();
-        conn.execute(
-            "UPDATE inodes SET perm = ?2, uid = ?3, gid = ?4, mtime_ns = ?5, kind = ?6, attrs_loaded = 1,
-                 remote_crc64 = ?7 WHERE ino = ?1",
+        conn.prepare_cached("UPDATE inodes SET perm = ?2, uid = ?3, gid = ?4, mtime_ns = ?5, kind = ?6, attrs_loaded = 1,
+                 remote_crc64 = ?7 WHERE ino = ?1")?.execute(
             params![
                 ino as i64,
                 attrs.perm,
@@ -337,10 +422,8 @@ impl MetaStore {
 
     pub fn set_target(&self, ino: u64, target: &[u8]) -> FsResult<()> {
         let conn = self.lock();
-        conn.execute(
-            "UPDATE inodes SET target = ?2 WHERE ino = ?1",
-            params![ino as i64, target],
-        )?;
+        conn.prepare_cached("UPDATE inodes SET target = ?2 WHERE ino = ?1")?
+            .execute(params![ino as i64, target])?;
         Ok(())
     }
 
@@ -352,11 +435,10 @@ impl MetaStore {
         change: &AttrChange,
     ) -> FsResult<()> {
         let now = to_ns(SystemTime::now());
-        tx.execute(
-            "UPDATE inodes SET perm = COALESCE(?2, perm), uid = COALESCE(?3, uid), gid = COALESCE(?4, gid),
+        tx.prepare_cached("UPDATE inodes SET perm = COALESCE(?2, perm), uid = COALESCE(?3, uid), gid = COALESCE(?4, gid),
                  size = COALESCE(?5, size), mtime_ns = COALESCE(?6, mtime_ns),
                  fetch_limit = COALESCE(?7, fetch_limit), dirty = COALESCE(?8, dirty), ctime_ns = ?9
-             WHERE ino = ?1",
+             WHERE ino = ?1")?.execute(
             params![
                 ino as i64,
                 change.perm,
@@ -382,10 +464,9 @@ impl MetaStore {
         settles: Settles,
     ) -> FsResult<bool> {
         let data_current = !matches!(settles, Settles::Nothing);
-        tx.execute(
-            "UPDATE inodes SET remote_key = ?2, remote_etag = ?3, remote_size = ?4, remote_crc64 = ?6,
+        tx.prepare_cached("UPDATE inodes SET remote_key = ?2, remote_etag = ?3, remote_size = ?4, remote_crc64 = ?6,
                  fetch_limit = CASE WHEN ?5 THEN ?4 ELSE fetch_limit END
-             WHERE ino = ?1",
+             WHERE ino = ?1")?.execute(
             params![
                 ino as i64,
                 remote.key,
@@ -397,42 +478,39 @@ impl MetaStore {
         )?;
         let cleared = match settles {
             Settles::Nothing => 0,
-            Settles::Everything => tx.execute(
-                "UPDATE inodes SET dirty = 0 WHERE ino = ?1",
-                params![ino as i64],
-            )?,
+            Settles::Everything => tx
+                .prepare_cached("UPDATE inodes SET dirty = 0 WHERE ino = ?1")?
+                .execute(params![ino as i64])?,
             // An attribute change (chmod, utimens) made while the object went up is not in
             // it: the inode stays dirty, and its queued sync uploads it.
-            Settles::IfAttrsStill(attrs) => tx.execute(
-                "UPDATE inodes SET dirty = 0
+            Settles::IfAttrsStill(attrs) => tx
+                .prepare_cached(
+                    "UPDATE inodes SET dirty = 0
                  WHERE ino = ?1 AND perm = ?2 AND uid = ?3 AND gid = ?4 AND mtime_ns = ?5",
-                params![
+                )?
+                .execute(params![
                     ino as i64,
                     attrs.perm,
                     attrs.uid,
                     attrs.gid,
                     to_ns(attrs.mtime)
-                ],
-            )?,
+                ])?,
         };
         Ok(cleared > 0)
     }
 
     /// Removes a directory entry. Returns the inode; it stays (parentless) while open.
     pub fn detach(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<()> {
-        tx.execute(
-            "UPDATE inodes SET parent = NULL, name = NULL WHERE ino = ?1",
-            params![ino as i64],
-        )?;
+        tx.prepare_cached("UPDATE inodes SET parent = NULL, name = NULL WHERE ino = ?1")?
+            .execute(params![ino as i64])?;
         Ok(())
     }
 
     pub fn delete_inode(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<()> {
-        tx.execute("DELETE FROM inodes WHERE ino = ?1", params![ino as i64])?;
-        tx.execute(
-            "DELETE FROM cache_blocks WHERE ino = ?1",
-            params![ino as i64],
-        )?;
+        tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?
+            .execute(params![ino as i64])?;
+        tx.prepare_cached("DELETE FROM cache_blocks WHERE ino = ?1")?
+            .execute(params![ino as i64])?;
         Ok(())
     }
 
@@ -445,10 +523,10 @@ impl MetaStore {
         new_name: &[u8],
     ) -> FsResult<()> {
         let now = to_ns(SystemTime::now());
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE inodes SET parent = ?2, name = ?3, ctime_ns = ?4 WHERE ino = ?1",
-            params![ino as i64, new_parent as i64, new_name, now],
-        )?;
+        )?
+        .execute(params![ino as i64, new_parent as i64, new_name, now])?;
         Ok(())
     }
 
@@ -529,9 +607,8 @@ impl MetaStore {
     pub fn enqueue(&self, tx: &Transaction<'_>, op: &JournalOp, delay: Duration) -> FsResult<()> {
         let (name, ino, key) = journal_target(op);
         let not_before = now_ms() + delay.as_millis() as i64;
-        tx.execute(
-            "INSERT INTO journal(op, ino, key, not_before_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(op, ino, key) DO UPDATE SET gen = gen + 1, not_before_ms = MAX(not_before_ms, ?4), attempts = 0",
+        tx.prepare_cached("INSERT INTO journal(op, ino, key, not_before_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(op, ino, key) DO UPDATE SET gen = gen + 1, not_before_ms = MAX(not_before_ms, ?4), attempts = 0")?.execute(
             params![name, ino, key, not_before],
         )?;
         Ok(())
@@ -564,23 +641,25 @@ impl MetaStore {
     }
 
     /// The entry's work is done; it is dropped unless re-queued meanwhile.
+    /// Unsynced: if a power loss drops it, the entry runs again and finds nothing to do.
     pub fn complete(&self, entry: &JournalEntry) -> FsResult<()> {
-        let conn = self.lock();
-        conn.execute(
-            "DELETE FROM journal WHERE id = ?1 AND gen = ?2",
-            params![entry.id, entry.gen],
-        )?;
-        Ok(())
+        self.bookkeeping(|tx| {
+            tx.prepare_cached("DELETE FROM journal WHERE id = ?1 AND gen = ?2")?
+                .execute(params![entry.id, entry.gen])?;
+            Ok(())
+        })
     }
 
     /// The entry failed; it is retried after `retry_in`.
+    /// Unsynced: losing a retry count only retries sooner.
     pub fn fail(&self, entry: &JournalEntry, error: &str, retry_in: Duration) -> FsResult<()> {
-        let conn = self.lock();
-        conn.execute(
-            "UPDATE journal SET attempts = attempts + 1, last_error = ?2, not_before_ms = ?3 WHERE id = ?1",
-            params![entry.id, error, now_ms() + retry_in.as_millis() as i64],
-        )?;
-        Ok(())
+        self.bookkeeping(|tx| {
+            tx.prepare_cached(
+                "UPDATE journal SET attempts = attempts + 1, last_error = ?2, not_before_ms = ?3 WHERE id = ?1",
+            )?
+            .execute(params![entry.id, error, now_ms() + retry_in.as_millis() as i64])?;
+            Ok(())
+        })
     }
 
     /// The entry cannot run yet (it did not fail): it is tried again after `delay`.
@@ -643,13 +722,24 @@ impl MetaStore {
     // --- cache presence and state ---
 
     pub fn save_blocks(&self, ino: u64, block_size: u64, bitmap: &[u8]) -> FsResult<()> {
-        let conn = self.lock();
-        conn.execute(
-            "INSERT INTO cache_blocks(ino, block_size, bitmap) VALUES (?1, ?2, ?3)
-             ON CONFLICT(ino) DO UPDATE SET block_size = ?2, bitmap = ?3",
-            params![ino as i64, block_size as i64, bitmap],
-        )?;
-        Ok(())
+        save_blocks_in(&self.lock(), ino, block_size, bitmap)
+    }
+
+    /// Saves the presence map inside a transaction (with the change it goes with).
+    pub fn save_blocks_tx(
+        &self,
+        tx: &Transaction<'_>,
+        ino: u64,
+        block_size: u64,
+        bitmap: &[u8],
+    ) -> FsResult<()> {
+        save_blocks_in(tx, ino, block_size, bitmap)
+    }
+
+    /// Saves the presence map of a file the bucket now holds, unsynced: after an unclean
+    /// stop the maps of clean files are dropped anyway (`drop_clean_blocks`).
+    pub fn save_clean_blocks(&self, ino: u64, block_size: u64, bitmap: &[u8]) -> FsResult<()> {
+        self.bookkeeping(|tx| save_blocks_in(tx, ino, block_size, bitmap))
     }
 
     pub fn load_blocks(&self, ino: u64) -> FsResult<Option<(u64, Vec<u8>)>> {
@@ -674,14 +764,12 @@ impl MetaStore {
             .query_map([], |row| row.get::<_, i64>(0))?
             .map(|r| r.map(|v| v as u64))
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        conn.execute(
+        conn.prepare_cached(
             "DELETE FROM cache_blocks WHERE ino IN (SELECT ino FROM inodes WHERE dirty = 0)",
-            [],
-        )?;
-        conn.execute(
-            "DELETE FROM cache_blocks WHERE ino NOT IN (SELECT ino FROM inodes)",
-            [],
-        )?;
+        )?
+        .execute([])?;
+        conn.prepare_cached("DELETE FROM cache_blocks WHERE ino NOT IN (SELECT ino FROM inodes)")?
+            .execute([])?;
         Ok(inos)
     }
 
@@ -701,21 +789,20 @@ impl MetaStore {
 
     /// Removes an inode and its pending uploads, as if it had never been created.
     pub fn forget_inode(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<()> {
-        tx.execute(
-            "DELETE FROM journal WHERE op IN ('sync', 'checksum') AND ino = ?1",
-            params![ino as i64],
-        )?;
+        tx.prepare_cached("DELETE FROM journal WHERE op IN ('sync', 'checksum') AND ino = ?1")?
+            .execute(params![ino as i64])?;
         self.delete_inode(tx, ino)
     }
 
-    /// Forgets which blocks of an inode's cache file were present (the file is gone).
+    /// Forgets which blocks of an inode's cache file were present (the file is going).
+    /// Synced, and called before a cache file is deleted: its fsync also makes durable the
+    /// uploader's unsynced record that the file is clean, which deleting its data relies on.
     pub fn forget_blocks(&self, ino: u64) -> FsResult<()> {
-        let conn = self.lock();
-        conn.execute(
-            "DELETE FROM cache_blocks WHERE ino = ?1",
-            params![ino as i64],
-        )?;
-        Ok(())
+        self.transaction(|tx| {
+            tx.prepare_cached("DELETE FROM cache_blocks WHERE ino = ?1")?
+                .execute(params![ino as i64])?;
+            Ok(())
+        })
     }
 
     /// An inode whose data lives at `key` in the bucket, if any.
@@ -727,22 +814,36 @@ impl MetaStore {
         Ok(stmt.query_row(params![key], inode_from_row).optional()?)
     }
 
-    /// Records that a multipart upload to `key` is starting.
+    /// Records that an upload to `key` is starting. Durable on return (the object may
+    /// appear next, and only this record lets the next mount clean it up), but group
+    /// committed: concurrent uploads share one fsync.
     pub fn upload_started(&self, key: &str) -> FsResult<()> {
-        let conn = self.lock();
-        conn.execute(
-            "INSERT INTO uploads(key, started_ms) VALUES (?1, ?2)
-             ON CONFLICT(key) DO UPDATE SET started_ms = ?2",
-            params![key, now_ms()],
-        )?;
-        Ok(())
+        self.upload_starting(key)?;
+        self.sync_log()
     }
 
-    /// Records that the upload to `key` was completed or aborted.
+    /// [`Self::upload_started`] without the sync: the caller syncs the log before the
+    /// object can appear, or knows that losing the record leaves nothing behind.
+    pub fn upload_starting(&self, key: &str) -> FsResult<()> {
+        self.bookkeeping(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO uploads(key, started_ms) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET started_ms = ?2",
+            )?
+            .execute(params![key, now_ms()])?;
+            Ok(())
+        })
+    }
+
+    /// Records that the upload to `key` was completed or aborted. Unsynced: a record lost
+    /// to a power loss only makes the next mount check the key again (it keeps an object
+    /// an inode owns).
     pub fn upload_ended(&self, key: &str) -> FsResult<()> {
-        let conn = self.lock();
-        conn.execute("DELETE FROM uploads WHERE key = ?1", params![key])?;
-        Ok(())
+        self.bookkeeping(|tx| {
+            tx.prepare_cached("DELETE FROM uploads WHERE key = ?1")?
+                .execute(params![key])?;
+            Ok(())
+        })
     }
 
     /// Keys of uploads started and never ended (a crash interrupted them).
@@ -766,12 +867,32 @@ impl MetaStore {
 
     pub fn set_state(&self, name: &str, value: &str) -> FsResult<()> {
         let conn = self.lock();
-        conn.execute(
-            "INSERT INTO state(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2",
+        conn.prepare_cached("INSERT INTO state(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2")?.execute(
             params![name, value],
         )?;
         Ok(())
     }
+}
+
+/// Sets the connection's commit mode: FULL (fsync at commit) or NORMAL (none).
+fn set_synchronous(conn: &Connection, full: bool) -> rusqlite::Result<()> {
+    let sql = if full {
+        "PRAGMA synchronous = FULL"
+    } else {
+        "PRAGMA synchronous = NORMAL"
+    };
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+fn commit_in<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&Transaction<'_>) -> FsResult<T>,
+) -> FsResult<T> {
+    let tx = conn.transaction()?;
+    let out = f(&tx)?;
+    tx.commit()?;
+    Ok(out)
 }
 
 /// The journal's unique target columns (op, ino, key) of an operation.
@@ -797,6 +918,15 @@ fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<JournalEntry> {
         gen: row.get(4)?,
         attempts: row.get(5)?,
     })
+}
+
+fn save_blocks_in(conn: &Connection, ino: u64, block_size: u64, bitmap: &[u8]) -> FsResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO cache_blocks(ino, block_size, bitmap) VALUES (?1, ?2, ?3)
+         ON CONFLICT(ino) DO UPDATE SET block_size = ?2, bitmap = ?3",
+    )?
+    .execute(params![ino as i64, block_size as i64, bitmap])?;
+    Ok(())
 }
 
 fn lookup_in(conn: &Connection, parent: u64, name: &[u8]) -> FsResult<Option<Inode>> {

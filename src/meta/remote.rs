@@ -71,10 +71,9 @@ impl MetaStore {
     /// Records the version of the remote object last seen at the inode's key, without
     /// touching anything else (a conflict whose remote side was preserved elsewhere).
     pub fn set_remote_etag(&self, ino: u64, etag: Option<&str>) -> FsResult<()> {
-        self.lock().execute(
-            "UPDATE inodes SET remote_etag = ?2 WHERE ino = ?1",
-            params![ino as i64, etag],
-        )?;
+        self.lock()
+            .prepare_cached("UPDATE inodes SET remote_etag = ?2 WHERE ino = ?1")?
+            .execute(params![ino as i64, etag])?;
         Ok(())
     }
 
@@ -84,8 +83,9 @@ impl MetaStore {
         let attrs = &info.attrs;
         // A symlink's target is read again with its attributes.
         let loaded = attrs.kind != Kind::Symlink;
-        self.lock().execute(
-            "UPDATE inodes SET remote_etag = ?2, remote_size = ?3, remote_crc64 = ?4,
+        self.lock()
+            .prepare_cached(
+                "UPDATE inodes SET remote_etag = ?2, remote_size = ?3, remote_crc64 = ?4,
                  size = CASE WHEN dirty THEN size ELSE ?3 END,
                  fetch_limit = CASE WHEN dirty THEN fetch_limit ELSE ?3 END,
                  perm = CASE WHEN dirty THEN perm ELSE ?5 END,
@@ -95,7 +95,8 @@ impl MetaStore {
                  attrs_loaded = CASE WHEN dirty THEN attrs_loaded ELSE ?9 END,
                  target = CASE WHEN dirty THEN target ELSE NULL END
              WHERE ino = ?1",
-            params![
+            )?
+            .execute(params![
                 ino as i64,
                 info.etag,
                 info.size as i64,
@@ -105,8 +106,7 @@ impl MetaStore {
                 attrs.gid,
                 to_ns(attrs.mtime),
                 loaded,
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
@@ -118,10 +118,8 @@ impl MetaStore {
             return self.delete_inode(tx, ino);
         }
         self.detach(tx, ino)?;
-        tx.execute(
-            "UPDATE inodes SET remote_key = NULL WHERE ino = ?1",
-            params![ino as i64],
-        )?;
+        tx.prepare_cached("UPDATE inodes SET remote_key = NULL WHERE ino = ?1")?
+            .execute(params![ino as i64])?;
         Ok(())
     }
 

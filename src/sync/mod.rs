@@ -27,6 +27,15 @@ const POSTPONE_ERRNO: i32 = libc::EBUSY;
 /// Short: the close that ends the wait re-queues the upload anyway.
 const POSTPONE_DELAY: Duration = Duration::from_millis(200);
 
+/// Journal entries run at once per unit of `concurrency`. Most entries hold little
+/// memory (a small file's PUT, a copy, a delete, a marker) and wait on the network, so
+/// many go at once, as a direct client's small PUTs on 16 threads do; uploads that hold
+/// more than [`SMALL_UPLOAD`] bytes also take one of `concurrency` large-upload slots,
+/// which keeps memory where it was: (concurrency + 1) x part size per large upload.
+const ENTRIES_PER_SLOT: usize = 4;
+/// Files smaller than this upload without a large-upload slot.
+const SMALL_UPLOAD: u64 = 1 << 20;
+
 #[derive(Debug, Clone)]
 pub struct UploaderConfig {
     pub part_size: u64,
@@ -48,6 +57,8 @@ pub struct Uploader {
     /// Keys being written: an upload, its record and the cleanup after it go as one.
     busy_keys: BusySet<String>,
     workers: Arc<Semaphore>,
+    /// Slots for uploads of [`SMALL_UPLOAD`] bytes or more.
+    large_uploads: Semaphore,
     flushing: AtomicU64,
     in_flight: AtomicU64,
     stopped: AtomicBool,
@@ -103,7 +114,8 @@ impl Uploader {
         cache: Arc<DataCache>,
         config: UploaderConfig,
     ) -> Arc<Uploader> {
-        let workers = Arc::new(Semaphore::new(config.concurrency));
+        let workers = Arc::new(Semaphore::new(config.concurrency * ENTRIES_PER_SLOT));
+        let large_uploads = Semaphore::new(config.concurrency);
         Arc::new(Uploader {
             meta,
             backend,
@@ -114,10 +126,19 @@ impl Uploader {
             busy_inodes: BusySet::default(),
             busy_keys: BusySet::default(),
             workers,
+            large_uploads,
             flushing: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
         })
+    }
+
+    /// Holds `key` against the uploader's own work on it (an upload, a delete, the
+    /// checksum job's copy of the object onto itself) until the guard drops: a
+    /// write-through close completing its object there takes it, or a copy running
+    /// across its PUT could put the previous version back.
+    pub async fn hold_key(&self, key: &str) -> impl Drop + '_ {
+        self.busy_keys.lock(key.to_string()).await
     }
 
     /// New work is queued.
@@ -279,6 +300,9 @@ impl Uploader {
                 format!("{key} is still the source of a pending move; deleting it later"),
             ));
         }
+        // The records that free this key (a move, an unlink) must outlive a power loss
+        // before the object goes: unsynced ones would come back pointing at nothing.
+        self.meta.sync_log()?;
         self.backend
             .delete(key)
             .await
@@ -347,6 +371,19 @@ impl Uploader {
             return Ok(());
         }
         let _key = self.busy_keys.lock(key.clone()).await;
+        // Read again under the key's lock: a write-through close may have replaced the
+        // object meanwhile (it holds this lock while it does), and copying the new object
+        // onto itself with the old one's checksum would make it unreadable.
+        let Some(inode) = self.meta.get(ino)? else {
+            return Ok(());
+        };
+        if inode.dirty
+            || inode.remote_key.as_deref() != Some(key.as_str())
+            || inode.remote_crc64 != Some(crc)
+            || inode.remote_size != Some(size)
+        {
+            return Ok(());
+        }
         let metadata = attrs_of(&inode).encode(Some(crc));
         match self.backend.replace_metadata(&key, size, &metadata).await {
             Ok(MetadataReplaced::Done { etag }) => {
@@ -473,6 +510,13 @@ impl Uploader {
     /// for good. Files and links also delete it right away (see `delete_old_key`); that
     /// entry then finds nothing left. A directory's old marker goes only by its entry,
     /// retried until its children moved out (some stores refuse to drop a non-empty dir).
+    ///
+    /// Committed unsynced: if a power loss drops it, the inode is still dirty with its
+    /// sync queued, the ledger (synced before the PUT) makes the next mount delete the
+    /// object unless an inode owns it, and the sync uploads again. What cannot be undone
+    /// and relies on this record syncs the log first: deleting the old key (see
+    /// `delete_if_unclaimed`), and deleting the now clean file's cache data (eviction and
+    /// discard call `forget_blocks`, a synced commit, before removing the file).
     fn record_remote(
         &self,
         ino: u64,
@@ -480,7 +524,7 @@ impl Uploader {
         settles: Settles,
         old_key: Option<&str>,
     ) -> FsResult<bool> {
-        self.meta.transaction(|tx| {
+        self.meta.bookkeeping(|tx| {
             let cleared = self.meta.set_remote(tx, ino, remote, settles)?;
             if let Some(old) = old_key {
                 self.meta
@@ -497,7 +541,8 @@ impl Uploader {
         {
             let _key = self.busy_keys.lock(key.to_string()).await;
             self.check_not_a_pending_source(inode, key)?;
-            self.meta.upload_started(key)?;
+            // Synced before the object can appear: see `ledger_ready_for_put`.
+            self.meta.upload_starting(key)?;
             self.store_file(inode, key, old_key.as_deref()).await?;
             // The file may have been unlinked while it uploaded. If it moved, the sync its
             // rename queued copies the object and deletes this key.
@@ -513,14 +558,15 @@ impl Uploader {
     /// Whether `owner`, whose data lives at `key`, now sits at another path and has not
     /// copied it there yet. An unlinked-but-open owner has not moved: it reads from `key`.
     fn moved_away_from(&self, owner: &Inode, key: &str) -> FsResult<bool> {
-        Ok(match self.meta.path_of(owner.ino)? {
-            Some(names) => self
-                .backend
-                .layout()
-                .key_for(&names, owner.kind)
-                .is_ok_and(|k| k != key),
-            None => false,
-        })
+        Ok(self.key_now(owner)?.is_some_and(|k| k != key))
+    }
+
+    /// The key the inode's current path maps to (`None` when unlinked or unstorable).
+    fn key_now(&self, inode: &Inode) -> FsResult<Option<String>> {
+        Ok(self
+            .meta
+            .path_of(inode.ino)?
+            .and_then(|names| self.backend.layout().key_for(&names, inode.kind).ok()))
     }
 
     /// Refuses (EAGAIN, retried later) to overwrite a key another inode moved away from
@@ -622,7 +668,7 @@ impl Uploader {
             cleared
         };
         if clean {
-            self.meta.save_blocks(
+            self.meta.save_clean_blocks(
                 inode.ino,
                 crate::cache::BLOCK_SIZE,
                 &file.lock().blocks.to_bytes(),
@@ -680,6 +726,27 @@ impl Uploader {
         .map(|_| ())
     }
 
+    /// Before a single PUT to `key`, the ledger entry `sync_file` wrote unsynced is synced,
+    /// unless losing it to a power loss would leave nothing behind: when the inode has
+    /// never stored an object at `key` and still stands at a path whose key it is. A
+    /// power loss that drops the entry drops every later commit too (see `meta::log`),
+    /// while namespace changes are synced commits, and the inode's creation is made
+    /// durable here. So the store after it still has the inode at that path, dirty, with
+    /// this sync queued, and the sync stores the object at `key` again: nothing is left
+    /// that no inode owns. (A rename or unlink before the entry shows in the check; one
+    /// after it syncs the entry with itself.) An overwrite of an object the inode stored
+    /// needs the entry: the next mount records the version the upload left, or the redo
+    /// would take it for another tool's change.
+    fn ledger_ready_for_put(&self, inode: &Inode, key: &str) -> FsResult<()> {
+        if inode.remote_key.as_deref() != Some(key) {
+            self.meta.make_durable(inode.ino)?;
+            if self.key_now(inode)?.as_deref() == Some(key) {
+                return Ok(());
+            }
+        }
+        self.meta.sync_log()
+    }
+
     /// Uploads a cached file to `key`: one PUT when small, else growing parts. The
     /// object carries the crc64 of its bytes; a multipart upload reads the file twice (the
     /// checksum must go out with the first request) and is abandoned if the bytes changed
@@ -691,8 +758,15 @@ impl Uploader {
         key: &str,
         size: u64,
     ) -> FsResult<Uploaded> {
+        let _large = if size >= SMALL_UPLOAD {
+            let permit = self.large_uploads.acquire().await;
+            Some(permit.map_err(|_| FsError::loud(libc::EIO, "the uploader stopped"))?)
+        } else {
+            None
+        };
         let attrs = attrs_of(inode);
         if size < self.config.part_size {
+            self.ledger_ready_for_put(inode, key)?;
             let body = file.read_for_upload(0, size as usize)?;
             let crc = crc64(&body);
             let etag = self
@@ -705,6 +779,7 @@ impl Uploader {
                 etag,
                 size,
                 crc64: Some(crc),
+                crc_stored: true,
             });
         }
         let mut expected = Crc64::default();

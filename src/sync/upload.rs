@@ -30,7 +30,11 @@ pub fn max_object_size(base: u64) -> u64 {
 /// One object being written as a stream of parts.
 pub struct StreamUpload {
     key: String,
-    writer: opendal::Writer,
+    /// Made when the first part leaves: a stream that ends within its first part goes
+    /// up as one PUT, with its crc64 in its metadata.
+    writer: Option<opendal::Writer>,
+    metadata: HashMap<String, String>,
+    concurrency: usize,
     /// Reads the finished object's version tag.
     backend: Backend,
     base_part: u64,
@@ -50,6 +54,8 @@ pub struct Uploaded {
     pub etag: Option<String>,
     pub size: u64,
     pub crc64: Option<u64>,
+    /// The object's metadata carries its crc64 already (no later metadata update needed).
+    pub crc_stored: bool,
 }
 
 impl Uploaded {
@@ -76,13 +82,11 @@ impl StreamUpload {
         if let Some(ledger) = &ledger {
             ledger.upload_started(key)?;
         }
-        let writer = backend
-            .writer(key, metadata, concurrency)
-            .await
-            .map_err(|err| FsError::backend(&format!("starting upload of {key}"), err))?;
         Ok(StreamUpload {
             key: key.to_string(),
-            writer,
+            writer: None,
+            metadata,
+            concurrency,
             backend: backend.clone(),
             base_part,
             buffer: Vec::new(),
@@ -95,6 +99,11 @@ impl StreamUpload {
 
     fn current_part_size(&self) -> usize {
         part_size(self.base_part, self.parts_sent) as usize
+    }
+
+    /// The key the object is written to.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// The crc64 of the bytes accepted so far.
@@ -143,27 +152,52 @@ impl StreamUpload {
         Ok(())
     }
 
+    /// The multipart writer, made on first use (no request leaves until a part does).
+    async fn writer(&mut self) -> FsResult<&mut opendal::Writer> {
+        if self.writer.is_none() {
+            let writer = self
+                .backend
+                .writer(&self.key, self.metadata.clone(), self.concurrency)
+                .await
+                .map_err(|err| {
+                    FsError::backend(&format!("starting upload of {}", self.key), err)
+                })?;
+            self.writer = Some(writer);
+        }
+        self.writer
+            .as_mut()
+            .ok_or_else(|| FsError::loud(libc::EIO, "upload writer vanished"))
+    }
+
     async fn send_part(&mut self) -> FsResult<()> {
         let part = std::mem::take(&mut self.buffer);
-        self.writer.write(part).await.map_err(|err| {
-            FsError::backend(
-                &format!("uploading part {} of {}", self.parts_sent + 1, self.key),
-                err,
-            )
-        })?;
+        let number = self.parts_sent + 1;
+        let key = self.key.clone();
+        self.writer()
+            .await?
+            .write(part)
+            .await
+            .map_err(|err| FsError::backend(&format!("uploading part {number} of {key}"), err))?;
         self.parts_sent += 1;
         Ok(())
     }
 
     /// Sends the last part and completes the object.
     pub async fn finish(mut self) -> FsResult<Uploaded> {
+        if self.writer.is_none() {
+            return self.put_whole().await;
+        }
         if !self.buffer.is_empty() {
             if let Err(err) = self.send_part().await {
                 self.abort_quietly().await;
                 return Err(err);
             }
         }
-        let meta = match self.writer.close().await {
+        let closed = match self.writer.as_mut() {
+            Some(writer) => writer.close().await,
+            None => return Err(FsError::loud(libc::EIO, "upload writer vanished")),
+        };
+        let meta = match closed {
             Ok(meta) => meta,
             Err(err) => {
                 self.abort_quietly().await;
@@ -181,6 +215,28 @@ impl StreamUpload {
             etag,
             size: self.bytes,
             crc64: Some(self.crc.value()),
+            crc_stored: false,
+        })
+    }
+
+    /// A stream that ended within its first part: one PUT whose metadata carries the
+    /// crc64, known now (a multipart upload's metadata leaves before it is).
+    async fn put_whole(self) -> FsResult<Uploaded> {
+        let crc = self.crc.value();
+        let mut metadata = self.metadata;
+        metadata.extend(crate::backend::ObjectAttrs::crc64_entry(crc));
+        let etag = self
+            .backend
+            .put(&self.key, self.buffer, metadata)
+            .await
+            .map_err(|err| FsError::backend(&format!("uploading {}", self.key), err))?;
+        // The ledger entry stays until the caller has recorded the object.
+        Ok(Uploaded {
+            key: self.key,
+            etag,
+            size: self.bytes,
+            crc64: Some(crc),
+            crc_stored: true,
         })
     }
 
@@ -190,7 +246,11 @@ impl StreamUpload {
     }
 
     async fn abort_quietly(&mut self) {
-        match self.writer.abort().await {
+        let Some(writer) = self.writer.as_mut() else {
+            // Nothing left for the bucket: there is nothing to abort.
+            return self.end_in_ledger();
+        };
+        match writer.abort().await {
             Ok(()) => self.end_in_ledger(),
             // The ledger keeps the key: the next mount aborts what is left.
             Err(err) => {
