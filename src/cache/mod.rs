@@ -73,6 +73,28 @@ pub struct FileState {
     /// When the file last changed, as taken in with kernel writes (the cache file's own
     /// mtime), for the next persist; `None`: now.
     pub changed_at: Option<std::time::SystemTime>,
+    /// The cache file's length, mtime and ctime when kernel writes were last taken in:
+    /// the release after a close's flush takes nothing in twice when they still match.
+    pub absorbed_stamp: Option<DiskStamp>,
+}
+
+/// What shows a cache file changed on disk: length, mtime and ctime (nanoseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskStamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl DiskStamp {
+    fn of(meta: &std::fs::Metadata) -> DiskStamp {
+        use std::os::unix::fs::MetadataExt;
+        DiskStamp {
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 impl FileState {
@@ -639,6 +661,7 @@ impl CacheFile {
         }
         let mut state = self.lock();
         state.passthrough_opens += 1;
+        state.absorbed_stamp = None;
         if write {
             state.kernel_writers += 1;
             state.gen += 1;
@@ -667,16 +690,21 @@ impl CacheFile {
     /// Takes in what kernel writers did, unseen: the size is the file's length on disk
     /// (which always equals the logical size: every resize goes through the daemon or
     /// through a write that extends the file), every block of it is local data, and the
-    /// content is a new generation to upload.
+    /// content is a new generation to upload. Nothing is taken in when the file is as it
+    /// was at the last call (a close's flush, then its release): every close(2) flushes,
+    /// so what remains unseen is mmap writes after the last close, and those move the
+    /// file's mtime and ctime (nanoseconds; multigrain on kernels that have it).
     pub fn absorb_kernel_writes(&self) -> FsResult<()> {
         let disk = self
             .file
             .metadata()
             .map_err(|err| FsError::io("stat of cache file", err))?;
         let mut state = self.lock();
-        if state.kernel_writers == 0 {
+        let stamp = DiskStamp::of(&disk);
+        if state.kernel_writers == 0 || state.absorbed_stamp == Some(stamp) {
             return Ok(());
         }
+        state.absorbed_stamp = Some(stamp);
         let len = disk.len();
         state.changed_at = disk.modified().ok();
         state.size = len;
@@ -806,6 +834,7 @@ impl DataCache {
                 passthrough_opens: 0,
                 kernel_writers: 0,
                 changed_at: None,
+                absorbed_stamp: None,
             }),
             in_flight: Mutex::new(HashSet::new()),
             landed: tokio::sync::watch::Sender::new(0),

@@ -31,7 +31,7 @@ use handle::{process_of, Handle};
 /// Longest name of one path component.
 pub const MAX_NAME_BYTES: usize = 255;
 /// HEAD requests in flight while readdirplus fills in attributes.
-const PARALLEL_HEADS: usize = 16;
+const PARALLEL_HEADS: usize = 32;
 /// Largest read-ahead for a sequential reader in cached and sync mode: this many parts
 /// of [`PART_BLOCKS`] in flight at once, streamed to the cache disk.
 const MAX_READ_AHEAD: u64 = 8 * PART_BLOCKS * BLOCK_SIZE;
@@ -354,8 +354,8 @@ impl Core {
             .map_err(|err| FsError::backend(&format!("HEAD {key}"), err))?;
         if let Some(info) = info {
             let attrs = info.attrs;
-            self.meta.set_loaded_attrs(inode.ino, &attrs, info.crc64)?;
             if attrs.kind == Kind::Symlink {
+                // The target first: attributes marked loaded promise it is there.
                 let target = self
                     .backend
                     .read_all(&key)
@@ -364,6 +364,7 @@ impl Core {
                     .to_vec();
                 self.meta.set_target(inode.ino, &target)?;
             }
+            self.meta.set_loaded_attrs(inode.ino, &attrs, info.crc64)?;
         } else {
             // A directory known only from a common prefix has no marker: keep defaults.
             self.meta
@@ -928,7 +929,7 @@ impl Core {
     /// without crowding the cache disk or `--cache-size`.
     fn room_for_kernel_writes(&self) -> FsResult<bool> {
         let headroom = passthrough::KERNEL_WRITE_HEADROOM;
-        let under_limit = self.cache.dirty_bytes() + headroom <= self.cache.limit();
+        let under_limit = self.dirty_bytes_estimate(0) + headroom <= self.cache.limit();
         Ok(under_limit && self.cache.room_on_disk()? >= headroom)
     }
 

@@ -505,9 +505,7 @@ impl Filesystem for BucketFs {
                             FopenFlags::empty(),
                             &id,
                         ),
-                        None => {
-                            reply.created(&ttl, &attr, Generation(0), fh, open_flags(&opened))
-                        }
+                        None => reply.created(&ttl, &attr, Generation(0), fh, open_flags(&opened)),
                     }
                 }
                 Err(err) => reply.error(errno("create", err)),

@@ -404,27 +404,32 @@ impl MetaStore {
         attrs: &ObjectAttrs,
         crc64: Option<u64>,
     ) -> FsResult<()> {
-        let conn = self.lock();
-        conn.prepare_cached("UPDATE inodes SET perm = ?2, uid = ?3, gid = ?4, mtime_ns = ?5, kind = ?6, attrs_loaded = 1,
+        // What a HEAD said: lost in a power loss, it is asked again (no fsync per file
+        // for a cold `ls -l`).
+        self.bookkeeping(|tx| {
+            tx.prepare_cached("UPDATE inodes SET perm = ?2, uid = ?3, gid = ?4, mtime_ns = ?5, kind = ?6, attrs_loaded = 1,
                  remote_crc64 = ?7 WHERE ino = ?1")?.execute(
-            params![
-                ino as i64,
-                attrs.perm,
-                attrs.uid,
-                attrs.gid,
-                to_ns(attrs.mtime),
-                attrs.kind.as_i64(),
-                crc64.map(|c| c as i64)
-            ],
-        )?;
-        Ok(())
+                params![
+                    ino as i64,
+                    attrs.perm,
+                    attrs.uid,
+                    attrs.gid,
+                    to_ns(attrs.mtime),
+                    attrs.kind.as_i64(),
+                    crc64.map(|c| c as i64)
+                ],
+            )?;
+            Ok(())
+        })
     }
 
     pub fn set_target(&self, ino: u64, target: &[u8]) -> FsResult<()> {
-        let conn = self.lock();
-        conn.prepare_cached("UPDATE inodes SET target = ?2 WHERE ino = ?1")?
-            .execute(params![ino as i64, target])?;
-        Ok(())
+        // Read from the bucket: asked again if a power loss drops it.
+        self.bookkeeping(|tx| {
+            tx.prepare_cached("UPDATE inodes SET target = ?2 WHERE ino = ?1")?
+                .execute(params![ino as i64, target])?;
+            Ok(())
+        })
     }
 
     /// Applies an attribute change inside a transaction.
