@@ -657,6 +657,22 @@ def profile(a, srv, work, data):
     return out
 
 
+def free_run(srv, bucket, target_work):
+    """Deletes a measured run's objects, bucket and caches (the mount is gone already)."""
+    try:
+        pages = srv.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for page in pages:
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                srv.s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        srv.s3.delete_bucket(Bucket=bucket)
+    except Exception as e:  # a leftover bucket only costs disk
+        log(f"  could not delete bucket {bucket}: {e!r}")
+    if os.path.isdir(target_work) and not any(
+            os.path.ismount(os.path.join(target_work, d)) for d in os.listdir(target_work)):
+        shutil.rmtree(target_work, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -739,6 +755,9 @@ def main():
                 log(f"  {t}: {extra['requests'][t][-1]} requests to the server (with the bench's own polling)")
                 log("  " + ", ".join(f"{k}={fmt(v)}" for k, v in m.items()))
                 runs[t].append(m)
+                if m and not os.environ.get("BENCH_KEEP"):
+                    # A full run writes ~2 GiB per target and run: free it once measured.
+                    free_run(srv, bucket, os.path.join(work, f"{t}-{bucket}"))
             # after every complete run: the medians so far, so a run cut short still reports
             with open(a.json_out + ".partial.md", "w") as f:
                 f.write(f"(after {r + 1} of {a.runs} runs)\n\n" + report(medians(runs), order, peers) + "\n")
