@@ -12,7 +12,7 @@ pub enum Level {
 }
 
 /// An error from a filesystem operation, with the errno it maps to.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FsError {
     pub errno: i32,
     pub message: String,

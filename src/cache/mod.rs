@@ -650,19 +650,20 @@ impl CacheFile {
             .map_err(|err| FsError::io("duplicating cache file descriptor", err))
     }
 
-    /// A handle opens for passthrough: the kernel reads (and, with `write`, writes) the
+    /// A handle opens for passthrough: the kernel reads (and, for a writer, writes) the
     /// file directly from now on. A writer makes the file changed at once: its writes
-    /// never reach the daemon, so an upload that started before must not settle it. The
-    /// cache file's mtime starts as the inode's (`mtime`), so that afterwards it tells
-    /// when the file last changed: at a kernel write, or at a utimens (which sets both).
-    pub fn start_passthrough(&self, write: bool, mtime: std::time::SystemTime) -> FsResult<()> {
-        if write {
+    /// never reach the daemon, so an upload that started before must not settle it. A
+    /// writer gives the inode's mtime (`writer_mtime`): the cache file's starts there, so
+    /// that afterwards it tells when the file last changed: at a kernel write, or at a
+    /// utimens (which sets both).
+    pub fn start_passthrough(&self, writer_mtime: Option<std::time::SystemTime>) -> FsResult<()> {
+        if let Some(mtime) = writer_mtime {
             self.set_disk_mtime(mtime)?;
         }
         let mut state = self.lock();
         state.passthrough_opens += 1;
         state.absorbed_stamp = None;
-        if write {
+        if writer_mtime.is_some() {
             state.kernel_writers += 1;
             state.gen += 1;
             state.dirty = true;
@@ -695,10 +696,7 @@ impl CacheFile {
     /// so what remains unseen is mmap writes after the last close, and those move the
     /// file's mtime and ctime (nanoseconds; multigrain on kernels that have it).
     pub fn absorb_kernel_writes(&self) -> FsResult<()> {
-        let disk = self
-            .file
-            .metadata()
-            .map_err(|err| FsError::io("stat of cache file", err))?;
+        let disk = self.disk_metadata()?;
         let mut state = self.lock();
         let stamp = DiskStamp::of(&disk);
         if state.kernel_writers == 0 || state.absorbed_stamp == Some(stamp) {
@@ -730,11 +728,13 @@ impl CacheFile {
     }
 
     fn disk_len(&self) -> FsResult<u64> {
-        Ok(self
-            .file
+        Ok(self.disk_metadata()?.len())
+    }
+
+    fn disk_metadata(&self) -> FsResult<std::fs::Metadata> {
+        self.file
             .metadata()
-            .map_err(|err| FsError::io("stat of cache file", err))?
-            .len())
+            .map_err(|err| FsError::io("stat of cache file", err))
     }
 
     /// Bytes of the bucket's data held locally.

@@ -882,10 +882,14 @@ impl Core {
         if !self.kernel_io.open(inode.ino, eligible) {
             return Ok(None);
         }
-        // The store's mtime, not `inode`'s: opening with O_TRUNC just changed it.
-        let started = self
-            .inode(inode.ino)
-            .and_then(|current| file.start_passthrough(write, current.mtime));
+        // A writer starts from the store's mtime, not `inode`'s: opening with O_TRUNC
+        // just changed it. A reader needs no read of the store.
+        let started = match write {
+            true => self
+                .inode(inode.ino)
+                .and_then(|current| file.start_passthrough(Some(current.mtime))),
+            false => file.start_passthrough(None),
+        };
         if let Err(err) = started {
             self.kernel_io.demote(inode.ino);
             return Err(err);
@@ -904,11 +908,16 @@ impl Core {
                 Ok(Some(backing))
             }
             Err(err) => {
-                file.end_passthrough(write);
-                self.kernel_io.demote(inode.ino);
+                self.leave_kernel_io(inode.ino, file, write);
                 Err(err)
             }
         }
+    }
+
+    /// Undoes a handle's passthrough start: the daemon serves it after all.
+    fn leave_kernel_io(&self, ino: u64, file: &CacheFile, write: bool) {
+        file.end_passthrough(write);
+        self.kernel_io.demote(ino);
     }
 
     /// Records an inode as changed unless the store says so already (one read, and a
@@ -950,9 +959,9 @@ impl Core {
             return Ok(());
         }
         handle.set_kernel_io(false);
-        self.kernel_io.demote(handle.ino);
-        if let Some(file) = self.cache.loaded(handle.ino) {
-            file.end_passthrough(handle.mode.write);
+        match self.cache.loaded(handle.ino) {
+            Some(file) => self.leave_kernel_io(handle.ino, &file, handle.mode.write),
+            None => self.kernel_io.demote(handle.ino),
         }
         Ok(())
     }
@@ -1094,11 +1103,7 @@ impl Core {
         });
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (range, data) in parts {
-            let data = data.await.map_err(|err| FsError {
-                errno: err.errno,
-                message: err.message.clone(),
-                level: err.level,
-            })?;
+            let data = data.await.map_err(|err| (*err).clone())?;
             let from = offset.max(range.start);
             let to = end.min(range.end);
             let slice = (from - range.start) as usize..(to - range.start) as usize;
@@ -1594,8 +1599,10 @@ impl Core {
         if let Some(file) = self.cache.loaded(ino) {
             if handle.kernel_io() {
                 file.end_passthrough(handle.mode.write);
-                // Its upload waited for the kernel writers to go.
-                self.uploader.wake();
+                if handle.mode.write {
+                    // Its upload waited for the kernel writers to go.
+                    self.uploader.wake();
+                }
             }
             let mut state = file.lock();
             let held = if self.write_through() {
