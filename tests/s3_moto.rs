@@ -361,3 +361,57 @@ fn a_forked_child_closing_its_descriptor_does_not_cut_a_write_through_stream() {
     );
     mount.unmount();
 }
+
+/// A directory rename moves every object under the new prefix and removes every old key,
+/// in both modes; the old keys go in batch requests (DeleteObjects), not one request each.
+#[test]
+fn a_directory_rename_moves_every_object_and_deletes_the_old_keys_in_batches() {
+    const FILES: usize = 60;
+    let moto = Moto::start();
+    for mode in ["cached", "write-through"] {
+        let bucket = unique_name(&format!("bg-mv-{mode}"));
+        moto.create_bucket(&bucket);
+        let mount = Mount::s3(&moto, &bucket, mode, &["--upload-delay", "100ms"]);
+        fs::create_dir(mount.path("old")).expect("mkdir old");
+        for i in 0..FILES {
+            fs::write(mount.path(format!("old/f{i:03}")), pattern(100, i as u8)).expect("write");
+        }
+        // Every file is in the bucket before the rename, so the move is copy + delete.
+        flush(&mount);
+        let deletes_before = batch_deletes(&moto.log(), &bucket);
+        fs::rename(mount.path("old"), mount.path("new")).expect("rename the directory");
+        if mode == "cached" {
+            flush(&mount);
+        }
+        // Write-through: the bucket agrees when rename returns.
+        let moved = moto.list_keys(&bucket, "new/");
+        let left = moto.list_keys(&bucket, "old");
+        assert_eq!(moved.len(), FILES + 1, "{mode}: keys under new/: {moved:?}");
+        assert!(left.is_empty(), "{mode}: old keys left behind: {left:?}");
+        for i in [0, FILES / 2, FILES - 1] {
+            assert_eq!(
+                moto.get_object(&bucket, &format!("new/f{i:03}")),
+                pattern(100, i as u8),
+                "{mode}: new/f{i:03}"
+            );
+        }
+        let batches = batch_deletes(&moto.log(), &bucket) - deletes_before;
+        assert!(
+            (1..FILES / 4).contains(&batches),
+            "{mode}: {FILES} old keys went in {batches} DeleteObjects requests"
+        );
+        mount.unmount();
+    }
+}
+
+fn flush(mount: &Mount) {
+    let mnt = mount.mountpoint.to_str().expect("utf-8").to_string();
+    let flushed = common::bucketgate(&["flush", &mnt], std::time::Duration::from_secs(120));
+    assert!(flushed.status.success(), "{flushed:?}");
+}
+
+/// DeleteObjects requests (`POST /bucket/?delete`) in moto's log.
+fn batch_deletes(log: &str, bucket: &str) -> usize {
+    let request = format!("\"POST /{bucket}/?delete");
+    log.lines().filter(|l| l.contains(&request)).count()
+}

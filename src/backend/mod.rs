@@ -2,6 +2,7 @@
 //! the gateway needs, expressed in keys relative to the mount's prefix.
 
 pub mod attrs;
+mod deletes;
 pub mod layout;
 pub mod s3_direct;
 pub mod source;
@@ -14,6 +15,7 @@ use std::time::SystemTime;
 
 use opendal::{Buffer, ErrorKind, Operator};
 
+use deletes::DeleteBatcher;
 use s3_direct::S3Direct;
 
 pub use attrs::{AttrDefaults, Kind, ObjectAttrs};
@@ -66,6 +68,8 @@ pub struct Backend {
     direct: Option<Arc<S3Direct>>,
     /// How paths map to keys in this bucket.
     layout: KeyLayout,
+    /// Concurrent deletes, sent together.
+    deletes: Arc<DeleteBatcher>,
     /// Human-readable description, e.g. `s3://bucket/prefix`.
     pub description: String,
 }
@@ -84,6 +88,7 @@ impl Backend {
             defaults,
             direct: direct.map(Arc::new),
             layout: KeyLayout::Plain,
+            deletes: Arc::default(),
             description,
         }
     }
@@ -402,15 +407,10 @@ impl Backend {
         Ok(self.stat(to).await?.and_then(|info| info.etag))
     }
 
-    /// Deletes a key; a missing key is not an error.
+    /// Deletes a key; a missing key is not an error. Deletes made at the same time go to
+    /// the bucket in one batch request.
     pub async fn delete(&self, key: &str) -> opendal::Result<()> {
-        match self.op.delete(key).await {
-            Err(err) if err.kind() != ErrorKind::NotFound => Err(err),
-            _ => {
-                tracing::debug!(key, "deleted object");
-                Ok(())
-            }
-        }
+        self.deletes.delete(&self.op, key).await
     }
 
     /// The directory bucket creates directories for any key stored under them; on S3 a

@@ -3,11 +3,13 @@
 //! lock another request needs.
 
 mod handle;
+mod listing;
 mod passthrough;
 mod prefetch;
 mod refresh;
 mod window;
 
+pub use listing::Listing;
 pub use refresh::{RefreshReport, MAX_REFRESH_DIRS};
 
 use std::collections::HashMap;
@@ -32,6 +34,9 @@ use handle::{process_of, Handle};
 pub const MAX_NAME_BYTES: usize = 255;
 /// HEAD requests in flight while readdirplus fills in attributes.
 const PARALLEL_HEADS: usize = 32;
+/// Syncs a write-through directory rename runs at once (copies and deletes, small
+/// requests that wait on the network), as many as a direct client's 16 threads.
+const WRITE_THROUGH_PARALLEL_SYNCS: usize = 16;
 /// Largest read-ahead for a sequential reader in cached and sync mode: this many parts
 /// of [`PART_BLOCKS`] in flight at once, streamed to the cache disk.
 const MAX_READ_AHEAD: u64 = 8 * PART_BLOCKS * BLOCK_SIZE;
@@ -169,6 +174,8 @@ pub struct Core {
     cache: Arc<DataCache>,
     uploader: Arc<Uploader>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// Open directories and what each lists.
+    listings: listing::Listings,
     next_fh: AtomicU64,
     /// Sizes of files being streamed (write-through), ahead of the metadata store.
     live_sizes: Mutex<HashMap<u64, u64>>,
@@ -250,6 +257,7 @@ impl Core {
             cache,
             uploader,
             handles: Mutex::new(HashMap::new()),
+            listings: listing::Listings::default(),
             next_fh: AtomicU64::new(1),
             live_sizes: Mutex::new(HashMap::new()),
             dirty_sample: Mutex::new((std::time::Instant::now(), 0)),
@@ -318,14 +326,38 @@ impl Core {
 
     /// Queues bucket work for an inode and, in write-through mode, does it now.
     async fn sync_now_or_later(&self, ops: Vec<JournalOp>) -> FsResult<()> {
-        if self.write_through() {
-            for op in ops {
-                self.uploader.run_now(op).await?;
-            }
-        } else {
+        if !self.write_through() {
             self.uploader.wake();
+            return Ok(());
+        }
+        // The inodes a directory rename moved are independent (each under its own key's
+        // lock), so their syncs run side by side, as the background uploader runs them;
+        // every other op (a replaced target's delete, old markers deepest first) keeps its
+        // place in the order.
+        let mut ops = ops.into_iter().peekable();
+        while let Some(op) = ops.next() {
+            if !matches!(op, JournalOp::Sync(_)) {
+                self.uploader.run_now(op).await?;
+                continue;
+            }
+            let mut syncs = vec![op];
+            while let Some(next) = ops.next_if(|op| matches!(op, JournalOp::Sync(_))) {
+                syncs.push(next);
+            }
+            self.run_now_side_by_side(syncs).await?;
         }
         Ok(())
+    }
+
+    /// Runs `ops` now, [`WRITE_THROUGH_PARALLEL_SYNCS`] at a time; the first error, once
+    /// all have ended.
+    async fn run_now_side_by_side(&self, ops: Vec<JournalOp>) -> FsResult<()> {
+        let results: Vec<FsResult<()>> = futures::stream::iter(ops)
+            .map(|op| self.uploader.run_now(op))
+            .buffer_unordered(WRITE_THROUGH_PARALLEL_SYNCS)
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 
     fn delay(&self) -> Duration {
@@ -399,7 +431,42 @@ impl Core {
 
     /// A directory's entries. With `with_attrs` (readdirplus), each carries its
     /// attributes; those not known yet are fetched with parallel HEADs, not one by one.
-    pub async fn readdir(&self, ino: u64, with_attrs: bool) -> FsResult<Vec<DirEntry>> {
+    /// Opens a directory for reading; returns its handle.
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let dir = self.inode(ino)?;
+        if dir.kind != Kind::Dir {
+            return Err(FsError::new(libc::ENOTDIR, "not a directory"));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.listings.open(fh);
+        Ok(fh)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.listings.release(fh);
+    }
+
+    /// What the directory handle `fh` lists, for a reader at `offset`: the listing taken
+    /// when the reader started, or a new one.
+    pub async fn readdir(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        with_attrs: bool,
+    ) -> FsResult<Arc<Listing>> {
+        if let Some(listing) = self.listings.kept(fh, offset, with_attrs) {
+            return Ok(listing);
+        }
+        let listing = Arc::new(Listing {
+            with_attrs,
+            entries: self.list_dir(ino, with_attrs).await?,
+        });
+        self.listings.keep(fh, listing.clone());
+        Ok(listing)
+    }
+
+    async fn list_dir(&self, ino: u64, with_attrs: bool) -> FsResult<Vec<DirEntry>> {
         let dir = self.inode(ino)?;
         if dir.kind != Kind::Dir {
             return Err(FsError::new(libc::ENOTDIR, "not a directory"));

@@ -608,18 +608,38 @@ impl Filesystem for BucketFs {
         });
     }
 
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(err) => reply.error(errno("opendir", err)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.core.releasedir(fh.0);
+        reply.ok();
+    }
+
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         self.spawn("readdir", move |core| async move {
-            match core.readdir(ino.0, false).await {
-                Ok(entries) => {
-                    for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+            match core.readdir(ino.0, fh.0, offset, false).await {
+                Ok(listing) => {
+                    let entries = listing.entries.iter().enumerate();
+                    for (index, entry) in entries.skip(offset as usize) {
                         let next = (index + 1) as u64;
                         if reply.add(
                             INodeNo(entry.ino),
@@ -641,15 +661,16 @@ impl Filesystem for BucketFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let ttl = self.ttl;
         self.spawn("readdirplus", move |core| async move {
-            match core.readdir(ino.0, true).await {
-                Ok(entries) => {
-                    for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+            match core.readdir(ino.0, fh.0, offset, true).await {
+                Ok(listing) => {
+                    let entries = listing.entries.iter().enumerate();
+                    for (index, entry) in entries.skip(offset as usize) {
                         let Some(attr) = &entry.attr else { continue };
                         let next = (index + 1) as u64;
                         let name = OsStr::from_bytes(&entry.name);

@@ -1,0 +1,117 @@
+//! Deletes that arrive while another is in flight go out together, as one batch request
+//! (S3's and OSS's DeleteObjects take up to 1,000 keys). A directory rename or an `rm -r`
+//! then costs the bucket a few requests, not one per object, and each caller still
+//! learns its own key's result.
+//!
+//! Group commit: callers queue their key, then take turns; whoever holds the turn sends
+//! everything queued so far, so the callers that queued meanwhile find their result done
+//! when their turn comes.
+
+use std::sync::Mutex;
+
+use opendal::{ErrorKind, Operator};
+use tokio::sync::oneshot;
+
+/// The most keys S3 and OSS accept in one DeleteObjects request.
+const MAX_BATCH: usize = 1000;
+
+struct Queued {
+    key: String,
+    done: oneshot::Sender<opendal::Result<()>>,
+}
+
+#[derive(Default)]
+pub(super) struct DeleteBatcher {
+    queue: Mutex<Vec<Queued>>,
+    /// Held while a batch is sent.
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl DeleteBatcher {
+    /// Deletes `key`, in a batch with whatever else is queued; a missing key is not an
+    /// error.
+    pub(super) async fn delete(&self, op: &Operator, key: &str) -> opendal::Result<()> {
+        let (done, mut result) = oneshot::channel();
+        self.lock_queue().push(Queued {
+            key: key.to_string(),
+            done,
+        });
+        let _turn = self.turn.lock().await;
+        // Bounded: every pass sends the oldest queued keys, ours among them within
+        // queue length / MAX_BATCH passes, and only the turn holder drains the queue.
+        loop {
+            match result.try_recv() {
+                Ok(outcome) => return outcome,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(opendal::Error::new(
+                        ErrorKind::Unexpected,
+                        "a batched delete ended without a result",
+                    ))
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            let batch = self.take_batch();
+            send_batch(op, batch).await;
+        }
+    }
+
+    fn take_batch(&self) -> Vec<Queued> {
+        let mut queue = self.lock_queue();
+        let n = queue.len().min(MAX_BATCH);
+        queue.drain(..n).collect()
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Sends one batch and tells every caller in it. A batch the bucket refuses as a whole
+/// (a store without batch deletes, one failed key) is retried key by key, so that each
+/// caller gets the error of its own key.
+async fn send_batch(op: &Operator, batch: Vec<Queued>) {
+    if batch.len() > 1 {
+        match delete_together(op, &batch).await {
+            Ok(()) => {
+                tracing::debug!(keys = batch.len(), "deleted objects in one batch");
+                for queued in batch {
+                    tracing::debug!(key = %queued.key, "deleted object");
+                    deliver(queued.done, Ok(()));
+                }
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(keys = batch.len(), error = %err, "batch delete failed; deleting one by one")
+            }
+        }
+    }
+    for queued in batch {
+        let outcome = delete_one(op, &queued.key).await;
+        deliver(queued.done, outcome);
+    }
+}
+
+async fn delete_together(op: &Operator, batch: &[Queued]) -> opendal::Result<()> {
+    let mut deleter = op.deleter().await?;
+    for queued in batch {
+        deleter.delete(queued.key.as_str()).await?;
+    }
+    deleter.close().await
+}
+
+async fn delete_one(op: &Operator, key: &str) -> opendal::Result<()> {
+    match op.delete(key).await {
+        Err(err) if err.kind() != ErrorKind::NotFound => Err(err),
+        _ => {
+            tracing::debug!(key, "deleted object");
+            Ok(())
+        }
+    }
+}
+
+/// The caller may have gone (its request was cancelled); the key is deleted anyway.
+fn deliver(done: oneshot::Sender<opendal::Result<()>>, outcome: opendal::Result<()>) {
+    if done.send(outcome).is_err() {
+        tracing::debug!("a batched delete's caller was gone");
+    }
+}
