@@ -448,7 +448,26 @@ impl Uploader {
     /// needed by another pending move is left to that move's journal entry.
     async fn delete_old_key(&self, old: &str) -> FsResult<()> {
         let _old = self.busy_keys.lock(old.to_string()).await;
-        self.delete_unless_still_needed(old).await
+        match self.delete_if_unclaimed(old).await {
+            Ok(()) => self.settle_queued_delete(old),
+            Err(err) if err.errno == libc::EAGAIN => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Drops the journaled delete of `key` (queued with the record of the move) once the
+    /// key is gone: run again, it would only send the bucket a second delete. Called under
+    /// the key's lock; an entry a worker is running, or queued again since, stays.
+    fn settle_queued_delete(&self, key: &str) -> FsResult<()> {
+        let Some(entry) = self.meta.queued(&JournalOp::Delete(key.to_string()))? else {
+            return Ok(());
+        };
+        if !self.claim(entry.id) {
+            return Ok(());
+        }
+        let result = self.meta.complete(&entry);
+        self.release(entry.id);
+        result
     }
 
     /// [`Self::delete_if_unclaimed`] where a key still needed by a pending move is not an
