@@ -752,6 +752,26 @@ pub struct DataCache {
     unloaded_bytes: AtomicU64,
 }
 
+/// Drops every byte of a cache file, keeping its size. Not a truncate to 0: on ext4 that
+/// arms auto_da_alloc, which makes the next close of the file (a reader's, or the
+/// kernel's passthrough handle) write back all its dirty pages in the closer's time: a
+/// first warm read of 1 GiB just fetched ran at 2.4 GB/s instead of 12 (perf: the reader
+/// in `mpage_process_page_bufs`). A new, empty file has nothing to drop.
+fn discard_contents(file: &File) -> std::io::Result<()> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let punch = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match nix::fcntl::fallocate(file, punch, 0, len as libc::off_t) {
+        Ok(()) => Ok(()),
+        // A filesystem without hole punching: truncating is correct, only slower later.
+        Err(nix::errno::Errno::EOPNOTSUPP) => file.set_len(0),
+        Err(err) => Err(err.into()),
+    }
+}
+
 impl DataCache {
     pub fn open(dir: &Path, limit: u64, saved_bytes: u64) -> FsResult<DataCache> {
         std::fs::create_dir_all(dir)
@@ -801,8 +821,7 @@ impl DataCache {
             Some(bytes) => BlockSet::from_bytes(bytes),
             None => {
                 // Without saved presence, nothing on disk is trusted.
-                file.set_len(0)
-                    .map_err(|err| FsError::io("resetting cache file", err))?;
+                discard_contents(&file).map_err(|err| FsError::io("resetting cache file", err))?;
                 BlockSet::default()
             }
         };
@@ -907,8 +926,7 @@ impl DataCache {
             return Ok(false);
         }
         record()?;
-        file.file
-            .set_len(0)
+        discard_contents(&file.file)
             .and_then(|()| file.file.set_len(init.size))
             .map_err(|err| FsError::io("emptying cache file", err))?;
         state.blocks.clear();
