@@ -256,6 +256,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     );
     recover(&meta, &uploader, &backend).await?;
     let uploader_task = tokio::spawn(uploader.clone().run());
+    tokio::spawn(start_writeback_of_writes(cache.clone()));
     let core = Arc::new(Core::new(
         CoreConfig {
             mode: config.mode,
@@ -696,4 +697,26 @@ fn spawn_signal_handlers(stop: StopSender) -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+/// How often files being written get their writeback started.
+const WRITEBACK_START_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Starts the writeback of files being written, every [`WRITEBACK_START_INTERVAL`]: the
+/// fdatasync a close owes then waits for the last fraction of a second's bytes, not for
+/// everything written since the open (the disk writes while the writer still writes).
+/// Ends with the runtime.
+async fn start_writeback_of_writes(cache: Arc<DataCache>) {
+    let mut ticks = tokio::time::interval(WRITEBACK_START_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let cache = cache.clone();
+        // sync_file_range can wait for the disk's queue: not on a runtime thread.
+        if let Err(err) =
+            tokio::task::spawn_blocking(move || cache.start_writeback_of_writes()).await
+        {
+            tracing::debug!(error = %err, "starting writeback");
+        }
+    }
 }
