@@ -6,6 +6,11 @@
 //! Group commit: callers queue their key, then take turns; whoever holds the turn sends
 //! everything queued so far, so the callers that queued meanwhile find their result done
 //! when their turn comes.
+//!
+//! A store without batch deletes (the directory bucket) deletes each key on its own, at
+//! once: there a batch would only serialise the deletes, and a directory's delete that
+//! fails until its children are gone would hold the turn, through its retries, while
+//! those children wait behind it.
 
 use std::sync::Mutex;
 
@@ -31,6 +36,10 @@ impl DeleteBatcher {
     /// Deletes `key`, in a batch with whatever else is queued; a missing key is not an
     /// error.
     pub(super) async fn delete(&self, op: &Operator, key: &str) -> opendal::Result<()> {
+        let batch_size = batch_size(op);
+        if batch_size < 2 {
+            return delete_one(op, key).await;
+        }
         let (done, mut result) = oneshot::channel();
         self.lock_queue().push(Queued {
             key: key.to_string(),
@@ -38,7 +47,7 @@ impl DeleteBatcher {
         });
         let _turn = self.turn.lock().await;
         // Bounded: every pass sends the oldest queued keys, ours among them within
-        // queue length / MAX_BATCH passes, and only the turn holder drains the queue.
+        // queue length / batch_size passes, and only the turn holder drains the queue.
         loop {
             match result.try_recv() {
                 Ok(outcome) => return outcome,
@@ -50,20 +59,29 @@ impl DeleteBatcher {
                 }
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
-            let batch = self.take_batch();
+            let batch = self.take_batch(batch_size);
             send_batch(op, batch).await;
         }
     }
 
-    fn take_batch(&self) -> Vec<Queued> {
+    fn take_batch(&self, batch_size: usize) -> Vec<Queued> {
         let mut queue = self.lock_queue();
-        let n = queue.len().min(MAX_BATCH);
+        let n = queue.len().min(batch_size);
         queue.drain(..n).collect()
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// How many keys one delete request of this store takes (1 where it has no batch delete).
+fn batch_size(op: &Operator) -> usize {
+    op.info()
+        .capability()
+        .delete_max_size
+        .unwrap_or(1)
+        .min(MAX_BATCH)
 }
 
 /// Sends one batch and tells every caller in it. A batch the bucket refuses as a whole
