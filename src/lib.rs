@@ -2,6 +2,7 @@
 //! local disk cache. See README.md for the user's manual and DESIGN.md for the map.
 
 pub mod backend;
+pub mod buffers;
 pub mod cache;
 pub mod config;
 pub mod core;

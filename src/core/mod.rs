@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 
 use crate::backend::{AttrDefaults, Backend, Kind};
+use crate::buffers::Buffer;
 use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE, PART_BLOCKS};
 use crate::config::Mode;
 use crate::error::{FsError, FsResult};
@@ -1051,7 +1052,7 @@ impl Core {
         Ok((self.attr_of(&inode), opened))
     }
 
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Buffer> {
         let result = self.read_data(fh, offset, size).await;
         if let Err(err) = &result {
             if err.errno == libc::EIO {
@@ -1065,7 +1066,7 @@ impl Core {
         result
     }
 
-    async fn read_data(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    async fn read_data(&self, fh: u64, offset: u64, size: u32) -> FsResult<Buffer> {
         let handle = self.handle(fh)?;
         let inode = self.inode(handle.ino)?;
         let staged = self.cache.loaded(inode.ino);
@@ -1149,14 +1150,14 @@ impl Core {
         offset: u64,
         size: u64,
         read_ahead: u64,
-    ) -> FsResult<Vec<u8>> {
+    ) -> FsResult<Buffer> {
         let total = lock(&self.live_sizes)
             .get(&inode.ino)
             .copied()
             .unwrap_or(inode.size);
         let end = (offset + size).min(total);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(Buffer::empty());
         }
         handle.check_not_corrupt()?;
         let key = inode
@@ -1168,17 +1169,22 @@ impl Core {
         let parts = handle.window_parts(offset..end, read_ahead, object_end, |range| {
             self.start_part(handle, &key, range)
         });
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut out = Buffer::take((end - offset) as usize);
+        let mut filled = 0usize;
         for (range, data) in parts {
             let data = data.await.map_err(|err| (*err).clone())?;
             let from = offset.max(range.start);
             let to = end.min(range.end);
             let slice = (from - range.start) as usize..(to - range.start) as usize;
             for chunk in data.slice(slice) {
-                out.extend_from_slice(&chunk);
+                let Some(room) = out.get_mut(filled..filled + chunk.len()) else {
+                    return Err(FsError::loud(libc::EIO, format!("{key}: long read")));
+                };
+                room.copy_from_slice(&chunk);
+                filled += chunk.len();
             }
         }
-        if out.len() as u64 != end - offset {
+        if filled != out.len() {
             return Err(FsError::loud(libc::EIO, format!("{key}: short read")));
         }
         handle.check_not_corrupt()?;
