@@ -324,12 +324,12 @@ impl Backend {
     pub async fn put(
         &self,
         key: &str,
-        body: Vec<u8>,
+        body: impl Into<opendal::Buffer>,
         metadata: HashMap<String, String>,
     ) -> opendal::Result<Option<String>> {
         let meta = self
             .op
-            .write_with(key, body)
+            .write_with(key, body.into())
             .user_metadata(metadata)
             .await?;
         tracing::debug!(key, "stored object");

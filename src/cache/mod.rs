@@ -627,8 +627,8 @@ impl CacheFile {
     }
 
     /// Reads raw bytes for an upload (the caller made sure they are valid).
-    pub fn read_for_upload(&self, offset: u64, len: usize) -> FsResult<Vec<u8>> {
-        let mut buf = vec![0u8; len];
+    pub fn read_for_upload(&self, offset: u64, len: usize) -> FsResult<Buffer> {
+        let mut buf = Buffer::take(len);
         let mut done = 0;
         // Bounded: each pass reads at least one byte or stops.
         while done < len {
@@ -637,7 +637,8 @@ impl CacheFile {
                 .read_at(&mut buf[done..], offset + done as u64)
                 .map_err(|err| FsError::io("reading cache file for upload", err))?;
             if got == 0 {
-                break; // sparse tail: zeros
+                buf[done..].fill(0); // sparse tail: zeros
+                break;
             }
             done += got;
         }

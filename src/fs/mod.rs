@@ -544,7 +544,7 @@ impl Filesystem for BucketFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let data = data.to_vec();
+        let data = crate::buffers::Buffer::copy_of(data);
         self.spawn("write", move |core| async move {
             match core.write(fh.0, offset, &data).await {
                 Ok(written) => reply.written(written),

@@ -849,7 +849,7 @@ async fn push_file(upload: &mut StreamUpload, file: &CacheFile, size: u64) -> Fs
 fn for_each_chunk(
     file: &CacheFile,
     size: u64,
-    mut each: impl FnMut(Vec<u8>) -> FsResult<()>,
+    mut each: impl FnMut(crate::buffers::Buffer) -> FsResult<()>,
 ) -> FsResult<()> {
     let mut offset = 0u64;
     while offset < size {

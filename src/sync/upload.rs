@@ -139,7 +139,9 @@ impl StreamUpload {
         while !data.is_empty() {
             let part = self.current_part_size();
             if self.buffer.capacity() < part {
-                self.buffer.reserve_exact(part - self.buffer.len());
+                let mut storage = crate::buffers::vec_with_capacity(part);
+                storage.extend_from_slice(&self.buffer);
+                crate::buffers::give_back(std::mem::replace(&mut self.buffer, storage));
             }
             let room = part - self.buffer.len();
             let take = room.min(data.len());
@@ -170,7 +172,8 @@ impl StreamUpload {
     }
 
     async fn send_part(&mut self) -> FsResult<()> {
-        let part = std::mem::take(&mut self.buffer);
+        // Sent without a copy; its storage rejoins the pool once the part is sent.
+        let part = crate::buffers::Buffer::from(std::mem::take(&mut self.buffer));
         let number = self.parts_sent + 1;
         let key = self.key.clone();
         self.writer()
@@ -227,7 +230,11 @@ impl StreamUpload {
         metadata.extend(crate::backend::ObjectAttrs::crc64_entry(crc));
         let etag = self
             .backend
-            .put(&self.key, self.buffer, metadata)
+            .put(
+                &self.key,
+                crate::buffers::Buffer::from(self.buffer),
+                metadata,
+            )
             .await
             .map_err(|err| FsError::backend(&format!("uploading {}", self.key), err))?;
         // The ledger entry stays until the caller has recorded the object.
