@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{force_unmount, is_fuse_mounted, run_bounded, temp_dir, Moto, Ran};
+use common::{force_unmount, is_fuse_mounted, run_bounded, temp_dir, Moto, Mount, Ran};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bucketgate");
 
@@ -277,4 +277,52 @@ fn a_missing_bucket_and_wrong_credentials_fail_fast_naming_the_cause() {
     );
     assert!(ran.stderr.contains("InvalidAccessKeyId"), "{}", ran.stderr);
     assert!(took < Duration::from_secs(30), "took {took:?}");
+}
+
+/// A process in the mount point for a moment does not make `bucketgate umount` fail: the
+/// daemon retries a busy unmount for a few seconds. One that stays gets an error that says
+/// what holds the mount and what to do, and the daemon (its changes flushed) exits.
+#[test]
+fn umount_waits_out_a_brief_holder_and_explains_a_lasting_one() {
+    let bucket = temp_dir("busy-bucket");
+    let source = bucket.path().to_str().expect("utf-8 temp path").to_string();
+    let mount = Mount::start(&source, "cached", &[], &[]);
+    std::fs::write(mount.path("kept"), b"flushed before exit").expect("write through the mount");
+    let mut brief = Command::new("sleep")
+        .arg("1")
+        .current_dir(&mount.mountpoint)
+        .spawn()
+        .expect("spawning sleep in the mount point");
+    mount.unmount(); // asserts success and a free mount point
+    assert!(brief.wait().expect("waiting for sleep").success());
+    assert_eq!(
+        std::fs::read(bucket.path().join("kept")).expect("object in the bucket"),
+        b"flushed before exit"
+    );
+
+    let mount = Mount::start(&source, "cached", &[], &[]);
+    let mut lasting = Command::new("sleep")
+        .arg("60")
+        .current_dir(&mount.mountpoint)
+        .spawn()
+        .expect("spawning sleep in the mount point");
+    let mountpoint = mount
+        .mountpoint
+        .to_str()
+        .expect("utf-8 mount point")
+        .to_string();
+    let ran = bucketgate(&["umount", &mountpoint]);
+    lasting.kill().expect("ending the sleep this test started");
+    lasting.wait().expect("reaping sleep");
+    assert!(
+        !ran.status.success(),
+        "umount of a busy mount reported success"
+    );
+    assert!(
+        ran.stderr.contains("could not unmount") && ran.stderr.contains("fusermount3 -u"),
+        "unclear error: {}",
+        ran.stderr
+    );
+    force_unmount(&mount.mountpoint);
+    mount.wait_exit(Duration::from_secs(30));
 }

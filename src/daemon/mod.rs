@@ -298,7 +298,12 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     let mountpoint = config.mountpoint.clone();
     // A thread of its own, not the runtime's: the stat waits for the kernel's INIT, which
     // this runtime serves, and a stuck one must not hold up the runtime's shutdown.
-    std::thread::spawn(move || widen_kernel_read_ahead(&mountpoint));
+    let (read_ahead_done, read_ahead_set) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        widen_kernel_read_ahead(&mountpoint);
+        // Dropping the sender is the signal; nobody may be waiting.
+        drop(read_ahead_done);
+    });
     let (stop_tx, mut stop_rx) = mpsc::channel::<Option<StopReply>>(4);
     tokio::spawn(serve_control(
         listener,
@@ -326,9 +331,29 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             config.cache_dir.display()
         );
     }
+    let mut unmounted = Ok(());
     if !session.guard.is_finished() {
-        if let Err(err) = session.umount_and_join() {
+        // Its stat of the mount point holds the mount while it runs: an unmount right
+        // after the mount (a remount in a test, a quick restart) failed with EBUSY.
+        if tokio::time::timeout(READ_AHEAD_WAIT, read_ahead_set)
+            .await
+            .is_err()
+        {
+            tracing::debug!("the read-ahead setter is still busy; unmounting anyway");
+        }
+        let ended = if unmount_while_busy(&config.mountpoint).await {
+            session.join()
+        } else {
+            session.umount_and_join()
+        };
+        if let Err(err) = ended {
             tracing::error!(error = %err, "unmount failed");
+            unmounted = Err(format!(
+                "could not unmount {}: {err}; a process may have a file open or its working \
+                 directory there: end it, then run `fusermount3 -u {}` (or `umount -l`)",
+                config.mountpoint.display(),
+                config.mountpoint.display()
+            ));
         }
     }
     uploader.stop();
@@ -338,12 +363,18 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     }
     meta.set_state("clean", "1")
         .map_err(|err| anyhow!("{err}"))?;
-    let response = match &flushed {
-        Ok(()) => Response {
+    let response = match (&flushed, &unmounted) {
+        (_, Err(err)) => Response {
+            ok: false,
+            error: Some(err.clone()),
+            status: None,
+            progress: None,
+        },
+        (Ok(()), Ok(())) => Response {
             ok: true,
             ..Default::default()
         },
-        Err(err) => Response {
+        (Err(err), Ok(())) => Response {
             ok: false,
             error: Some(format!(
                 "unmounted, but {err}; they upload at the next mount"
@@ -363,6 +394,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopped");
+    unmounted.map_err(|err| anyhow!("{err}"))?;
     flushed.map_err(|err| anyhow!("{err}"))
 }
 
@@ -496,6 +528,33 @@ const KERNEL_READ_AHEAD_KB: u64 = 1024;
 /// INIT beyond the default 128 KiB: 1 MiB reads then arrive as eight 128 KiB requests
 /// (measured: 512 vs 64 requests for 64 MiB). Best effort (needs root; a value an
 /// administrator raised further is kept).
+/// Unmounts, retrying while the kernel says the mount is busy (someone holds it for a
+/// moment: a stat in flight, a process leaving the directory), so a quick unmount does
+/// not fail on a passing user. Bounded by [`UNMOUNT_BUSY_WAIT`]. Returns whether it
+/// unmounted; if not (not root: fusermount; still busy: the error), the FUSE session's
+/// own unmount is up next.
+async fn unmount_while_busy(mountpoint: &Path) -> bool {
+    let deadline = tokio::time::Instant::now() + UNMOUNT_BUSY_WAIT;
+    loop {
+        match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+            Err(nix::errno::Errno::EBUSY) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(()) => return true,
+            Err(err) => {
+                tracing::debug!(error = %err, "unmount of {}", mountpoint.display());
+                return false;
+            }
+        }
+    }
+}
+
+/// How long an unmount retries a busy mount point.
+const UNMOUNT_BUSY_WAIT: Duration = Duration::from_secs(3);
+
+/// How long an unmount waits for [`widen_kernel_read_ahead`] to be done with the mount.
+const READ_AHEAD_WAIT: Duration = Duration::from_secs(5);
+
 fn widen_kernel_read_ahead(mountpoint: &Path) {
     use std::os::unix::fs::MetadataExt;
     // The stat returns once the kernel's INIT is answered: set before, it would be cut
