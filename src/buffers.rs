@@ -74,7 +74,7 @@ impl Pool {
 
     fn take(&'static self, len: usize) -> Buffer {
         let mut storage = self.storage(len);
-        // Only storage never used before is zeroed here (the kept one is initialized).
+        // Only bytes never initialized are zeroed here; kept storage keeps its old bytes.
         if storage.len() < len {
             storage.resize(len, 0);
         }

@@ -472,7 +472,7 @@ impl CacheFile {
                 let n = rest.len().min(block.len() - filled);
                 block[filled..filled + n].copy_from_slice(&rest[..n]);
                 (filled, rest) = (filled + n, &rest[n..]);
-                if filled == block.len() || start + received == end && rest.is_empty() {
+                if filled == block.len() || (start + received == end && rest.is_empty()) {
                     if !self.store_chunk(at, &block[..filled], source.epoch)? {
                         return Ok(()); // the object was replaced meanwhile: stale bytes
                     }

@@ -523,11 +523,6 @@ fn mount(config: &MountConfig, core: Arc<Core>) -> anyhow::Result<fuser::Backgro
 /// that `init` asks for).
 const KERNEL_READ_AHEAD_KB: u64 = 1024;
 
-/// Raises the kernel's read-ahead for the mount to [`KERNEL_READ_AHEAD_KB`]. The kernel
-/// sizes a sequential reader's FUSE requests by it, and a FUSE server cannot raise it at
-/// INIT beyond the default 128 KiB: 1 MiB reads then arrive as eight 128 KiB requests
-/// (measured: 512 vs 64 requests for 64 MiB). Best effort (needs root; a value an
-/// administrator raised further is kept).
 /// Unmounts, retrying while the kernel says the mount is busy (someone holds it for a
 /// moment: a stat in flight, a process leaving the directory), so a quick unmount does
 /// not fail on a passing user. Bounded by [`UNMOUNT_BUSY_WAIT`]. Returns whether it
@@ -555,6 +550,11 @@ const UNMOUNT_BUSY_WAIT: Duration = Duration::from_secs(3);
 /// How long an unmount waits for [`widen_kernel_read_ahead`] to be done with the mount.
 const READ_AHEAD_WAIT: Duration = Duration::from_secs(5);
 
+/// Raises the kernel's read-ahead for the mount to [`KERNEL_READ_AHEAD_KB`]. The kernel
+/// sizes a sequential reader's FUSE requests by it, and a FUSE server cannot raise it at
+/// INIT beyond the default 128 KiB: 1 MiB reads then arrive as eight 128 KiB requests
+/// (measured: 512 vs 64 requests for 64 MiB). Best effort (needs root; a value an
+/// administrator raised further is kept).
 fn widen_kernel_read_ahead(mountpoint: &Path) {
     use std::os::unix::fs::MetadataExt;
     // The stat returns once the kernel's INIT is answered: set before, it would be cut
