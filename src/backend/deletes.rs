@@ -46,6 +46,9 @@ impl DeleteBatcher {
             done,
         });
         let _turn = self.turn.lock().await;
+        // One yield lets deletes started together (a group the uploader runs at once)
+        // queue their keys before this batch goes.
+        tokio::task::yield_now().await;
         // Bounded: every pass sends the oldest queued keys, ours among them within
         // queue length / batch_size passes, and only the turn holder drains the queue.
         loop {

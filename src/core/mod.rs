@@ -337,28 +337,21 @@ impl Core {
         // place in the order.
         let mut ops = ops.into_iter().peekable();
         while let Some(op) = ops.next() {
-            if !matches!(op, JournalOp::Sync(_)) {
+            let JournalOp::Sync(ino) = op else {
                 self.uploader.run_now(op).await?;
                 continue;
+            };
+            let mut inos = vec![ino];
+            while let Some(JournalOp::Sync(next)) =
+                ops.next_if(|op| matches!(op, JournalOp::Sync(_)))
+            {
+                inos.push(next);
             }
-            let mut syncs = vec![op];
-            while let Some(next) = ops.next_if(|op| matches!(op, JournalOp::Sync(_))) {
-                syncs.push(next);
-            }
-            self.run_now_side_by_side(syncs).await?;
+            self.uploader
+                .sync_now(inos, WRITE_THROUGH_PARALLEL_SYNCS)
+                .await?;
         }
         Ok(())
-    }
-
-    /// Runs `ops` now, [`WRITE_THROUGH_PARALLEL_SYNCS`] at a time; the first error, once
-    /// all have ended.
-    async fn run_now_side_by_side(&self, ops: Vec<JournalOp>) -> FsResult<()> {
-        let results: Vec<FsResult<()>> = futures::stream::iter(ops)
-            .map(|op| self.uploader.run_now(op))
-            .buffer_unordered(WRITE_THROUGH_PARALLEL_SYNCS)
-            .collect()
-            .await;
-        results.into_iter().collect()
     }
 
     fn delay(&self) -> Duration {
@@ -1613,7 +1606,7 @@ impl Core {
             let file = self.cache_file(&inode)?;
             self.persist(&file, inode.ino, false)?;
             if self.meta.queued(&JournalOp::Sync(inode.ino))?.is_some() {
-                self.uploader.run_now(JournalOp::Sync(inode.ino)).await?;
+                self.uploader.sync_now(vec![inode.ino], 1).await?;
             }
             return Ok(());
         }
@@ -1633,7 +1626,7 @@ impl Core {
             }
             let file = self.cache_file(&self.inode(inode.ino)?)?;
             file.truncate(0)?;
-            self.uploader.run_now(JournalOp::Sync(inode.ino)).await?;
+            self.uploader.sync_now(vec![inode.ino], 1).await?;
             lock(&self.live_sizes).remove(&inode.ino);
         }
         Ok(())

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::backend::{Backend, Kind, MetadataReplaced, ObjectAttrs};
@@ -35,6 +36,9 @@ const POSTPONE_DELAY: Duration = Duration::from_millis(200);
 const ENTRIES_PER_SLOT: usize = 4;
 /// Files smaller than this upload without a large-upload slot.
 const SMALL_UPLOAD: u64 = 1 << 20;
+/// How long due deletes wait for running syncs (see [`Uploader::run`]): long enough to
+/// gather a directory's moves, short enough that the bucket soon agrees.
+const DELETE_GATHER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct UploaderConfig {
@@ -61,6 +65,8 @@ pub struct Uploader {
     large_uploads: Semaphore,
     flushing: AtomicU64,
     in_flight: AtomicU64,
+    /// Syncs running: while any do, due deletes wait to go together.
+    syncs_running: AtomicU64,
     stopped: AtomicBool,
 }
 
@@ -129,6 +135,7 @@ impl Uploader {
             large_uploads,
             flushing: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            syncs_running: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
         })
     }
@@ -156,7 +163,11 @@ impl Uploader {
     }
 
     /// The scheduling loop: picks due entries and runs them on a bounded set of workers.
+    /// Due deletes wait while syncs run (a directory's moves queue one delete per object
+    /// as each copy ends), for at most [`DELETE_GATHER`], then go as one group: a batch
+    /// request per thousand keys where the store has them.
     pub async fn run(self: Arc<Self>) {
+        let mut deletes_held_since: Option<Instant> = None;
         while !self.stopped.load(Ordering::SeqCst) {
             let flushing = self.flushing.load(Ordering::SeqCst) > 0;
             let entries = match self.meta.due_entries(256, flushing) {
@@ -166,27 +177,61 @@ impl Uploader {
                     Vec::new()
                 }
             };
-            for entry in entries {
-                if !self.claim(entry.id) {
-                    continue;
-                }
-                let Ok(permit) = self.workers.clone().acquire_owned().await else {
+            let (deletes, others): (Vec<_>, Vec<_>) = entries
+                .into_iter()
+                .partition(|entry| matches!(entry.op, JournalOp::Delete(_)));
+            let syncs_due = others
+                .iter()
+                .any(|entry| matches!(entry.op, JournalOp::Sync(_)));
+            for entry in others {
+                if !self.spawn_entries(vec![entry]).await {
                     return;
-                };
-                let this = self.clone();
-                tokio::spawn(async move {
-                    if let Err(err) = this.run_entry(&entry).await {
-                        tracing::debug!(error = %err, "journal entry will be retried");
+                }
+            }
+            if !deletes.is_empty() {
+                let held_since = *deletes_held_since.get_or_insert_with(Instant::now);
+                let syncs_busy = syncs_due || self.syncs_running.load(Ordering::SeqCst) > 0;
+                if !syncs_busy || held_since.elapsed() >= DELETE_GATHER {
+                    deletes_held_since = None;
+                    if !self.spawn_entries(deletes).await {
+                        return;
                     }
-                    this.release(entry.id);
-                    drop(permit);
-                });
+                }
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+    }
+
+    /// Runs the entries not already running, together, on one worker; false once the
+    /// uploader has stopped.
+    async fn spawn_entries(self: &Arc<Self>, entries: Vec<JournalEntry>) -> bool {
+        let entries: Vec<JournalEntry> = entries
+            .into_iter()
+            .filter(|entry| self.claim(entry.id))
+            .collect();
+        if entries.is_empty() {
+            return true;
+        }
+        let Ok(permit) = self.workers.clone().acquire_owned().await else {
+            return false;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            futures::future::join_all(entries.iter().map(|entry| this.run_claimed(entry))).await;
+            drop(permit);
+        });
+        true
+    }
+
+    /// Runs a claimed entry and releases it.
+    async fn run_claimed(&self, entry: &JournalEntry) {
+        if let Err(err) = self.run_entry(entry).await {
+            tracing::debug!(error = %err, "journal entry will be retried");
+        }
+        self.release(entry.id);
     }
 
     fn claim(&self, id: i64) -> bool {
@@ -206,9 +251,16 @@ impl Uploader {
 
     /// Runs one journal entry, recording success or scheduling a retry.
     async fn run_entry(&self, entry: &JournalEntry) -> FsResult<()> {
+        let is_sync = matches!(entry.op, JournalOp::Sync(_));
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if is_sync {
+            self.syncs_running.fetch_add(1, Ordering::SeqCst);
+        }
         tracing::debug!(op = ?entry.op, gen = entry.gen, "bucket work");
         let result = self.perform(&entry.op).await;
+        if is_sync {
+            self.syncs_running.fetch_sub(1, Ordering::SeqCst);
+        }
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         match &result {
             Ok(()) => self.meta.complete(entry)?,
@@ -232,16 +284,61 @@ impl Uploader {
         let entry = self.meta.queued(&op)?.ok_or_else(|| {
             FsError::loud(libc::EIO, format!("journal entry for {op:?} vanished"))
         })?;
-        // Wait out a background worker holding the same entry.
+        self.run_entry_now(entry).await
+    }
+
+    /// Runs `entry` now, once a background worker holding it has let go; an entry that
+    /// worker completed meanwhile is not run again.
+    async fn run_entry_now(&self, entry: JournalEntry) -> FsResult<()> {
+        let mut claimed = false;
         for _ in 0..6000 {
-            if self.claim(entry.id) {
+            claimed = self.claim(entry.id);
+            if claimed {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        if claimed && self.meta.queued(&entry.op)?.is_none() {
+            self.release(entry.id);
+            return Ok(());
+        }
         let result = self.run_entry(&entry).await;
-        self.release(entry.id);
+        if claimed {
+            self.release(entry.id);
+        }
         result
+    }
+
+    /// Runs the queued syncs of `inos` now, `parallel` at a time (write-through mode),
+    /// then deletes the keys the files and links among them moved away from, all at once:
+    /// a directory rename then costs the bucket a few batch requests for its old keys,
+    /// not one delete per object. The first error, once all have ended; a key another
+    /// pending move still needs stays queued for that move.
+    pub async fn sync_now(&self, inos: Vec<u64>, parallel: usize) -> FsResult<()> {
+        let mut old_keys = Vec::new();
+        for &ino in &inos {
+            if let Some(inode) = self.meta.get(ino)?.filter(|i| i.kind != Kind::Dir) {
+                old_keys.extend(inode.remote_key.filter(|k| !k.is_empty()));
+            }
+        }
+        let synced: Vec<FsResult<()>> = futures::stream::iter(inos)
+            .map(|ino| self.run_now(JournalOp::Sync(ino)))
+            .buffer_unordered(parallel.max(1))
+            .collect()
+            .await;
+        // Only a key a sync moved away from has its delete queued.
+        let mut deletes = Vec::new();
+        for key in old_keys {
+            deletes.extend(self.meta.queued(&JournalOp::Delete(key))?);
+        }
+        let deleted =
+            futures::future::join_all(deletes.into_iter().map(|entry| self.run_entry_now(entry)))
+                .await;
+        synced.into_iter().collect::<FsResult<()>>()?;
+        deleted
+            .into_iter()
+            .filter(|result| !matches!(result, Err(err) if err.errno == libc::EAGAIN))
+            .collect()
     }
 
     /// Waits until the journal is empty, uploading without the quiet delay; fails with
@@ -428,46 +525,13 @@ impl Uploader {
         if key.is_empty() {
             return Ok(()); // the root has no marker
         }
-        {
-            // Under the key's lock, as a file upload: a delete of the same key (an rmdir
-            // and a new mkdir there) must not run between the marker and its record.
-            let _key = self.busy_keys.lock(key.clone()).await;
-            self.store_marker_or_link(&inode, &key, old_key.as_deref())
-                .await?;
-            // Removed or moved while the marker or link was written: do not leave it behind.
-            self.delete_unless_still_needed(&key).await?;
-        }
-        match old_key.filter(|_| inode.kind != Kind::Dir) {
-            Some(old) => self.delete_old_key(&old).await,
-            None => Ok(()),
-        }
-    }
-
-    /// Deletes the key a file or link moved away from, under its own lock (taken after
-    /// the new key's is released: locks are never nested, so never deadlock). A key still
-    /// needed by another pending move is left to that move's journal entry.
-    async fn delete_old_key(&self, old: &str) -> FsResult<()> {
-        let _old = self.busy_keys.lock(old.to_string()).await;
-        match self.delete_if_unclaimed(old).await {
-            Ok(()) => self.settle_queued_delete(old),
-            Err(err) if err.errno == libc::EAGAIN => Ok(()),
-            Err(err) => Err(err),
-        }
-    }
-
-    /// Drops the journaled delete of `key` (queued with the record of the move) once the
-    /// key is gone: run again, it would only send the bucket a second delete. Called under
-    /// the key's lock; an entry a worker is running, or queued again since, stays.
-    fn settle_queued_delete(&self, key: &str) -> FsResult<()> {
-        let Some(entry) = self.meta.queued(&JournalOp::Delete(key.to_string()))? else {
-            return Ok(());
-        };
-        if !self.claim(entry.id) {
-            return Ok(());
-        }
-        let result = self.meta.complete(&entry);
-        self.release(entry.id);
-        result
+        // Under the key's lock, as a file upload: a delete of the same key (an rmdir and a
+        // new mkdir there) must not run between the marker and its record.
+        let _key = self.busy_keys.lock(key.clone()).await;
+        self.store_marker_or_link(&inode, &key, old_key.as_deref())
+            .await?;
+        // Removed or moved while the marker or link was written: do not leave it behind.
+        self.delete_unless_still_needed(&key).await
     }
 
     /// [`Self::delete_if_unclaimed`] where a key still needed by a pending move is not an
@@ -526,9 +590,11 @@ impl Uploader {
     /// Records where the inode's object now is. The key it moved from is journaled for
     /// deletion in the same transaction: once the new key is recorded nothing else
     /// remembers the old one, and a crash before its delete would leave it in the bucket
-    /// for good. Files and links also delete it right away (see `delete_old_key`); that
-    /// entry then finds nothing left. A directory's old marker goes only by its entry,
-    /// retried until its children moved out (some stores refuse to drop a non-empty dir).
+    /// for good. The entry is the only delete of the old key: the uploader runs the ones
+    /// due together as one group (write-through runs them at once after its syncs, see
+    /// `sync_now`), so a directory's old keys go in batch requests. A directory's old
+    /// marker is retried until its children moved out (some stores refuse to drop a
+    /// non-empty dir).
     ///
     /// Committed unsynced: if a power loss drops it, the inode is still dirty with its
     /// sync queued, the ledger (synced before the PUT) makes the next mount delete the
@@ -557,21 +623,15 @@ impl Uploader {
     /// object can appear until local metadata records it, so a crash in between leaves a
     /// trace the next mount cleans up (the object is deleted unless an inode owns it).
     async fn sync_file(&self, inode: &Inode, key: &str, old_key: Option<String>) -> FsResult<()> {
-        {
-            let _key = self.busy_keys.lock(key.to_string()).await;
-            self.check_not_a_pending_source(inode, key)?;
-            // Synced before the object can appear: see `ledger_ready_for_put`.
-            self.meta.upload_starting(key)?;
-            self.store_file(inode, key, old_key.as_deref()).await?;
-            // The file may have been unlinked while it uploaded. If it moved, the sync its
-            // rename queued copies the object and deletes this key.
-            self.delete_unless_still_needed(key).await?;
-            self.meta.upload_ended(key)?;
-        }
-        match old_key {
-            Some(old) => self.delete_old_key(&old).await,
-            None => Ok(()),
-        }
+        let _key = self.busy_keys.lock(key.to_string()).await;
+        self.check_not_a_pending_source(inode, key)?;
+        // Synced before the object can appear: see `ledger_ready_for_put`.
+        self.meta.upload_starting(key)?;
+        self.store_file(inode, key, old_key.as_deref()).await?;
+        // The file may have been unlinked while it uploaded. If it moved, the sync its
+        // rename queued copies the object and deletes this key.
+        self.delete_unless_still_needed(key).await?;
+        self.meta.upload_ended(key)
     }
 
     /// Whether `owner`, whose data lives at `key`, now sits at another path and has not
