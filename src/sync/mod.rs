@@ -188,7 +188,9 @@ impl Uploader {
                     return;
                 }
             }
-            if !deletes.is_empty() {
+            if deletes.is_empty() {
+                deletes_held_since = None;
+            } else {
                 let held_since = *deletes_held_since.get_or_insert_with(Instant::now);
                 let syncs_busy = syncs_due || self.syncs_running.load(Ordering::SeqCst) > 0;
                 if !syncs_busy || held_since.elapsed() >= DELETE_GATHER {
