@@ -537,7 +537,7 @@ impl Uploader {
     }
 
     /// [`Self::delete_if_unclaimed`] where a key still needed by a pending move is not an
-    /// error: that move's own sync deletes it once it has copied it.
+    /// error: the delete that move journals with its copy removes it.
     async fn delete_unless_still_needed(&self, key: &str) -> FsResult<()> {
         match self.delete_if_unclaimed(key).await {
             Err(err) if err.errno == libc::EAGAIN => Ok(()),
@@ -631,7 +631,8 @@ impl Uploader {
         self.meta.upload_starting(key)?;
         self.store_file(inode, key, old_key.as_deref()).await?;
         // The file may have been unlinked while it uploaded. If it moved, the sync its
-        // rename queued copies the object and deletes this key.
+        // rename queued copies the object, and that copy's journaled delete removes this
+        // key.
         self.delete_unless_still_needed(key).await?;
         self.meta.upload_ended(key)
     }
