@@ -4,6 +4,7 @@
 //! the file's `fetch_limit` (beyond what the bucket holds for it: zeros or local writes).
 
 pub mod blocks;
+mod spares;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use blocks::BlockSet;
 use futures::StreamExt;
+use spares::SpareFiles;
 
 use crate::backend::Backend;
 use crate::buffers::Buffer;
@@ -123,6 +125,20 @@ pub struct FileInit {
     pub dirty: bool,
     pub saved_blocks: Option<Vec<u8>>,
     pub verifier: Option<ReadVerifier>,
+}
+
+impl FileInit {
+    /// A file with no bytes anywhere yet, local changes from the start (a new file).
+    pub fn new_empty() -> FileInit {
+        FileInit {
+            size: 0,
+            fetch_limit: 0,
+            source_key: None,
+            dirty: true,
+            saved_blocks: None,
+            verifier: None,
+        }
+    }
 }
 
 pub struct CacheFile {
@@ -784,6 +800,7 @@ pub struct DataCache {
     files: Mutex<HashMap<u64, Arc<CacheFile>>>,
     /// Present bytes of files not loaded in this session (from the saved bitmaps).
     unloaded_bytes: AtomicU64,
+    spares: SpareFiles,
 }
 
 /// Writes `data` at `offset` in pieces of [`WRITE_PIECE`].
@@ -826,6 +843,8 @@ impl DataCache {
             limit,
             files: Mutex::new(HashMap::new()),
             unloaded_bytes: AtomicU64::new(saved_bytes),
+            // Not a number, so never an inode's file name.
+            spares: SpareFiles::open(dir.join("spare"))?,
         })
     }
 
@@ -868,6 +887,10 @@ impl DataCache {
         }
         let init = init()?;
         let path = self.file_path(ino);
+        if init.saved_blocks.is_none() {
+            // Nothing on disk is trusted (below): an empty spare may replace it.
+            self.spares.take_to(&path);
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -949,13 +972,24 @@ impl DataCache {
             return Ok(false);
         }
         let ino = file.ino;
-        drop(file);
         files.remove(&ino);
         // The map goes first: `forget` is a synced commit, which the records saying the
         // file is clean must reach before its data goes (see `sync::record_remote`).
         forget(ino)?;
-        self.delete_file(ino)?;
+        self.retire(file)?;
         Ok(true)
+    }
+
+    /// Deletes the file of an inode the registry no longer holds, or keeps it emptied for
+    /// reuse. Not while the kernel may still read it as a passthrough backing file.
+    fn retire(&self, file: Arc<CacheFile>) -> FsResult<()> {
+        let kept = file.lock().passthrough_opens == 0 && self.spares.keep(&file.file, &file.path);
+        let ino = file.ino;
+        drop(file);
+        if kept {
+            return Ok(());
+        }
+        self.delete_file(ino)
     }
 
     /// Another version of an inode's object replaced the cached one: `record` (the
@@ -1136,5 +1170,43 @@ impl DataCache {
             evicted.push(ino);
         }
         Ok(evicted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_discarded_file_comes_back_empty_as_the_next_new_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = DataCache::open(dir.path(), 1 << 30, 0).expect("open cache");
+        let first = cache
+            .get_or_load(5, || Ok(FileInit::new_empty()))
+            .expect("load 5");
+        assert!(matches!(
+            first.write_local(0, b"bytes of inode 5").expect("write"),
+            WriteOutcome::Written
+        ));
+        let old_inode = std::fs::metadata(cache.file_path(5)).expect("stat").ino();
+        first.lock().dirty = false;
+        assert!(cache
+            .discard_if_unused(first, &|_| Ok(()))
+            .expect("discard"));
+        assert!(!cache.file_path(5).exists());
+
+        let second = cache
+            .get_or_load(6, || Ok(FileInit::new_empty()))
+            .expect("load 6");
+        let disk = std::fs::metadata(cache.file_path(6)).expect("stat");
+        assert_eq!(disk.ino(), old_inode, "the discarded file was reused");
+        assert_eq!(disk.len(), 0, "nothing of inode 5 is left in it");
+        assert!(matches!(
+            second.write_local(0, b"six").expect("write"),
+            WriteOutcome::Written
+        ));
+        let read = second.read_local(0, 16).expect("read").expect("present");
+        assert_eq!(&read[..], b"six");
     }
 }

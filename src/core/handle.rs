@@ -33,13 +33,36 @@ struct ReadState {
     corrupt: Option<String>,
 }
 
+/// The thread that opened a handle and its process (thread group), when known.
+#[derive(Debug, Clone, Copy)]
+pub struct Opener {
+    pub thread: u32,
+    pub process: Option<u32>,
+}
+
+impl Opener {
+    pub fn of(pid: u32) -> Opener {
+        Opener {
+            thread: pid,
+            process: process_of(pid),
+        }
+    }
+
+    /// Whether `pid` (a thread, as FUSE reports callers) belongs to another process. The
+    /// opening thread itself needs no look-up in /proc.
+    pub fn is_other_process(&self, pid: u32) -> bool {
+        pid != self.thread && self.process.is_some() && process_of(pid) != self.process
+    }
+}
+
 pub struct Handle {
     pub ino: u64,
     pub mode: OpenMode,
     /// Write-through: opened empty (created or O_TRUNC), so sequential writes can stream.
     pub streamable: bool,
-    /// The process (thread group) that opened the handle, when known.
-    pub opener: Option<u32>,
+    /// Who opened the handle (write-through only, where a close by another process
+    /// must not complete the stream).
+    pub opener: Option<Opener>,
     pub io: tokio::sync::Mutex<HandleIo>,
     read: Mutex<ReadState>,
     /// The kernel does this handle's reads and writes on the cache file (passthrough).
@@ -53,7 +76,7 @@ const FIRST_READ_AHEAD: u64 = 1 << 20;
 const SEQUENTIAL_SLACK: u64 = 4 << 20;
 
 impl Handle {
-    pub fn new(ino: u64, mode: OpenMode, streamable: bool, opener: Option<u32>) -> Handle {
+    pub fn new(ino: u64, mode: OpenMode, streamable: bool, opener: Option<Opener>) -> Handle {
         Handle {
             ino,
             mode,
@@ -141,7 +164,7 @@ impl Handle {
 
 /// The process (thread group id) a kernel-reported caller id belongs to: FUSE reports the
 /// calling thread, and a writer's threads are one process.
-pub fn process_of(pid: u32) -> Option<u32> {
+fn process_of(pid: u32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()

@@ -29,7 +29,7 @@ use crate::meta::{
 };
 use crate::sync::upload::StreamUpload;
 use crate::sync::{attrs_of, discard_cache_file, file_init, read_verifier, Uploader};
-use handle::{process_of, Handle};
+use handle::{Handle, Opener};
 
 /// Longest name of one path component.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -883,7 +883,7 @@ impl Core {
             inode.ino,
             mode,
             fresh && self.write_through(),
-            process_of(pid),
+            self.write_through().then(|| Opener::of(pid)),
         );
         if self.write_through() {
             if fresh {
@@ -1422,16 +1422,9 @@ impl Core {
     /// The local copy a write-through handle opened empty (created or O_TRUNC) writes to:
     /// it starts empty, while the old object stays in the bucket until close replaces it.
     fn start_spool(&self, io: &mut handle::HandleIo, ino: u64) -> FsResult<Arc<CacheFile>> {
-        let file = self.cache.get_or_load(ino, || {
-            Ok(crate::cache::FileInit {
-                size: 0,
-                fetch_limit: 0,
-                source_key: None,
-                dirty: true,
-                saved_blocks: None,
-                verifier: None,
-            })
-        })?;
+        let file = self
+            .cache
+            .get_or_load(ino, || Ok(crate::cache::FileInit::new_empty()))?;
         if !io.holds_cache_file {
             file.lock().open_handles += 1;
             io.holds_cache_file = true;
@@ -1524,7 +1517,7 @@ impl Core {
     /// would publish part of the file. The opener's close, fsync or the release do.
     pub async fn flush(&self, fh: u64, pid: u32) -> FsResult<()> {
         let handle = self.handle(fh)?;
-        let other_process = handle.opener.is_some() && process_of(pid) != handle.opener;
+        let other_process = handle.opener.is_some_and(|o| o.is_other_process(pid));
         if self.write_through() && other_process {
             return Ok(());
         }
@@ -1574,10 +1567,10 @@ impl Core {
                 self.meta
                     .set_remote(tx, inode.ino, &remote, Settles::Everything)?;
                 // The stream replaced the object: a queued sync (from create) is moot.
-                tx.execute(
-                    "DELETE FROM journal WHERE op = 'sync' AND ino = ?1",
-                    [inode.ino as i64],
-                )?;
+                tx.prepare_cached("DELETE FROM journal WHERE op = 'sync' AND ino = ?1")?
+                    .execute([inode.ino as i64])?;
+                // Recorded: the ledger entry ends in the same commit.
+                self.meta.upload_ended_tx(tx, &uploaded.key)?;
                 // Its metadata left with the first part, before the crc64 was known: the
                 // uploader stores it in the background (close does not wait for a copy).
                 if uploaded.crc_stored {
@@ -1587,7 +1580,6 @@ impl Core {
                     .enqueue(tx, &JournalOp::Checksum(inode.ino), Duration::ZERO)
             })?;
             self.uploader.wake();
-            self.meta.upload_ended(&uploaded.key)?;
 
             lock(&self.live_sizes).remove(&inode.ino);
             if let Some(file) = self.cache.loaded(inode.ino) {

@@ -824,16 +824,9 @@ impl MetaStore {
         Ok(stmt.query_row(params![key], inode_from_row).optional()?)
     }
 
-    /// Records that an upload to `key` is starting. Durable on return (the object may
-    /// appear next, and only this record lets the next mount clean it up), but group
-    /// committed: concurrent uploads share one fsync.
-    pub fn upload_started(&self, key: &str) -> FsResult<()> {
-        self.upload_starting(key)?;
-        self.sync_log()
-    }
-
-    /// [`Self::upload_started`] without the sync: the caller syncs the log before the
-    /// object can appear, or knows that losing the record leaves nothing behind.
+    /// Records that an upload to `key` is starting, without a sync: the caller syncs the
+    /// log ([`Self::sync_log`], group committed) before the object or any of its parts can
+    /// appear, since only this record lets the next mount clean them up.
     pub fn upload_starting(&self, key: &str) -> FsResult<()> {
         self.bookkeeping(|tx| {
             tx.prepare_cached(
@@ -849,11 +842,14 @@ impl MetaStore {
     /// to a power loss only makes the next mount check the key again (it keeps an object
     /// an inode owns).
     pub fn upload_ended(&self, key: &str) -> FsResult<()> {
-        self.bookkeeping(|tx| {
-            tx.prepare_cached("DELETE FROM uploads WHERE key = ?1")?
-                .execute(params![key])?;
-            Ok(())
-        })
+        self.bookkeeping(|tx| self.upload_ended_tx(tx, key))
+    }
+
+    /// [`Self::upload_ended`] inside the transaction that records the object.
+    pub fn upload_ended_tx(&self, tx: &Transaction<'_>, key: &str) -> FsResult<()> {
+        tx.prepare_cached("DELETE FROM uploads WHERE key = ?1")?
+            .execute(params![key])?;
+        Ok(())
     }
 
     /// Keys of uploads started and never ended (a crash interrupted them).

@@ -45,6 +45,9 @@ pub struct StreamUpload {
     crc: Crc64,
     /// Where the upload is recorded while it runs, so a crash's leftovers get aborted.
     ledger: Option<Arc<MetaStore>>,
+    /// The fsync that makes the ledger's record durable, running while the writer goes
+    /// on: nothing reaches the bucket before it ends.
+    ledger_sync: Option<tokio::task::JoinHandle<FsResult<()>>>,
 }
 
 /// What a finished upload left in the bucket.
@@ -79,9 +82,14 @@ impl StreamUpload {
         concurrency: usize,
         ledger: Option<Arc<MetaStore>>,
     ) -> FsResult<StreamUpload> {
-        if let Some(ledger) = &ledger {
-            ledger.upload_started(key)?;
-        }
+        let ledger_sync = match &ledger {
+            Some(ledger) => {
+                ledger.upload_starting(key)?;
+                let ledger = ledger.clone();
+                Some(tokio::task::spawn_blocking(move || ledger.sync_log()))
+            }
+            None => None,
+        };
         Ok(StreamUpload {
             key: key.to_string(),
             writer: None,
@@ -94,7 +102,23 @@ impl StreamUpload {
             bytes: 0,
             crc: Crc64::default(),
             ledger,
+            ledger_sync,
         })
+    }
+
+    /// Waits until the ledger's record of this upload is durable: called before any
+    /// request that can leave parts or an object behind.
+    async fn ledger_durable(&mut self) -> FsResult<()> {
+        let Some(sync) = self.ledger_sync.take() else {
+            return Ok(());
+        };
+        match sync.await {
+            Ok(result) => result,
+            Err(err) => Err(FsError::loud(
+                libc::EIO,
+                format!("recording the upload of {}: {err}", self.key),
+            )),
+        }
     }
 
     fn current_part_size(&self) -> usize {
@@ -157,6 +181,7 @@ impl StreamUpload {
     /// The multipart writer, made on first use (no request leaves until a part does).
     async fn writer(&mut self) -> FsResult<&mut opendal::Writer> {
         if self.writer.is_none() {
+            self.ledger_durable().await?;
             let writer = self
                 .backend
                 .writer(&self.key, self.metadata.clone(), self.concurrency)
@@ -224,7 +249,8 @@ impl StreamUpload {
 
     /// A stream that ended within its first part: one PUT whose metadata carries the
     /// crc64, known now (a multipart upload's metadata leaves before it is).
-    async fn put_whole(self) -> FsResult<Uploaded> {
+    async fn put_whole(mut self) -> FsResult<Uploaded> {
+        self.ledger_durable().await?;
         let crc = self.crc.value();
         let mut metadata = self.metadata;
         metadata.extend(crate::backend::ObjectAttrs::crc64_entry(crc));
