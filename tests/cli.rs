@@ -281,7 +281,8 @@ fn a_missing_bucket_and_wrong_credentials_fail_fast_naming_the_cause() {
 
 /// A process in the mount point for a moment does not make `bucketgate umount` fail: the
 /// daemon retries a busy unmount for a few seconds. One that stays gets an error that says
-/// what holds the mount and what to do, and the daemon (its changes flushed) exits.
+/// what holds the mount and what to do, and the mount keeps working (as with umount(8)):
+/// no dead mount is left behind.
 #[test]
 fn umount_waits_out_a_brief_holder_and_explains_a_lasting_one() {
     let bucket = temp_dir("busy-bucket");
@@ -319,10 +320,56 @@ fn umount_waits_out_a_brief_holder_and_explains_a_lasting_one() {
         "umount of a busy mount reported success"
     );
     assert!(
-        ran.stderr.contains("could not unmount") && ran.stderr.contains("fusermount3 -u"),
+        ran.stderr.contains("could not unmount") && ran.stderr.contains("stays mounted"),
         "unclear error: {}",
         ran.stderr
     );
-    force_unmount(&mount.mountpoint);
-    mount.wait_exit(Duration::from_secs(30));
+    assert!(mount.is_mounted(), "a refused unmount left no mount");
+    std::fs::write(mount.path("after"), b"still served").expect("write after the refusal");
+    assert_eq!(
+        std::fs::read(mount.path("after")).expect("read after the refusal"),
+        b"still served"
+    );
+    mount.unmount(); // the holder is gone: succeeds, and the daemon exits
+    assert_eq!(
+        std::fs::read(bucket.path().join("after")).expect("object in the bucket"),
+        b"still served"
+    );
+}
+
+/// SIGTERM (systemd stopping the unit) on a mount a process still writes to: the daemon
+/// detaches the mount instead of leaving a dead one, the open file keeps working until it
+/// is closed, and what it wrote after the signal is uploaded before the daemon exits.
+#[test]
+fn sigterm_on_a_busy_mount_detaches_it_and_serves_the_open_file_until_closed() {
+    use std::io::Write;
+    let bucket = temp_dir("sigterm-bucket");
+    let source = bucket.path().to_str().expect("utf-8 temp path").to_string();
+    let mount = Mount::start(&source, "cached", &[], &[]);
+    let mut open = std::fs::File::create(mount.path("open-at-stop")).expect("create");
+    open.write_all(b"before the signal, ")
+        .expect("write before");
+    let pid = nix::unistd::Pid::from_raw(mount.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mount.is_mounted() {
+        assert!(
+            Instant::now() < deadline,
+            "the busy mount was not detached within 30 s of SIGTERM\ndaemon log:\n{}",
+            mount.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    open.write_all(b"after it")
+        .expect("write to the open file after the detach");
+    open.sync_all().expect("fsync after the detach");
+    drop(open);
+    let log_path = mount.log_path.clone();
+    mount.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        std::fs::read(bucket.path().join("open-at-stop")).expect("object in the bucket"),
+        b"before the signal, after it",
+        "daemon log:\n{}",
+        common::read_log(&log_path)
+    );
 }

@@ -313,49 +313,8 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
         stop_tx.clone(),
     ));
     spawn_signal_handlers(stop_tx.clone())?;
-    let reply_to = loop {
-        tokio::select! {
-            request = stop_rx.recv() => break request.flatten(),
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                if session.guard.is_finished() {
-                    tracing::info!("unmounted from outside; flushing before exit");
-                    break None;
-                }
-            }
-        }
-    };
-    let flushed = core.flush_all(config.flush_timeout).await;
-    if let Err(err) = &flushed {
-        tracing::error!(
-            "{err}; the changes stay journaled in {} and upload at the next mount",
-            config.cache_dir.display()
-        );
-    }
-    let mut unmounted = Ok(());
-    if !session.guard.is_finished() {
-        // Its stat of the mount point holds the mount while it runs: an unmount right
-        // after the mount (a remount in a test, a quick restart) failed with EBUSY.
-        if tokio::time::timeout(READ_AHEAD_WAIT, read_ahead_set)
-            .await
-            .is_err()
-        {
-            tracing::debug!("the read-ahead setter is still busy; unmounting anyway");
-        }
-        let ended = if unmount_while_busy(&config.mountpoint).await {
-            session.join()
-        } else {
-            session.umount_and_join()
-        };
-        if let Err(err) = ended {
-            tracing::error!(error = %err, "unmount failed");
-            unmounted = Err(format!(
-                "could not unmount {}: {err}; a process may have a file open or its working \
-                 directory there: end it, then run `fusermount3 -u {}` (or `umount -l`)",
-                config.mountpoint.display(),
-                config.mountpoint.display()
-            ));
-        }
-    }
+    let (flushed, unmounted, reply_to) =
+        stop_serving(&config, &core, session, &mut stop_rx, read_ahead_set).await;
     uploader.stop();
     uploader_task.abort();
     if let Err(err) = std::fs::remove_file(&socket) {
@@ -384,14 +343,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
         },
     };
     if let Some((reply, delivered)) = reply_to {
-        if reply.send(response).is_err() {
-            tracing::debug!("umount client went away");
-        } else if tokio::time::timeout(Duration::from_secs(5), delivered)
-            .await
-            .is_err()
-        {
-            tracing::debug!("umount client did not take the answer in time");
-        }
+        answer_stop_request(reply, delivered, response).await;
     }
     tracing::info!("stopped");
     unmounted.map_err(|err| anyhow!("{err}"))?;
@@ -524,21 +476,203 @@ fn mount(config: &MountConfig, core: Arc<Core>) -> anyhow::Result<fuser::Backgro
 const KERNEL_READ_AHEAD_KB: u64 = 1024;
 
 /// Unmounts, retrying while the kernel says the mount is busy (someone holds it for a
+/// Serves until a stop request, then flushes and unmounts; returns the flush's and the
+/// unmount's outcome and where the answer goes. The daemon never exits leaving a dead
+/// mount behind: a `bucketgate umount` of a busy mount is refused and the mount keeps
+/// serving (as umount(8) does), and a signal detaches a busy mount (a lazy unmount: new
+/// opens no longer reach it) and serves the files still open there until they close, for
+/// at most `flush-timeout`, then flushes what they wrote.
+async fn stop_serving(
+    config: &MountConfig,
+    core: &Core,
+    session: fuser::BackgroundSession,
+    stop_rx: &mut mpsc::Receiver<Option<StopReply>>,
+    read_ahead_set: tokio::sync::oneshot::Receiver<()>,
+) -> (
+    crate::error::FsResult<()>,
+    Result<(), String>,
+    Option<StopReply>,
+) {
+    let mut read_ahead_set = Some(read_ahead_set);
+    loop {
+        let request = next_stop_request(stop_rx, &session).await;
+        let flushed = flush_before_exit(config, core).await;
+        if session.guard.is_finished() {
+            return (flushed, Ok(()), request);
+        }
+        if let Some(set) = read_ahead_set.take() {
+            // Its stat of the mount point holds the mount while it runs: an unmount right
+            // after the mount (a remount in a test, a quick restart) failed with EBUSY.
+            if tokio::time::timeout(READ_AHEAD_WAIT, set).await.is_err() {
+                tracing::debug!("the read-ahead setter is still busy; unmounting anyway");
+            }
+        }
+        match unmount_while_busy(&config.mountpoint).await {
+            Unmount::Done => return (flushed, session_ended(config, session.join()), request),
+            // Not root: fusermount does it, and reports a busy mount itself.
+            Unmount::NotPermitted => {
+                return (
+                    flushed,
+                    session_ended(config, session.umount_and_join()),
+                    request,
+                )
+            }
+            Unmount::Busy => {}
+        }
+        let Some((reply, delivered)) = request else {
+            return serve_detached(config, core, session, stop_rx).await;
+        };
+        tracing::warn!(
+            "unmount refused: {} is busy; still mounted and serving",
+            config.mountpoint.display()
+        );
+        let refused = Response {
+            ok: false,
+            error: Some(format!(
+                "could not unmount {}: it is busy (a process has a file open or its working \
+                 directory there); it stays mounted and working. End that process, then run \
+                 `bucketgate umount` again, or stop the daemon with SIGTERM to detach it \
+                 (open files keep working until closed)",
+                config.mountpoint.display()
+            )),
+            status: None,
+            progress: None,
+        };
+        answer_stop_request(reply, delivered, refused).await;
+    }
+}
+
+/// The next request to stop: `Some` from `bucketgate umount` (with where the answer
+/// goes), `None` for a signal or an unmount from outside.
+async fn next_stop_request(
+    stop_rx: &mut mpsc::Receiver<Option<StopReply>>,
+    session: &fuser::BackgroundSession,
+) -> Option<StopReply> {
+    loop {
+        tokio::select! {
+            request = stop_rx.recv() => return request.flatten(),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if session.guard.is_finished() {
+                    tracing::info!("unmounted from outside; flushing before exit");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn flush_before_exit(config: &MountConfig, core: &Core) -> crate::error::FsResult<()> {
+    let flushed = core.flush_all(config.flush_timeout).await;
+    if let Err(err) = &flushed {
+        tracing::error!(
+            "{err}; the changes stay journaled in {} and upload at the next mount",
+            config.cache_dir.display()
+        );
+    }
+    flushed
+}
+
+fn session_ended(config: &MountConfig, ended: std::io::Result<()>) -> Result<(), String> {
+    ended.map_err(|err| {
+        tracing::error!(error = %err, "unmount failed");
+        format!(
+            "could not unmount {}: {err}; a process may have a file open or its working \
+             directory there: end it, then run `fusermount3 -u {}` (or `umount -l`)",
+            config.mountpoint.display(),
+            config.mountpoint.display()
+        )
+    })
+}
+
+/// A signal found the mount busy: detaches it, serves the files still open on it until
+/// the last one closes (the session ends), another signal comes, or `flush-timeout`
+/// passes, then flushes what they wrote.
+async fn serve_detached(
+    config: &MountConfig,
+    core: &Core,
+    session: fuser::BackgroundSession,
+    stop_rx: &mut mpsc::Receiver<Option<StopReply>>,
+) -> (
+    crate::error::FsResult<()>,
+    Result<(), String>,
+    Option<StopReply>,
+) {
+    let mountpoint = config.mountpoint.display();
+    if let Err(err) = nix::mount::umount2(&config.mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+        tracing::error!(error = %err, "detaching the busy mount {mountpoint} failed");
+        return (
+            flush_before_exit(config, core).await,
+            session_ended(config, Err(err.into())),
+            None,
+        );
+    }
+    tracing::warn!(
+        "{mountpoint} was busy: detached it; files still open there keep working until \
+         closed (at most {:?}), then the daemon flushes them and exits",
+        config.flush_timeout
+    );
+    let deadline = tokio::time::Instant::now() + config.flush_timeout;
+    let mut reply_to = None;
+    // Bounded by the deadline.
+    while !session.guard.is_finished() {
+        tokio::select! {
+            request = stop_rx.recv() => {
+                reply_to = request.flatten();
+                tracing::warn!("stopping now: files still open on the detached mount get errors");
+                break;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("open files kept the detached mount past {:?}; stopping: they get errors now", config.flush_timeout);
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    let flushed = flush_before_exit(config, core).await;
+    if session.guard.is_finished() {
+        return (flushed, session_ended(config, session.join()), reply_to);
+    }
+    // Still in use: the kernel ends the connection when this process exits.
+    drop(session);
+    (flushed, Ok(()), reply_to)
+}
+
+async fn answer_stop_request(
+    reply: tokio::sync::oneshot::Sender<Response>,
+    delivered: tokio::sync::oneshot::Receiver<()>,
+    response: Response,
+) {
+    if reply.send(response).is_err() {
+        tracing::debug!("umount client went away");
+    } else if tokio::time::timeout(Duration::from_secs(5), delivered)
+        .await
+        .is_err()
+    {
+        tracing::debug!("umount client did not take the answer in time");
+    }
+}
+
+enum Unmount {
+    Done,
+    Busy,
+    /// Not root (or another refusal): the FUSE session's own unmount is up next.
+    NotPermitted,
+}
+
 /// moment: a stat in flight, a process leaving the directory), so a quick unmount does
-/// not fail on a passing user. Bounded by [`UNMOUNT_BUSY_WAIT`]. Returns whether it
-/// unmounted; if not (not root: fusermount; still busy: the error), the FUSE session's
-/// own unmount is up next.
-async fn unmount_while_busy(mountpoint: &Path) -> bool {
+/// not fail on a passing user. Bounded by [`UNMOUNT_BUSY_WAIT`].
+async fn unmount_while_busy(mountpoint: &Path) -> Unmount {
     let deadline = tokio::time::Instant::now() + UNMOUNT_BUSY_WAIT;
     loop {
         match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
             Err(nix::errno::Errno::EBUSY) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Ok(()) => return true,
+            Ok(()) => return Unmount::Done,
+            Err(nix::errno::Errno::EBUSY) => return Unmount::Busy,
             Err(err) => {
                 tracing::debug!(error = %err, "unmount of {}", mountpoint.display());
-                return false;
+                return Unmount::NotPermitted;
             }
         }
     }
@@ -746,13 +880,17 @@ fn spawn_signal_handlers(stop: StopSender) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    // Every signal counts: a second one ends the wait for files open on a detached mount.
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: flushing and unmounting"),
-            _ = int.recv() => tracing::info!("SIGINT: flushing and unmounting"),
-        }
-        if stop.send(None).await.is_err() {
-            tracing::debug!("already stopping");
+        for _ in 0..u32::MAX {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: flushing and unmounting"),
+                _ = int.recv() => tracing::info!("SIGINT: flushing and unmounting"),
+            }
+            if stop.send(None).await.is_err() {
+                tracing::debug!("already stopped");
+                return;
+            }
         }
     });
     Ok(())
