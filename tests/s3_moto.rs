@@ -379,6 +379,8 @@ fn a_directory_rename_moves_every_object_and_deletes_the_old_keys_in_batches() {
         // Every file is in the bucket before the rename, so the move is copy + delete.
         flush(&mount);
         let deletes_before = batch_deletes(&moto.log(), &bucket);
+        let old_heads = format!("HEAD /{bucket}/old/");
+        let heads_before = requests_logged(&moto.log(), &old_heads);
         fs::rename(mount.path("old"), mount.path("new")).expect("rename the directory");
         if mode == "cached" {
             flush(&mount);
@@ -400,6 +402,9 @@ fn a_directory_rename_moves_every_object_and_deletes_the_old_keys_in_batches() {
             (1..FILES / 4).contains(&batches),
             "{mode}: {FILES} old keys went in {batches} DeleteObjects requests"
         );
+        // The store knows each object's size: a copy needs no HEAD of its source.
+        let heads = requests_logged(&moto.log(), &old_heads) - heads_before;
+        assert_eq!(heads, 0, "{mode}: the move sent {heads} HEADs of old keys");
         mount.unmount();
     }
 }
@@ -412,6 +417,11 @@ fn flush(mount: &Mount) {
 
 /// DeleteObjects requests (`POST /bucket/?delete`) in moto's log.
 fn batch_deletes(log: &str, bucket: &str) -> usize {
-    let request = format!("\"POST /{bucket}/?delete");
-    log.lines().filter(|l| l.contains(&request)).count()
+    requests_logged(log, &format!("POST /{bucket}/?delete"))
+}
+
+/// Requests in moto's log that start with `request` (method and path).
+fn requests_logged(log: &str, request: &str) -> usize {
+    let quoted = format!("\"{request}");
+    log.lines().filter(|l| l.contains(&quoted)).count()
 }

@@ -76,9 +76,10 @@ pub async fn preserve_remote(
 ) -> FsResult<Option<String>> {
     let kept = match free_conflict_key(backend, key).await? {
         Some(target) => {
-            // The copy's own version does not matter: nothing of the mount owns it.
+            // The copy's own version does not matter: nothing of the mount owns it. Its
+            // size is another tool's, unknown here.
             backend
-                .copy(key, &target)
+                .copy(key, &target, None)
                 .await
                 .map_err(|err| FsError::backend(&format!("copying {key} to {target}"), err))?;
             tracing::warn!(

@@ -676,7 +676,7 @@ impl Uploader {
                 // A rename of an unchanged file: server-side copy, no data through us.
                 let etag = self
                     .backend
-                    .copy(old, key)
+                    .copy(old, key, inode.remote_size)
                     .await
                     .map_err(|err| FsError::backend(&format!("copying {old} to {key}"), err))?;
                 let remote = RemoteState {
