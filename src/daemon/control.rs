@@ -47,11 +47,16 @@ impl Response {
                 status: serde_json::to_value(report).ok(),
                 ..Default::default()
             },
-            Err(error) => Response {
-                ok: false,
-                error: Some(error),
-                ..Default::default()
-            },
+            Err(error) => Response::failed(error),
+        }
+    }
+
+    /// A command that failed, with what to tell the user.
+    pub fn failed(error: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(error.into()),
+            ..Default::default()
         }
     }
 }

@@ -323,24 +323,14 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     meta.set_state("clean", "1")
         .map_err(|err| anyhow!("{err}"))?;
     let response = match (&flushed, &unmounted) {
-        (_, Err(err)) => Response {
-            ok: false,
-            error: Some(err.clone()),
-            status: None,
-            progress: None,
-        },
+        (_, Err(err)) => Response::failed(err.clone()),
         (Ok(()), Ok(())) => Response {
             ok: true,
             ..Default::default()
         },
-        (Err(err), Ok(())) => Response {
-            ok: false,
-            error: Some(format!(
-                "unmounted, but {err}; they upload at the next mount"
-            )),
-            status: None,
-            progress: None,
-        },
+        (Err(err), Ok(())) => Response::failed(format!(
+            "unmounted, but {err}; they upload at the next mount"
+        )),
     };
     if let Some((reply, delivered)) = reply_to {
         answer_stop_request(reply, delivered, response).await;
@@ -475,7 +465,6 @@ fn mount(config: &MountConfig, core: Arc<Core>) -> anyhow::Result<fuser::Backgro
 /// that `init` asks for).
 const KERNEL_READ_AHEAD_KB: u64 = 1024;
 
-/// Unmounts, retrying while the kernel says the mount is busy (someone holds it for a
 /// Serves until a stop request, then flushes and unmounts; returns the flush's and the
 /// unmount's outcome and where the answer goes. The daemon never exits leaving a dead
 /// mount behind: a `bucketgate umount` of a busy mount is refused and the mount keeps
@@ -496,10 +485,11 @@ async fn stop_serving(
     let mut read_ahead_set = Some(read_ahead_set);
     loop {
         let request = next_stop_request(stop_rx, &session).await;
-        let flushed = flush_before_exit(config, core).await;
         if session.guard.is_finished() {
-            return (flushed, Ok(()), request);
+            tracing::info!("unmounted from outside; flushing before exit");
+            return (flush_before_exit(config, core).await, Ok(()), request);
         }
+        let flushed = flush_before_exit(config, core).await;
         if let Some(set) = read_ahead_set.take() {
             // Its stat of the mount point holds the mount while it runs: an unmount right
             // after the mount (a remount in a test, a quick restart) failed with EBUSY.
@@ -526,24 +516,19 @@ async fn stop_serving(
             "unmount refused: {} is busy; still mounted and serving",
             config.mountpoint.display()
         );
-        let refused = Response {
-            ok: false,
-            error: Some(format!(
-                "could not unmount {}: it is busy (a process has a file open or its working \
+        let refused = Response::failed(format!(
+            "could not unmount {}: it is busy (a process has a file open or its working \
                  directory there); it stays mounted and working. End that process, then run \
                  `bucketgate umount` again, or stop the daemon with SIGTERM to detach it \
                  (open files keep working until closed)",
-                config.mountpoint.display()
-            )),
-            status: None,
-            progress: None,
-        };
+            config.mountpoint.display()
+        ));
         answer_stop_request(reply, delivered, refused).await;
     }
 }
 
 /// The next request to stop: `Some` from `bucketgate umount` (with where the answer
-/// goes), `None` for a signal or an unmount from outside.
+/// goes), `None` for a signal or once the session ended (the mount went away).
 async fn next_stop_request(
     stop_rx: &mut mpsc::Receiver<Option<StopReply>>,
     session: &fuser::BackgroundSession,
@@ -553,7 +538,6 @@ async fn next_stop_request(
             request = stop_rx.recv() => return request.flatten(),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if session.guard.is_finished() {
-                    tracing::info!("unmounted from outside; flushing before exit");
                     return None;
                 }
             }
@@ -611,23 +595,26 @@ async fn serve_detached(
          closed (at most {:?}), then the daemon flushes them and exits",
         config.flush_timeout
     );
-    let deadline = tokio::time::Instant::now() + config.flush_timeout;
-    let mut reply_to = None;
-    // Bounded by the deadline.
-    while !session.guard.is_finished() {
-        tokio::select! {
-            request = stop_rx.recv() => {
-                reply_to = request.flatten();
-                tracing::warn!("stopping now: files still open on the detached mount get errors");
-                break;
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                tracing::warn!("open files kept the detached mount past {:?}; stopping: they get errors now", config.flush_timeout);
-                break;
-            }
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+    let reply_to = match tokio::time::timeout(
+        config.flush_timeout,
+        next_stop_request(stop_rx, &session),
+    )
+    .await
+    {
+        // The last open file closed: the session ended.
+        Ok(request) if session.guard.is_finished() => request,
+        Ok(request) => {
+            tracing::warn!("stopping now: files still open on the detached mount get errors");
+            request
         }
-    }
+        Err(_) => {
+            tracing::warn!(
+                "open files kept the detached mount past {:?}; stopping: they get errors now",
+                config.flush_timeout
+            );
+            None
+        }
+    };
     let flushed = flush_before_exit(config, core).await;
     if session.guard.is_finished() {
         return (flushed, session_ended(config, session.join()), reply_to);
@@ -659,6 +646,7 @@ enum Unmount {
     NotPermitted,
 }
 
+/// Unmounts, retrying while the kernel says the mount is busy (someone holds it for a
 /// moment: a stat in flight, a process leaving the directory), so a quick unmount does
 /// not fail on a passing user. Bounded by [`UNMOUNT_BUSY_WAIT`].
 async fn unmount_while_busy(mountpoint: &Path) -> Unmount {
@@ -779,31 +767,17 @@ async fn serve_control(
                         ok: true,
                         ..Default::default()
                     },
-                    Err(err) => Response {
-                        ok: false,
-                        error: Some(err.to_string()),
-                        status: None,
-                        progress: None,
-                    },
+                    Err(err) => Response::failed(err.to_string()),
                 },
                 Ok(Command::Unmount) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let (written_tx, written_rx) = tokio::sync::oneshot::channel();
                     delivered = Some(written_tx);
                     if stop.send(Some((tx, written_rx))).await.is_err() {
-                        Response {
-                            ok: false,
-                            error: Some("daemon is already stopping".into()),
-                            status: None,
-                            progress: None,
-                        }
+                        Response::failed("daemon is already stopping")
                     } else {
-                        rx.await.unwrap_or(Response {
-                            ok: false,
-                            error: Some("daemon stopped without answering".into()),
-                            status: None,
-                            progress: None,
-                        })
+                        rx.await
+                            .unwrap_or(Response::failed("daemon stopped without answering"))
                     }
                 }
                 Ok(Command::Verify { path }) => {
@@ -812,11 +786,7 @@ async fn serve_control(
                 Ok(Command::Refresh { path }) => {
                     Response::of_report(core.refresh(&path).await.map_err(|e| e.to_string()))
                 }
-                Err(err) => Response {
-                    ok: false,
-                    error: Some(format!("bad request: {err}")),
-                    ..Default::default()
-                },
+                Err(err) => Response::failed(format!("bad request: {err}")),
             };
             let mut text =
                 serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".to_string());
