@@ -48,6 +48,16 @@ pub enum Passthrough {
     Off,
 }
 
+/// Whether the mount keeps an attribute index per directory in the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttrIndexing {
+    /// Written after uploads, read by a fresh mount's first listing of a directory.
+    On,
+    /// Neither written nor read: each listed file's attributes come from its HEAD.
+    Off,
+}
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
@@ -69,6 +79,7 @@ pub struct Defaults;
 impl Defaults {
     pub const MODE: Mode = Mode::Cached;
     pub const PASSTHROUGH: Passthrough = Passthrough::Auto;
+    pub const ATTR_INDEX: AttrIndexing = AttrIndexing::On;
     pub const CACHE_SIZE: u64 = 10 << 30;
     pub const PART_SIZE: u64 = 8 << 20;
     pub const UPLOAD_CONCURRENCY: usize = 4;
@@ -109,6 +120,11 @@ pub struct MountArgs {
     /// the kernel itself (FUSE passthrough; needs kernel 6.9+ and root); off: never
     #[arg(long, value_enum)]
     pub passthrough: Option<Passthrough>,
+    /// on (default): keep one small index object per directory with the attributes of
+    /// the files stored there, so a fresh mount lists it without a HEAD per file; off:
+    /// neither write nor read one
+    #[arg(long, value_enum)]
+    pub attr_index: Option<AttrIndexing>,
     /// How paths map to keys: plain (default; key = path) or hashed[:N] (key = first N
     /// hex chars of the path's MD5, `/`, path; N 1..8, default 4)
     #[arg(long)]
@@ -171,6 +187,7 @@ struct FileConfig {
     mode: Option<Mode>,
     cache_dir: Option<PathBuf>,
     passthrough: Option<Passthrough>,
+    attr_index: Option<AttrIndexing>,
     key_layout: Option<String>,
     cache_size: Option<String>,
     part_size: Option<String>,
@@ -207,6 +224,7 @@ pub struct MountConfig {
     pub mode: Mode,
     pub cache_dir: PathBuf,
     pub passthrough: Passthrough,
+    pub attr_index: AttrIndexing,
     pub key_layout: KeyLayout,
     pub cache_size: u64,
     pub part_size: u64,
@@ -346,6 +364,10 @@ impl MountConfig {
                 .passthrough
                 .or(file.passthrough)
                 .unwrap_or(Defaults::PASSTHROUGH),
+            attr_index: args
+                .attr_index
+                .or(file.attr_index)
+                .unwrap_or(Defaults::ATTR_INDEX),
             key_layout,
             cache_size,
             part_size,

@@ -425,3 +425,130 @@ fn requests_logged(log: &str, request: &str) -> usize {
     let quoted = format!("\"{request}");
     log.lines().filter(|l| l.contains(&quoted)).count()
 }
+
+/// A fresh mount's first `ls -l` of a directory the gateway wrote takes the files'
+/// attributes from the directory's index, not from one HEAD each; a file another tool
+/// replaced, retagged in place or added since gets its HEAD and shows what it is now.
+#[test]
+fn a_fresh_mount_lists_a_directory_from_its_attribute_index() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, UNIX_EPOCH};
+    const FILES: usize = 40;
+    let moto = Moto::start();
+    let bucket = unique_name("bg-index");
+    moto.create_bucket(&bucket);
+    let mount = Mount::s3(&moto, &bucket, "cached", &["--upload-delay", "100ms"]);
+    fs::create_dir(mount.path("docs")).expect("mkdir");
+    for i in 0..FILES {
+        fs::write(
+            mount.path(format!("docs/f{i:03}")),
+            pattern(100 + i, i as u8),
+        )
+        .expect("write");
+    }
+    fs::set_permissions(mount.path("docs/f001"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let long_ago = UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    fs::File::options()
+        .write(true)
+        .open(mount.path("docs/f002"))
+        .and_then(|f| f.set_modified(long_ago))
+        .expect("set mtime");
+    mount.unmount();
+    let indexes = moto.attr_index_keys(&bucket);
+    assert_eq!(indexes.len(), 1, "one index, of docs/: {indexes:?}");
+
+    // Another tool, a second later (the bucket dates objects to the second): new bytes
+    // in f003, new metadata on the same bytes in f004 (same ETag), and a new file.
+    std::thread::sleep(Duration::from_millis(1100));
+    moto.put_object(&bucket, "docs/f003", b"replaced", &[("mode", "33216")]);
+    moto.put_object(
+        &bucket,
+        "docs/f004",
+        &pattern(104, 4),
+        &[("mode", "33184"), ("uid", "1234")],
+    );
+    moto.put_object(&bucket, "docs/new", b"new", &[("mode", "33261")]);
+
+    let file_heads = format!("HEAD /{bucket}/docs/f");
+    let new_heads = format!("HEAD /{bucket}/docs/new");
+    let before = (
+        requests_logged(&moto.log(), &file_heads),
+        requests_logged(&moto.log(), &new_heads),
+    );
+    let mount = Mount::s3(&moto, &bucket, "cached", &[]);
+    let listed: Vec<(String, fs::Metadata)> = fs::read_dir(mount.path("docs"))
+        .expect("readdir")
+        .map(|entry| {
+            let entry = entry.expect("entry");
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let meta = fs::symlink_metadata(entry.path()).expect("stat");
+            (name, meta)
+        })
+        .collect();
+    assert_eq!(listed.len(), FILES + 1);
+    let heads = (
+        requests_logged(&moto.log(), &file_heads) - before.0,
+        requests_logged(&moto.log(), &new_heads) - before.1,
+    );
+    assert_eq!(
+        heads,
+        (2, 1),
+        "HEADs of (unchanged and changed files, the new one)"
+    );
+    let attrs = |name: &str| {
+        let (_, meta) = listed
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} listed"));
+        (meta.mode(), meta.uid(), meta.len(), meta.mtime())
+    };
+    let me = nix::unistd::getuid().as_raw();
+    assert_eq!(attrs("f001").0, 0o100600, "chmod before the index");
+    assert_eq!(attrs("f002").3, 1_500_000_000, "mtime before the index");
+    let (mode, uid, size, _) = attrs("f000");
+    assert_eq!(
+        (mode, uid, size),
+        (0o100644, me, 100),
+        "stored with defaults"
+    );
+    assert_eq!(attrs("f003").0, 0o100700, "replaced: its own metadata");
+    assert_eq!(attrs("f003").2, 8);
+    assert_eq!(
+        (attrs("f004").0, attrs("f004").1),
+        (0o100640, 1234),
+        "retagged"
+    );
+    assert_eq!((attrs("new").0, attrs("new").2), (0o100755, 3), "added");
+    // The crc64 the index carried checks the bytes read.
+    assert_eq!(
+        fs::read(mount.path("docs/f001")).expect("read"),
+        pattern(101, 1)
+    );
+
+    // A rename takes the index along: the old one goes, the new directory gets its own.
+    fs::rename(mount.path("docs"), mount.path("archive")).expect("rename");
+    mount.unmount();
+    let after_rename = moto.attr_index_keys(&bucket);
+    assert_eq!(after_rename.len(), 1, "{after_rename:?}");
+    assert_ne!(after_rename, indexes, "the index of archive/, not of docs/");
+
+    // Off: a directory written then gets no index, and the listing sends its HEADs.
+    let mount = Mount::s3(&moto, &bucket, "cached", &["--attr-index", "off"]);
+    fs::create_dir(mount.path("plain")).expect("mkdir");
+    fs::write(mount.path("plain/one"), b"1").expect("write");
+    let archive_heads = format!("HEAD /{bucket}/archive/");
+    let before = requests_logged(&moto.log(), &archive_heads);
+    let mut count = 0;
+    for entry in fs::read_dir(mount.path("archive")).expect("readdir") {
+        fs::symlink_metadata(entry.expect("entry").path()).expect("stat");
+        count += 1;
+    }
+    assert_eq!(count, FILES + 1);
+    let heads = requests_logged(&moto.log(), &archive_heads) - before;
+    assert!(
+        heads > FILES,
+        "with the index off every file gets a HEAD ({heads})"
+    );
+    mount.unmount();
+    assert_eq!(moto.attr_index_keys(&bucket), after_rename);
+}

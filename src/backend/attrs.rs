@@ -177,15 +177,19 @@ pub fn parse_mtime(text: &str) -> Option<SystemTime> {
         .map(SystemTime::from)
 }
 
+/// Mount defaults for the tests of this module and its neighbours.
+#[cfg(test)]
+pub(super) const TEST_DEFAULTS: AttrDefaults = AttrDefaults {
+    uid: 7,
+    gid: 8,
+    umask: 0o022,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const DEFAULTS: AttrDefaults = AttrDefaults {
-        uid: 7,
-        gid: 8,
-        umask: 0o022,
-    };
+    const DEFAULTS: AttrDefaults = TEST_DEFAULTS;
 
     fn lookup<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |key| {

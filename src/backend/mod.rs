@@ -1,6 +1,7 @@
 //! The bucket: an OpenDAL operator built from the mount's SOURCE, with the few operations
 //! the gateway needs, expressed in keys relative to the mount's prefix.
 
+pub mod attr_index;
 pub mod attrs;
 mod deletes;
 pub mod layout;
@@ -18,6 +19,7 @@ use opendal::{Buffer, ErrorKind, Operator};
 use deletes::DeleteBatcher;
 use s3_direct::S3Direct;
 
+pub use attr_index::AttrIndex;
 pub use attrs::{AttrDefaults, Kind, ObjectAttrs};
 pub use layout::KeyLayout;
 
@@ -318,6 +320,52 @@ impl Backend {
             });
         }
         Ok(out)
+    }
+
+    /// The attribute index of the directory at `dir_key`, if there is a usable one. A
+    /// damaged or foreign index is not an error (the listing falls back to HEADs), only
+    /// logged. The HEAD goes first: an index rewritten between it and the GET then pairs a
+    /// newer body with an older time, which only trusts fewer entries.
+    pub async fn read_attr_index(&self, dir_key: &str) -> opendal::Result<Option<AttrIndex>> {
+        let key = attr_index::index_key(dir_key);
+        let meta = match self.op.stat(&key).await {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let Some(written) = meta.last_modified().map(SystemTime::from) else {
+            return Ok(None);
+        };
+        let body = match self.op.read(&key).await {
+            Ok(body) => body,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        match AttrIndex::decode(dir_key, &body.to_vec(), written) {
+            Ok(index) => Ok(Some(index)),
+            Err(reason) => {
+                tracing::warn!(key, reason, "ignoring an attribute index");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores the attribute index of the directory at `dir_key`; with no files, removes it.
+    pub async fn write_attr_index(
+        &self,
+        dir_key: &str,
+        files: Vec<attr_index::IndexedFile>,
+    ) -> opendal::Result<()> {
+        let key = attr_index::index_key(dir_key);
+        if files.is_empty() || files.len() > attr_index::MAX_INDEXED_FILES {
+            return self.delete(&key).await;
+        }
+        let count = files.len();
+        let body = attr_index::encode(dir_key, files)
+            .map_err(|err| opendal::Error::new(ErrorKind::Unexpected, err.to_string()))?;
+        self.op.write(&key, body).await?;
+        tracing::debug!(dir_key, files = count, "stored an attribute index");
+        Ok(())
     }
 
     /// Writes a small object in one request (empty files, symlinks).

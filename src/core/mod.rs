@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 
-use crate::backend::{AttrDefaults, Backend, Kind};
+use crate::backend::{attr_index, AttrDefaults, Backend, Kind};
 use crate::buffers::Buffer;
 use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE, PART_BLOCKS};
 use crate::config::Mode;
@@ -59,6 +59,8 @@ pub struct CoreConfig {
     pub meta_ttl: Option<Duration>,
     /// Whether complete cached files may be served by the kernel itself (passthrough).
     pub passthrough: bool,
+    /// Whether a directory's first listing reads its attribute index.
+    pub attr_index: bool,
 }
 
 /// A handle as opened: its number, and when the kernel is to serve it from the cache
@@ -605,11 +607,29 @@ impl Core {
             return self.meta.detach(tx, inode.ino);
         }
         if let Some(key) = inode.remote_key.clone().filter(|k| !k.is_empty()) {
+            if inode.kind == Kind::Dir {
+                self.queue_attr_index_removal(tx, &key)?;
+            }
             let op = JournalOp::Delete(key);
             self.meta.enqueue(tx, &op, Duration::ZERO)?;
             ops.push(op);
         }
         self.meta.delete_inode(tx, inode.ino)
+    }
+
+    /// Queues the delete of the attribute index of a directory leaving `dir_key`. In the
+    /// background, even in write-through mode: a stale index is harmless (its entries no
+    /// longer match any listing), so the rename or rmdir does not wait for it.
+    fn queue_attr_index_removal(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        dir_key: &str,
+    ) -> FsResult<()> {
+        if !self.config.attr_index || self.config.read_only {
+            return Ok(());
+        }
+        let op = JournalOp::Delete(attr_index::index_key(dir_key));
+        self.meta.enqueue(tx, &op, Duration::ZERO)
     }
 
     fn drop_cached_data(&self, ino: u64) -> FsResult<()> {
@@ -763,6 +783,7 @@ impl Core {
             // Deepest first, after the moves: old markers go once their children left.
             old_dir_keys.sort_by_key(|key| std::cmp::Reverse(key.len()));
             for key in old_dir_keys {
+                self.queue_attr_index_removal(tx, &key)?;
                 let op = JournalOp::Delete(key);
                 self.meta.enqueue(tx, &op, delay)?;
                 ops.push(op);

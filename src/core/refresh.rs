@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use super::{lock, Core, MAX_NAME_BYTES, PARALLEL_HEADS};
-use crate::backend::{Kind, ListedEntry, ObjectInfo};
+use crate::backend::{AttrIndex, Kind, ListedEntry, ObjectAttrs, ObjectInfo};
 use crate::cache::FileInit;
 use crate::error::{FsError, FsResult};
 use crate::integrity::ReadVerifier;
@@ -206,7 +206,8 @@ impl Core {
         }
         let started = Instant::now();
         let key = self.key_of(&dir)?;
-        let listed = match self.backend.list_dir(&key).await {
+        let (listed, index) = self.list_with_index(&key, !dir.listed).await;
+        let listed = match listed {
             Ok(listed) => listed,
             Err(err) => {
                 let err = FsError::backend(
@@ -224,15 +225,51 @@ impl Core {
         let mut report = if dir.listed {
             self.reconcile(&dir, &key, listed).await?
         } else {
-            self.first_listing(&dir, &key, listed)?
+            self.first_listing(&dir, &key, listed, index.as_ref())?
         };
         report.directories = 1;
         self.fresh.mark(ino, started);
         Ok(report)
     }
 
+    /// Lists a directory and, for its first listing (`first`), reads its attribute index
+    /// at the same time. An index that cannot be read only costs the HEADs it would save.
+    async fn list_with_index(
+        &self,
+        key: &str,
+        first: bool,
+    ) -> (opendal::Result<Vec<ListedEntry>>, Option<AttrIndex>) {
+        if !(first && self.config.attr_index) {
+            return (self.backend.list_dir(key).await, None);
+        }
+        let (listed, index) = futures::join!(
+            self.backend.list_dir(key),
+            self.backend.read_attr_index(key)
+        );
+        let index = index.unwrap_or_else(|err| {
+            tracing::debug!(key, error = %err, "no attribute index: each file gets a HEAD");
+            None
+        });
+        (listed, index)
+    }
+
+    /// The local record of an object a listing found: with its attributes when the
+    /// directory's index vouches for them, else to be completed by a HEAD.
+    fn listed_inode(
+        &self,
+        key: String,
+        entry: &ListedEntry,
+        index: Option<&AttrIndex>,
+    ) -> NewInode {
+        let new = self.unheaded_inode(key, entry);
+        match index.and_then(|index| index.attrs_for(entry, self.config.defaults)) {
+            Some((attrs, crc64)) => with_indexed_attrs(new, &attrs, crc64),
+            None => new,
+        }
+    }
+
     /// The local record of an object a listing found, before any HEAD.
-    fn listed_inode(&self, key: String, entry: &ListedEntry) -> NewInode {
+    fn unheaded_inode(&self, key: String, entry: &ListedEntry) -> NewInode {
         let defaults = self.config.defaults;
         let kind = if entry.is_dir { Kind::Dir } else { Kind::File };
         let perm = match kind {
@@ -267,12 +304,14 @@ impl Core {
         dir: &Inode,
         key: &str,
         listed: Vec<ListedEntry>,
+        index: Option<&AttrIndex>,
     ) -> FsResult<RefreshReport> {
         let found: Vec<(Vec<u8>, NewInode)> = listed
             .into_iter()
             .filter(|entry| entry.name.len() <= MAX_NAME_BYTES)
             .map(|entry| {
-                let new = self.listed_inode(child_key(key, &entry.name, entry.is_dir), &entry);
+                let new =
+                    self.listed_inode(child_key(key, &entry.name, entry.is_dir), &entry, index);
                 (entry.name.into_bytes(), new)
             })
             .collect();
@@ -366,7 +405,7 @@ impl Core {
         key: String,
         entry: ListedEntry,
     ) -> FsResult<RefreshReport> {
-        let mut new = self.listed_inode(key.clone(), &entry);
+        let mut new = self.unheaded_inode(key.clone(), &entry);
         if entry.is_dir {
             let exists = self
                 .backend
@@ -634,6 +673,19 @@ fn with_object_info(mut new: NewInode, info: &ObjectInfo) -> NewInode {
         remote.etag = info.etag.clone();
         remote.size = info.size;
         remote.crc64 = info.crc64;
+    }
+    new
+}
+
+/// A listed file's record completed with what its directory's index says.
+fn with_indexed_attrs(mut new: NewInode, attrs: &ObjectAttrs, crc64: Option<u64>) -> NewInode {
+    new.perm = attrs.perm;
+    new.uid = attrs.uid;
+    new.gid = attrs.gid;
+    new.mtime = attrs.mtime;
+    new.attrs_loaded = true;
+    if let Some(remote) = new.remote.as_mut() {
+        remote.crc64 = crc64;
     }
     new
 }

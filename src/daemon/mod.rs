@@ -244,6 +244,11 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
     if rebuild::store_needs_scan(&meta, layout)? {
         scan_at_mount(&config, &meta, &backend).await?;
     }
+    // The directory bucket lists names with their metadata cheaply: no index there.
+    let attr_index = config.attr_index == crate::config::AttrIndexing::On
+        && layout.lists_lazily()
+        && backend.local_root().is_none();
+    meta.index_directories(attr_index && !config.options.read_only);
     let uploader = Uploader::new(
         meta.clone(),
         backend.clone(),
@@ -269,6 +274,7 @@ async fn serve(config: MountConfig) -> anyhow::Result<()> {
             defaults: attr_defaults(&config),
             meta_ttl: config.meta_ttl,
             passthrough: config.passthrough == crate::config::Passthrough::Auto,
+            attr_index,
         },
         meta.clone(),
         backend.clone(),

@@ -7,6 +7,7 @@ mod schema;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -102,6 +103,8 @@ pub enum JournalOp {
     Delete(String),
     /// Store the crc64 of a streamed object in its metadata, once it is complete.
     Checksum(u64),
+    /// Rewrite the attribute index of this directory (see `backend::attr_index`).
+    AttrIndex(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -128,7 +131,15 @@ pub struct MetaStore {
     /// Inodes whose creation committed unsynced, with the commit's number: see
     /// [`MetaStore::transaction_deferred`].
     deferred: Mutex<HashMap<u64, u64>>,
+    /// Whether recording an object queues a rewrite of its directory's attribute index.
+    indexes_directories: AtomicBool,
+    /// When (ms since the epoch) a recorded object last queued an index rewrite.
+    last_index_queued_ms: AtomicI64,
 }
+
+/// How long a directory's attribute index waits after an object in it was recorded:
+/// one rewrite covers a burst of uploads (a backup writing thousands of files).
+pub const ATTR_INDEX_DELAY: Duration = Duration::from_secs(2);
 
 /// Deferred creations remembered before the ones already durable are pruned.
 const DEFERRED_PRUNE_AT: usize = 1024;
@@ -208,7 +219,20 @@ impl MetaStore {
             conn: Mutex::new(conn),
             log: log::CommitLog::new(path),
             deferred: Mutex::new(HashMap::new()),
+            indexes_directories: AtomicBool::new(false),
+            last_index_queued_ms: AtomicI64::new(0),
         })
+    }
+
+    /// From now on, recording a file's object queues its directory's attribute index.
+    pub fn index_directories(&self, on: bool) {
+        self.indexes_directories.store(on, Ordering::Relaxed);
+    }
+
+    /// How long ago a recorded object last queued an index rewrite.
+    pub fn since_index_queued(&self) -> Duration {
+        let then = self.last_index_queued_ms.load(Ordering::Relaxed);
+        Duration::from_millis(now_ms().saturating_sub(then).max(0) as u64)
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -506,6 +530,9 @@ impl MetaStore {
                     to_ns(attrs.mtime)
                 ])?,
         };
+        if self.indexes_directories.load(Ordering::Relaxed) {
+            self.queue_attr_index(tx, ino)?;
+        }
         Ok(cleared > 0)
     }
 
@@ -621,6 +648,29 @@ impl MetaStore {
              ON CONFLICT(op, ino, key) DO UPDATE SET gen = gen + 1, not_before_ms = MAX(not_before_ms, ?4), attempts = 0")?.execute(
             params![name, ino, key, not_before],
         )?;
+        Ok(())
+    }
+
+    /// Queues a rewrite of the attribute index of the directory holding file `ino`, due
+    /// [`ATTR_INDEX_DELAY`] from now. Unlike [`Self::enqueue`], a rewrite still waiting
+    /// keeps its time (a directory written to without pause still gets one per delay);
+    /// one already due or running waits a delay again.
+    fn queue_attr_index(&self, tx: &Transaction<'_>, ino: u64) -> FsResult<()> {
+        let now = now_ms();
+        self.last_index_queued_ms.store(now, Ordering::Relaxed);
+        tx.prepare_cached(
+            "INSERT INTO journal(op, ino, key, not_before_ms)
+             SELECT 'attr-index', parent, '', ?2 FROM inodes
+             WHERE ino = ?1 AND kind = ?4 AND parent IS NOT NULL
+             ON CONFLICT(op, ino, key) DO UPDATE SET gen = gen + 1, attempts = 0,
+               not_before_ms = CASE WHEN not_before_ms <= ?3 THEN ?2 ELSE not_before_ms END",
+        )?
+        .execute(params![
+            ino as i64,
+            now + ATTR_INDEX_DELAY.as_millis() as i64,
+            now,
+            Kind::File.as_i64()
+        ])?;
         Ok(())
     }
 
@@ -907,6 +957,7 @@ fn journal_target(op: &JournalOp) -> (&'static str, i64, String) {
         JournalOp::Sync(ino) => ("sync", *ino as i64, String::new()),
         JournalOp::Delete(key) => ("delete", 0, key.clone()),
         JournalOp::Checksum(ino) => ("checksum", *ino as i64, String::new()),
+        JournalOp::AttrIndex(ino) => ("attr-index", *ino as i64, String::new()),
     }
 }
 
@@ -919,6 +970,7 @@ fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<JournalEntry> {
         op: match op.as_str() {
             "sync" => JournalOp::Sync(ino as u64),
             "checksum" => JournalOp::Checksum(ino as u64),
+            "attr-index" => JournalOp::AttrIndex(ino as u64),
             _ => JournalOp::Delete(key),
         },
         gen: row.get(4)?,

@@ -1,6 +1,7 @@
 //! The uploader: works through the journal, making the bucket match local metadata
 //! (uploads, directory markers, symlinks, moves after renames, deletes), with retries.
 
+mod attr_index;
 pub mod conflict;
 pub mod upload;
 
@@ -382,6 +383,7 @@ impl Uploader {
                 let _guard = self.busy_inodes.lock(*ino).await;
                 self.store_checksum(*ino).await
             }
+            JournalOp::AttrIndex(ino) => self.store_attr_index(*ino).await,
         }
     }
 

@@ -29,6 +29,8 @@ pub const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 pub const REGION: &str = "us-east-1";
 pub const ACCESS_KEY: &str = "test";
 pub const SECRET_KEY: &str = "test";
+/// Where the mount keeps directories' attribute indexes.
+pub const ATTR_INDEX_PREFIX: &str = ".bucketgate/attr-index/";
 
 /// How long moto may take to answer after spawning.
 const MOTO_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -396,8 +398,21 @@ impl Moto {
         (field("id"), field("secret"))
     }
 
-    /// Every key under `prefix` (all pages), in the server's (lexicographic) order.
+    /// Every key under `prefix` (all pages), in the server's (lexicographic) order, but
+    /// the directories' attribute indexes: bookkeeping the mount writes on its own time,
+    /// which [`Moto::attr_index_keys`] lists for the tests about them.
     pub fn list_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let mut keys = self.all_keys(bucket, prefix);
+        keys.retain(|key| !key.starts_with(ATTR_INDEX_PREFIX));
+        keys
+    }
+
+    /// The keys of the attribute indexes in `bucket`.
+    pub fn attr_index_keys(&self, bucket: &str) -> Vec<String> {
+        self.all_keys(bucket, ATTR_INDEX_PREFIX)
+    }
+
+    fn all_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
         let v = self.helper("list_keys", &[bucket, prefix]);
         serde_json::from_value(v).expect("list_keys: helper output is not a list of strings")
     }
