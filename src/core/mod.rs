@@ -28,7 +28,7 @@ use crate::meta::{
     AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, Settles, ROOT_INO,
 };
 use crate::sync::upload::StreamUpload;
-use crate::sync::{attrs_of, discard_cache_file, file_init, read_verifier, Uploader};
+use crate::sync::{attrs_of, discard_cache_file, file_init, read_verifier, FlushScope, Uploader};
 use handle::{Handle, Opener};
 
 /// Longest name of one path component.
@@ -1742,12 +1742,13 @@ impl Core {
         })
     }
 
-    /// Persists every open file's changes and waits until the bucket has everything.
-    pub async fn flush_all(&self, timeout: Duration) -> FsResult<()> {
+    /// Persists every open file's changes and waits until the bucket has them (and with
+    /// [`FlushScope::Everything`], the directories' attribute indexes).
+    pub async fn flush_all(&self, timeout: Duration, scope: FlushScope) -> FsResult<()> {
         let handles: Vec<u64> = lock(&self.handles).keys().copied().collect();
         for fh in handles {
             self.complete(fh).await?;
         }
-        self.uploader.flush(timeout).await
+        self.uploader.flush(timeout, scope).await
     }
 }

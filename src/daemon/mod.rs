@@ -23,7 +23,7 @@ use crate::config::MountConfig;
 use crate::core::{Core, CoreConfig};
 use crate::fs::BucketFs;
 use crate::meta::MetaStore;
-use crate::sync::{Uploader, UploaderConfig};
+use crate::sync::{FlushScope, Uploader, UploaderConfig};
 use control::{Command, Response};
 
 /// How long mounting waits for the bucket to answer before giving up.
@@ -552,7 +552,9 @@ async fn next_stop_request(
 }
 
 async fn flush_before_exit(config: &MountConfig, core: &Core) -> crate::error::FsResult<()> {
-    let flushed = core.flush_all(config.flush_timeout).await;
+    let flushed = core
+        .flush_all(config.flush_timeout, FlushScope::Everything)
+        .await;
     if let Err(err) = &flushed {
         tracing::error!(
             "{err}; the changes stay journaled in {} and upload at the next mount",
@@ -768,13 +770,15 @@ async fn serve_control(
                 Ok(Command::Status) => {
                     Response::of_report(core.status(&source).map_err(|e| e.to_string()))
                 }
-                Ok(Command::Flush) => match core.flush_all(flush_timeout).await {
-                    Ok(()) => Response {
-                        ok: true,
-                        ..Default::default()
-                    },
-                    Err(err) => Response::failed(err.to_string()),
-                },
+                Ok(Command::Flush) => {
+                    match core.flush_all(flush_timeout, FlushScope::Changes).await {
+                        Ok(()) => Response {
+                            ok: true,
+                            ..Default::default()
+                        },
+                        Err(err) => Response::failed(err.to_string()),
+                    }
+                }
                 Ok(Command::Unmount) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let (written_tx, written_rx) = tokio::sync::oneshot::channel();

@@ -519,7 +519,7 @@ fn refuse_unsynced(cache_dir: &std::path::Path, force: bool) -> anyhow::Result<(
             path.display()
         )
     })?;
-    let pending = meta.journal_len().map_err(|err| anyhow!("{err}"))?;
+    let pending = meta.changes_pending().map_err(|err| anyhow!("{err}"))?;
     if pending > 0 && !force {
         bail!(
             "{} holds {pending} change(s) not yet in the bucket; recovering would lose them. \

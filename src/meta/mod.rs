@@ -141,6 +141,8 @@ pub struct MetaStore {
 /// one rewrite covers a burst of uploads (a backup writing thousands of files).
 pub const ATTR_INDEX_DELAY: Duration = Duration::from_secs(2);
 
+const CHANGES_PENDING: &str = "SELECT COUNT(*) FROM journal WHERE op != 'attr-index'";
+
 /// Deferred creations remembered before the ones already durable are pruned.
 const DEFERRED_PRUNE_AT: usize = 1024;
 
@@ -754,18 +756,23 @@ impl MetaStore {
         })? as u64)
     }
 
+    /// Journal entries that carry changes: all but attribute-index rewrites, which only
+    /// save a later mount some HEADs and are redone from the store when lost.
+    pub fn changes_pending(&self) -> FsResult<u64> {
+        let conn = self.lock();
+        Ok(conn.query_row(CHANGES_PENDING, [], |row| row.get::<_, i64>(0))? as u64)
+    }
+
     pub fn summary(&self) -> FsResult<JournalSummary> {
         let conn = self.lock();
-        let pending = conn.query_row("SELECT COUNT(*) FROM journal", [], |row| {
-            row.get::<_, i64>(0)
-        })? as u64;
+        let pending = conn.query_row(CHANGES_PENDING, [], |row| row.get::<_, i64>(0))? as u64;
         let (dirty_files, dirty_bytes) = conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM inodes WHERE dirty = 1 AND kind = 1",
             [],
             |row| Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64)),
         )?;
         let mut stmt = conn.prepare_cached(
-            "SELECT op || ' ' || CASE WHEN op = 'sync' THEN 'inode ' || ino ELSE key END || ': ' || last_error
+            "SELECT op || ' ' || CASE WHEN op = 'delete' THEN key ELSE 'inode ' || ino END || ': ' || last_error
              FROM journal WHERE last_error IS NOT NULL ORDER BY id DESC LIMIT 5",
         )?;
         let last_errors = stmt

@@ -41,6 +41,16 @@ const SMALL_UPLOAD: u64 = 1 << 20;
 /// gather a directory's moves, short enough that the bucket soon agrees.
 const DELETE_GATHER: Duration = Duration::from_secs(1);
 
+/// What a flush waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushScope {
+    /// Every change made so far in the bucket (`bucketgate flush`).
+    Changes,
+    /// That, and the attribute indexes of the directories changed (before unmounting:
+    /// the next mount's first listings read them).
+    Everything,
+}
+
 #[derive(Debug, Clone)]
 pub struct UploaderConfig {
     pub part_size: u64,
@@ -344,14 +354,17 @@ impl Uploader {
             .collect()
     }
 
-    /// Waits until the journal is empty, uploading without the quiet delay; fails with
-    /// what is still pending when `timeout` passes.
-    pub async fn flush(&self, timeout: Duration) -> FsResult<()> {
+    /// Waits until the journal is empty (of changes, or of everything), uploading without
+    /// the quiet delay; fails with what is still pending when `timeout` passes.
+    pub async fn flush(&self, timeout: Duration, scope: FlushScope) -> FsResult<()> {
         self.flushing.fetch_add(1, Ordering::SeqCst);
         self.wake.notify_one();
         let deadline = Instant::now() + timeout;
         let result = loop {
-            let pending = self.meta.journal_len()?;
+            let pending = match scope {
+                FlushScope::Changes => self.meta.changes_pending()?,
+                FlushScope::Everything => self.meta.journal_len()?,
+            };
             if pending == 0 {
                 break Ok(());
             }
