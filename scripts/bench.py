@@ -210,8 +210,10 @@ class Bucketgate(Target):
         return e
 
     def cmd(self, mnt, cache):
+        # BENCH_BUCKETGATE_ARGS: extra mount flags, e.g. "--attr-index off" for an A/B run
         return [BIN, "mount", f"s3://{self.bucket}", mnt, "--mode", self.mode,
-                "--cache-dir", cache, "--endpoint", self.srv.endpoint, "--foreground"]
+                "--cache-dir", cache, "--endpoint", self.srv.endpoint, "--foreground",
+                *os.environ.get("BENCH_BUCKETGATE_ARGS", "").split()]
 
     def flush(self):
         r = sh([BIN, "flush", self.mnt], timeout=T_BUCKET, env=self.env())

@@ -16,6 +16,7 @@
 # /tmp/bucketgate-bench-s3rver, outside the repo) on first use: its GETs run at ~350 MiB/s
 # here, where moto's are ~10 MiB/s and would hide every read figure. Needs python3 with
 # boto3, fuse3, and root (or user_allow_other-free FUSE mounts) for the mounts.
+# BENCH_BUCKETGATE_ARGS adds flags to the bucketgate mounts (e.g. "--attr-index off").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
