@@ -1,6 +1,7 @@
 //! Writing a directory's attribute index (see `backend::attr_index`) from what the local
 //! store knows of the objects the gateway stored there.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use super::{attrs_of, Uploader};
@@ -15,8 +16,8 @@ const INDEX_AFTER_LAST_OBJECT: Duration = Duration::from_millis(1100);
 
 impl Uploader {
     /// Rewrites the index of directory `dir_ino`: one entry per file whose object the
-    /// gateway stored and is current at its path. A file still to upload, moved, or whose metadata
-    /// the mount never read is left out; its next upload queues a rewrite.
+    /// gateway stored and is current at its path. A file still to upload, moved, or whose
+    /// metadata the mount never read is left out; its next upload queues a rewrite.
     pub(super) async fn store_attr_index(&self, dir_ino: u64) -> FsResult<()> {
         let Some(dir_key) = self.directory_key(dir_ino)? else {
             return Ok(());
@@ -40,12 +41,26 @@ impl Uploader {
             .iter()
             .filter_map(|child| indexed_file(&dir_key, child))
             .collect();
+        let indexed = !files.is_empty() && files.len() <= attr_index::MAX_INDEXED_FILES;
+        if !indexed && self.unindexed_dirs().contains(&dir_ino) {
+            return Ok(()); // removed already this run
+        }
         self.backend
             .write_attr_index(&dir_key, files)
             .await
             .map_err(|err| {
                 FsError::backend(&format!("storing the attribute index of `{dir_key}`"), err)
-            })
+            })?;
+        if indexed {
+            self.unindexed_dirs().remove(&dir_ino);
+        } else {
+            self.unindexed_dirs().insert(dir_ino);
+        }
+        Ok(())
+    }
+
+    fn unindexed_dirs(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.unindexed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The key of a directory still in the tree; `None` once removed or unstorable.

@@ -75,6 +75,11 @@ pub struct Uploader {
     /// Slots for uploads of [`SMALL_UPLOAD`] bytes or more.
     large_uploads: Semaphore,
     flushing: AtomicU64,
+    /// Flushes that also run the attribute-index rewrites at once (before unmounting).
+    flushing_indexes: AtomicU64,
+    /// Directories whose index this run removed (too many files, or none): not removed
+    /// again at every rewrite.
+    unindexed: Mutex<HashSet<u64>>,
     in_flight: AtomicU64,
     /// Syncs running: while any do, due deletes wait to go together.
     syncs_running: AtomicU64,
@@ -145,6 +150,8 @@ impl Uploader {
             workers,
             large_uploads,
             flushing: AtomicU64::new(0),
+            flushing_indexes: AtomicU64::new(0),
+            unindexed: Mutex::new(HashSet::new()),
             in_flight: AtomicU64::new(0),
             syncs_running: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
@@ -181,7 +188,8 @@ impl Uploader {
         let mut deletes_held_since: Option<Instant> = None;
         while !self.stopped.load(Ordering::SeqCst) {
             let flushing = self.flushing.load(Ordering::SeqCst) > 0;
-            let entries = match self.meta.due_entries(256, flushing) {
+            let indexes_too = self.flushing_indexes.load(Ordering::SeqCst) > 0;
+            let entries = match self.meta.due_entries(256, flushing, indexes_too) {
                 Ok(entries) => entries,
                 Err(err) => {
                     tracing::error!(error = %err, "reading the upload journal failed");
@@ -354,32 +362,49 @@ impl Uploader {
             .collect()
     }
 
-    /// Waits until the journal is empty (of changes, or of everything), uploading without
-    /// the quiet delay; fails with what is still pending when `timeout` passes.
+    /// Waits until the journal is empty of changes, uploading without the quiet delay,
+    /// and with [`FlushScope::Everything`] then of attribute-index rewrites too (run once
+    /// the changes are in, so each directory's is written once); fails with what is still
+    /// pending when `timeout` passes.
     pub async fn flush(&self, timeout: Duration, scope: FlushScope) -> FsResult<()> {
-        self.flushing.fetch_add(1, Ordering::SeqCst);
-        self.wake.notify_one();
         let deadline = Instant::now() + timeout;
-        let result = loop {
-            let pending = match scope {
-                FlushScope::Changes => self.meta.changes_pending()?,
-                FlushScope::Everything => self.meta.journal_len()?,
-            };
-            if pending == 0 {
-                break Ok(());
+        self.flushing.fetch_add(1, Ordering::SeqCst);
+        let mut result = self
+            .drain(deadline, timeout, || self.meta.changes_pending())
+            .await;
+        if result.is_ok() && scope == FlushScope::Everything {
+            self.flushing_indexes.fetch_add(1, Ordering::SeqCst);
+            result = self
+                .drain(deadline, timeout, || self.meta.journal_len())
+                .await;
+            self.flushing_indexes.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.flushing.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// Waits until `pending` counts nothing, or fails at `deadline` saying what is left.
+    async fn drain(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+        pending: impl Fn() -> FsResult<u64>,
+    ) -> FsResult<()> {
+        loop {
+            self.wake.notify_one();
+            let left = pending()?;
+            if left == 0 {
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 let summary = self.meta.summary()?;
-                break Err(FsError::loud(
+                return Err(FsError::loud(
                     libc::EIO,
-                    format!("{pending} change(s) not yet in the bucket after {timeout:?}; last errors: {:?}", summary.last_errors),
+                    format!("{left} change(s) not yet in the bucket after {timeout:?}; last errors: {:?}", summary.last_errors),
                 ));
             }
-            self.wake.notify_one();
             tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        self.flushing.fetch_sub(1, Ordering::SeqCst);
-        result
+        }
     }
 
     async fn perform(&self, op: &JournalOp) -> FsResult<()> {
