@@ -110,14 +110,6 @@ impl AttrIndex {
         let attrs = ObjectAttrs::decode(get, false, Some(modified), defaults);
         (attrs.kind == Kind::File).then(|| (attrs, attrs::stored_crc64(get)))
     }
-
-    pub fn len(&self) -> usize {
-        self.files.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
 }
 
 #[cfg(test)]

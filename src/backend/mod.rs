@@ -350,16 +350,13 @@ impl Backend {
         }
     }
 
-    /// Stores the attribute index of the directory at `dir_key`; with no files, removes it.
+    /// Stores the attribute index of the directory at `dir_key`.
     pub async fn write_attr_index(
         &self,
         dir_key: &str,
         files: Vec<attr_index::IndexedFile>,
     ) -> opendal::Result<()> {
         let key = attr_index::index_key(dir_key);
-        if files.is_empty() || files.len() > attr_index::MAX_INDEXED_FILES {
-            return self.delete(&key).await;
-        }
         let count = files.len();
         let body = attr_index::encode(dir_key, files)
             .map_err(|err| opendal::Error::new(ErrorKind::Unexpected, err.to_string()))?;

@@ -238,6 +238,11 @@ impl MetaStore {
         self.indexes_directories.store(on, Ordering::Relaxed);
     }
 
+    /// Whether this mount keeps attribute indexes (see [`Self::index_directories`]).
+    pub fn indexes_directories(&self) -> bool {
+        self.indexes_directories.load(Ordering::Relaxed)
+    }
+
     /// How long ago a recorded object last queued an index rewrite.
     pub fn since_index_queued(&self) -> Duration {
         let then = self.last_index_queued_ms.load(Ordering::Relaxed);
@@ -539,7 +544,7 @@ impl MetaStore {
                     to_ns(attrs.mtime)
                 ])?,
         };
-        if self.indexes_directories.load(Ordering::Relaxed) {
+        if self.indexes_directories() {
             self.queue_attr_index(tx, ino)?;
         }
         Ok(cleared > 0)

@@ -29,7 +29,7 @@ impl Uploader {
             tokio::time::sleep(INDEX_AFTER_LAST_OBJECT - since).await;
         }
         let index_key = attr_index::index_key(&dir_key);
-        let _key = self.busy_keys.lock(index_key).await;
+        let _key = self.busy_keys.lock(index_key.clone()).await;
         // Again under the lock: a rename may have moved the directory meanwhile (its old
         // index is deleted by the rename, its files queue the new one as they move).
         if self.directory_key(dir_ino)?.as_deref() != Some(dir_key.as_str()) {
@@ -45,12 +45,14 @@ impl Uploader {
         if !indexed && self.unindexed_dirs().contains(&dir_ino) {
             return Ok(()); // removed already this run
         }
-        self.backend
-            .write_attr_index(&dir_key, files)
-            .await
-            .map_err(|err| {
-                FsError::backend(&format!("storing the attribute index of `{dir_key}`"), err)
-            })?;
+        let stored = if indexed {
+            self.backend.write_attr_index(&dir_key, files).await
+        } else {
+            self.backend.delete(&index_key).await
+        };
+        stored.map_err(|err| {
+            FsError::backend(&format!("storing the attribute index of `{dir_key}`"), err)
+        })?;
         if indexed {
             self.unindexed_dirs().remove(&dir_ino);
         } else {
@@ -68,7 +70,8 @@ impl Uploader {
         let Some(dir) = self.meta.get(dir_ino)? else {
             return Ok(None);
         };
-        if dir.kind != Kind::Dir || !self.backend.layout().lists_lazily() {
+        // Off for this mount (a rewrite queued by an earlier run with the index on).
+        if dir.kind != Kind::Dir || !self.meta.indexes_directories() {
             return Ok(None);
         }
         let Some(names) = self.meta.path_of(dir_ino)? else {
