@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 
 use crate::backend::{attr_index, AttrDefaults, Backend, Kind};
-use crate::buffers::Buffer;
 use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE, PART_BLOCKS};
 use crate::config::Mode;
 use crate::error::{FsError, FsResult};
@@ -1066,7 +1065,9 @@ impl Core {
         Ok((self.attr_of(&inode), opened))
     }
 
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Buffer> {
+    /// The bytes of a read: a slice of a part a write-through reader fetched, or a pooled
+    /// buffer read from the cache file (its storage goes back to the pool once replied).
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
         let result = self.read_data(fh, offset, size).await;
         if let Err(err) = &result {
             if err.errno == libc::EIO {
@@ -1080,7 +1081,7 @@ impl Core {
         result
     }
 
-    async fn read_data(&self, fh: u64, offset: u64, size: u32) -> FsResult<Buffer> {
+    async fn read_data(&self, fh: u64, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
         let handle = self.handle(fh)?;
         let inode = self.inode(handle.ino)?;
         let staged = self.cache.loaded(inode.ino);
@@ -1100,7 +1101,7 @@ impl Core {
         for _ in 0..4 {
             self.read_ahead_in_background(&file, &range, read_ahead)?;
             if let Some(data) = file.read_local(offset, size as u64)? {
-                return Ok(data);
+                return Ok(bytes::Bytes::from(data));
             }
             let missing = file.missing_for_read(range.clone(), 0);
             self.ensure_disk_room(run_bytes(&missing))?;
@@ -1164,14 +1165,14 @@ impl Core {
         offset: u64,
         size: u64,
         read_ahead: u64,
-    ) -> FsResult<Buffer> {
+    ) -> FsResult<bytes::Bytes> {
         let total = lock(&self.live_sizes)
             .get(&inode.ino)
             .copied()
             .unwrap_or(inode.size);
         let end = (offset + size).min(total);
         if offset >= end {
-            return Ok(Buffer::empty());
+            return Ok(bytes::Bytes::new());
         }
         handle.check_not_corrupt()?;
         let key = inode
@@ -1183,26 +1184,22 @@ impl Core {
         let parts = handle.window_parts(offset..end, read_ahead, object_end, |range| {
             self.start_part(handle, &key, range)
         });
-        let mut out = Buffer::take((end - offset) as usize);
-        let mut filled = 0usize;
+        let mut pieces = Vec::with_capacity(parts.len());
         for (range, data) in parts {
             let data = data.await.map_err(|err| (*err).clone())?;
-            let from = offset.max(range.start);
-            let to = end.min(range.end);
-            let slice = (from - range.start) as usize..(to - range.start) as usize;
-            for chunk in data.slice(slice) {
-                let Some(room) = out.get_mut(filled..filled + chunk.len()) else {
-                    return Err(FsError::loud(libc::EIO, format!("{key}: long read")));
-                };
-                room.copy_from_slice(&chunk);
-                filled += chunk.len();
+            let from = (offset.max(range.start) - range.start) as usize;
+            let to = (end.min(range.end) - range.start) as usize;
+            if to > data.len() {
+                return Err(FsError::loud(libc::EIO, format!("{key}: short read")));
             }
+            pieces.push(data.slice(from..to));
         }
-        if filled != out.len() {
+        let data = window::join(pieces);
+        if data.len() as u64 != end - offset {
             return Err(FsError::loud(libc::EIO, format!("{key}: short read")));
         }
         handle.check_not_corrupt()?;
-        Ok(out)
+        Ok(data)
     }
 
     /// Starts the GET of one write-through read part in its own task; the part is checked
@@ -1216,24 +1213,11 @@ impl Core {
         use futures::FutureExt;
         let (backend, handle, key) = (self.backend.clone(), handle.clone(), key.to_string());
         let task = tokio::spawn(async move {
-            let context = format!("reading {key} bytes {}..{}", range.start, range.end);
-            let data = backend
-                .read_range(&key, range.clone())
+            let (data, crc) = window::fetch_part(&backend, &key, range.clone())
                 .await
-                .map_err(|err| Arc::new(FsError::backend(&context, err)))?;
-            let len = range.end - range.start;
-            if (data.len() as u64) < len {
-                return Err(Arc::new(FsError::loud(
-                    libc::EIO,
-                    format!("{context}: object is shorter than expected; it changed in the bucket"),
-                )));
-            }
-            let mut digest = crc64fast::Digest::new();
-            for chunk in data.clone() {
-                digest.write(&chunk);
-            }
+                .map_err(Arc::new)?;
             handle
-                .verify_hashed(range.start, len, digest.sum64())
+                .verify_hashed(range.start, range.end - range.start, crc)
                 .map_err(Arc::new)?;
             Ok(data)
         });

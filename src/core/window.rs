@@ -5,10 +5,13 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
-use opendal::Buffer;
+use futures::StreamExt;
 
-use crate::error::FsError;
+use crate::backend::Backend;
+use crate::buffers::Buffer;
+use crate::error::{FsError, FsResult};
 
 /// Bytes of one ranged GET of a sequential reader. 8 MiB, as the direct client uses: on
 /// s3rver a cold 1 GiB read ran at 0.70x the direct client with 4 MiB parts (6 ahead) and
@@ -20,8 +23,58 @@ pub const STREAM_PART: u64 = 8 << 20;
 pub const MAX_PARTS_AHEAD: usize = 4;
 
 /// One part's bytes, once its GET (and its crc64 check) is done; every read that needs
-/// the part awaits the same fetch.
-pub type PartData = Shared<BoxFuture<'static, Result<Buffer, Arc<FsError>>>>;
+/// the part awaits the same fetch and answers with a slice of it.
+pub type PartData = Shared<BoxFuture<'static, Result<Bytes, Arc<FsError>>>>;
+
+/// One GET of `range` into one pooled buffer, and the crc64 of its bytes. The network's
+/// chunks are copied and freed as they arrive, so a part in memory is its buffer alone,
+/// and reads within it are answered with slices of it, not copies.
+pub async fn fetch_part(backend: &Backend, key: &str, range: Range<u64>) -> FsResult<(Bytes, u64)> {
+    let context = format!("reading {key} bytes {}..{}", range.start, range.end);
+    let len = (range.end - range.start) as usize;
+    let mut stream = backend
+        .read_stream(key, range)
+        .await
+        .map_err(|err| FsError::backend(&context, err))?;
+    let mut part = Buffer::take(len);
+    let mut filled = 0usize;
+    let mut digest = crc64fast::Digest::new();
+    // Bounded: the stream ends after the range's bytes (extra bytes are refused).
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| FsError::io(&context, err))?;
+        let Some(room) = part.get_mut(filled..filled + chunk.len()) else {
+            return Err(FsError::loud(
+                libc::EIO,
+                format!("{context}: more bytes than asked for"),
+            ));
+        };
+        room.copy_from_slice(&chunk);
+        digest.write(&chunk);
+        filled += chunk.len();
+    }
+    if filled < len {
+        return Err(FsError::loud(
+            libc::EIO,
+            format!("{context}: object is shorter than expected; it changed in the bucket"),
+        ));
+    }
+    Ok((Bytes::from(part), digest.sum64()))
+}
+
+/// The bytes of a read from the slices of the parts it spans: the one slice itself when
+/// it lies within one part (the common case), else a copy joining them.
+pub fn join(pieces: Vec<Bytes>) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.into_iter().next().unwrap_or_default();
+    }
+    let mut out = Buffer::take(pieces.iter().map(Bytes::len).sum());
+    let mut filled = 0;
+    for piece in &pieces {
+        out[filled..filled + piece.len()].copy_from_slice(piece);
+        filled += piece.len();
+    }
+    Bytes::from(out)
+}
 
 pub struct Part {
     pub range: Range<u64>,
@@ -101,7 +154,7 @@ mod tests {
     use futures::FutureExt;
 
     fn ready(_: Range<u64>) -> PartData {
-        async { Ok(Buffer::new()) }.boxed().shared()
+        async { Ok(Bytes::new()) }.boxed().shared()
     }
 
     fn ranges(window: &Window) -> Vec<Range<u64>> {
@@ -132,5 +185,17 @@ mod tests {
         let mut window = Window::default();
         window.parts_for(98 * MIB..99 * MIB, 8 * MIB, 100 * MIB, ready);
         assert_eq!(ranges(&window), vec![98 * MIB..100 * MIB]);
+    }
+
+    #[test]
+    fn a_read_within_one_part_is_a_slice_of_it_and_one_across_parts_a_copy() {
+        let part = Bytes::from(vec![1u8, 2, 3, 4, 5]);
+        let within = join(vec![part.slice(1..4)]);
+        assert_eq!(&within[..], &[2, 3, 4]);
+        assert_eq!(within.as_ptr(), part[1..].as_ptr(), "no copy");
+        let next = Bytes::from(vec![6u8, 7]);
+        let across = join(vec![part.slice(3..), next.slice(..1)]);
+        assert_eq!(&across[..], &[4, 5, 6]);
+        assert!(join(Vec::new()).is_empty());
     }
 }
