@@ -3,7 +3,8 @@
 # plain local directory, s3fs and rclone mount, on a local S3-protocol server on 127.0.0.1.
 #
 #   scripts/bench.sh [--quick] [--runs N] [--size-mib N] [--files N] [--rand-seconds S]
-#                    [--server s3rver|moto] [--targets a,b,...] [--out FILE] [--install-peers]
+#                    [--server s3rver|moto] [--targets a,b,...] [--out FILE] [--no-settle]
+#                    [--install-peers]
 #
 #   --install-peers  apt-get install fuse3 s3fs rclone, then exit
 #   --quick          1 run, 256 MiB, 500 files, 5 s of random reads (a fast check)
@@ -11,6 +12,9 @@
 #                    the daemon and the server, server requests, then the same under strace -c
 #   --out FILE       where to write the table and machine info (default BENCHMARKS-run.md;
 #                    copy the parts you keep into BENCHMARKS.md)
+#   --no-settle      do not drop the page cache (and wait 5 s) before each target: by default
+#                    every target starts with its page cache growing into memory the VM gave
+#                    back to the host, whatever ran before it (see BENCHMARKS.md)
 #
 # The server is s3rver 3.7.1 (Node), installed with npm into $BENCH_S3RVER_DIR (default
 # /tmp/bucketgate-bench-s3rver, outside the repo) on first use: its GETs run at ~350 MiB/s
@@ -20,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs=3 size=1024 files=2000 rand=20 server=s3rver targets="" out=BENCHMARKS-run.md profile=()
+runs=3 size=1024 files=2000 rand=20 server=s3rver targets="" out=BENCHMARKS-run.md profile=() settle=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --install-peers)
@@ -35,7 +39,8 @@ while [ $# -gt 0 ]; do
     --targets) targets=$2; shift ;;
     --out) out=$2; shift ;;
     --profile) profile=(--profile) ;;
-    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+    --no-settle) settle=(--no-settle) ;;
+    -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -61,7 +66,7 @@ start=$(date -u +%FT%TZ)
 rc=0
 timeout -k 30 $((runs * 3600)) python3 scripts/bench.py --runs "$runs" --size-mib "$size" \
   --files "$files" --rand-seconds "$rand" --server "$server" --s3rver-dir "$s3rver_dir" \
-  --targets "$targets" --json-out "$json" "${profile[@]}" >"$table" || rc=$?
+  --targets "$targets" --json-out "$json" "${profile[@]}" "${settle[@]}" >"$table" || rc=$?
 if [ $rc -ne 0 ]; then
   echo "the driver exited with $rc" >&2
   [ -s "$json.partial.md" ] || exit $rc
@@ -72,7 +77,7 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 {
   echo "## ${profile:+Profile }Run of $start"
   echo
-  echo "- command: \`scripts/bench.sh ${profile[*]:+${profile[*]} }--runs $runs --size-mib $size --files $files --rand-seconds $rand --server $server${targets:+ --targets $targets}\` (median of $runs run(s))"
+  echo "- command: \`scripts/bench.sh ${profile[*]:+${profile[*]} }${settle[*]:+${settle[*]} }--runs $runs --size-mib $size --files $files --rand-seconds $rand --server $server${targets:+ --targets $targets}\` (median of $runs run(s))"
   echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/{printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM, kernel $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")"
   echo "- load average before / after: $load_before / $load_after (the machine is shared)"
   case "$server" in
