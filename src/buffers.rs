@@ -1,5 +1,5 @@
 //! Reused buffers for the data path: a read's reply, a write's bytes, a download's block,
-//! an upload's part.
+//! a write-through reader's part, an upload's part.
 //!
 //! Each was a fresh allocation of one to several MiB, which the allocator maps, the first
 //! write faults in page by page (zeroed by the kernel), and the free unmaps again. For a
