@@ -16,6 +16,7 @@ use std::time::SystemTime;
 
 use opendal::{Buffer, ErrorKind, Operator};
 
+use crate::error::{FsError, FsResult};
 use deletes::DeleteBatcher;
 use s3_direct::S3Direct;
 
@@ -274,6 +275,52 @@ impl Backend {
         range: Range<u64>,
     ) -> opendal::Result<opendal::FuturesBytesStream> {
         self.op.reader(key).await?.into_bytes_stream(range).await
+    }
+
+    /// One GET of `range`, its bytes handed to `sink` as they arrive and hashed on the
+    /// way: the crc64 of the range, or `None` when `sink` stopped it (by returning false:
+    /// its bytes went stale). Bytes past the range are refused, and an object shorter than
+    /// the range changed in the bucket: both are errors.
+    pub async fn stream_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        mut sink: impl FnMut(&[u8]) -> FsResult<bool>,
+    ) -> FsResult<Option<u64>> {
+        use futures::StreamExt;
+        let context = || format!("fetching {key} bytes {}..{}", range.start, range.end);
+        let mut stream = self
+            .read_stream(key, range.clone())
+            .await
+            .map_err(|err| FsError::backend(&context(), err))?;
+        let len = range.end - range.start;
+        let mut received = 0u64;
+        let mut digest = crc64fast::Digest::new();
+        // Bounded: the stream ends after the range's bytes (extra bytes are refused).
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|err| FsError::io(&context(), err))?;
+            received += chunk.len() as u64;
+            if received > len {
+                return Err(FsError::loud(
+                    libc::EIO,
+                    format!("{}: more bytes than asked for", context()),
+                ));
+            }
+            digest.write(&chunk);
+            if !sink(&chunk)? {
+                return Ok(None);
+            }
+        }
+        if received < len {
+            return Err(FsError::loud(
+                libc::EIO,
+                format!(
+                    "{key}: object is shorter than expected ({received} bytes at {}); it changed in the bucket",
+                    range.start
+                ),
+            ));
+        }
+        Ok(Some(digest.sum64()))
     }
 
     /// Every object key under `prefix` (recursively), without directory markers and the

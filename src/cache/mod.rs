@@ -447,8 +447,8 @@ impl CacheFile {
         self.download_part(backend, source, &claim.blocks).await
     }
 
-    /// Streams one part to the file as its bytes arrive (memory stays at one network
-    /// chunk), hashing it on the way, then checks it and marks its blocks present.
+    /// Streams one part to the file as its bytes arrive (memory stays at one block),
+    /// hashing it on the way, then checks it and marks its blocks present.
     async fn download_part(
         &self,
         backend: &Backend,
@@ -460,54 +460,41 @@ impl CacheFile {
         if start >= end {
             return Ok(());
         }
-        let key = &source.key;
-        let context = || format!("fetching {key} bytes {start}..{end}");
-        let mut stream = backend
-            .read_stream(key, start..end)
-            .await
-            .map_err(|err| FsError::backend(&context(), err))?;
-        let mut digest = crc64fast::Digest::new();
         // Network chunks are small: they are gathered into a block per write.
         let mut block = Buffer::take(BLOCK_SIZE as usize);
         let mut filled = 0usize;
-        let (mut at, mut received) = (start, 0u64);
-        // Bounded: the stream ends after the range's bytes (extra bytes are refused).
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|err| FsError::io(&context(), err))?;
-            received += chunk.len() as u64;
-            if start + received > end {
-                return Err(FsError::loud(
-                    libc::EIO,
-                    format!("{}: more bytes than asked for", context()),
-                ));
-            }
-            digest.write(&chunk);
-            // A chunk may cross a block boundary: the block is written when full.
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                let n = rest.len().min(block.len() - filled);
-                block[filled..filled + n].copy_from_slice(&rest[..n]);
-                (filled, rest) = (filled + n, &rest[n..]);
-                if filled == block.len() || (start + received == end && rest.is_empty()) {
-                    if !self.store_chunk(at, &block[..filled], source.epoch)? {
-                        return Ok(()); // the object was replaced meanwhile: stale bytes
+        let mut at = start;
+        let crc = backend
+            .stream_range(&source.key, start..end, |chunk| {
+                // A chunk may cross a block boundary: the block is written when full.
+                let mut rest = chunk;
+                while !rest.is_empty() {
+                    let n = rest.len().min(block.len() - filled);
+                    block[filled..filled + n].copy_from_slice(&rest[..n]);
+                    (filled, rest) = (filled + n, &rest[n..]);
+                    if filled == block.len() {
+                        if !self.store_chunk(at, &block, source.epoch)? {
+                            return Ok(false);
+                        }
+                        at += filled as u64;
+                        filled = 0;
                     }
-                    at += filled as u64;
-                    filled = 0;
                 }
-            }
-        }
-        if at < end {
-            return Err(FsError::loud(
-                libc::EIO,
-                format!("{key}: object is shorter than expected ({received} bytes at {start}); it changed in the bucket"),
-            ));
+                Ok(true)
+            })
+            .await?;
+        // `None`: the object was replaced meanwhile, and these bytes are stale.
+        let Some(crc) = crc else {
+            return Ok(());
+        };
+        if filled > 0 && !self.store_chunk(at, &block[..filled], source.epoch)? {
+            return Ok(());
         }
         let mut state = self.lock();
         if state.source_epoch != source.epoch {
             return Ok(());
         }
-        Self::verify(&mut state, start, end - start, digest.sum64())?;
+        Self::verify(&mut state, start, end - start, crc)?;
         // A truncation meanwhile cut these bytes off: they are not the file's any more.
         let kept = blocks.start..blocks.end.min(state.fetch_limit.div_ceil(BLOCK_SIZE));
         for block in kept {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
-use futures::StreamExt;
 
 use crate::backend::Backend;
 use crate::buffers::Buffer;
@@ -30,35 +29,21 @@ pub type PartData = Shared<BoxFuture<'static, Result<Bytes, Arc<FsError>>>>;
 /// chunks are copied and freed as they arrive, so a part in memory is its buffer alone,
 /// and reads within it are answered with slices of it, not copies.
 pub async fn fetch_part(backend: &Backend, key: &str, range: Range<u64>) -> FsResult<(Bytes, u64)> {
-    let context = format!("reading {key} bytes {}..{}", range.start, range.end);
-    let len = (range.end - range.start) as usize;
-    let mut stream = backend
-        .read_stream(key, range)
-        .await
-        .map_err(|err| FsError::backend(&context, err))?;
-    let mut part = Buffer::take(len);
+    let mut part = Buffer::take((range.end - range.start) as usize);
     let mut filled = 0usize;
-    let mut digest = crc64fast::Digest::new();
-    // Bounded: the stream ends after the range's bytes (extra bytes are refused).
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|err| FsError::io(&context, err))?;
-        let Some(room) = part.get_mut(filled..filled + chunk.len()) else {
-            return Err(FsError::loud(
-                libc::EIO,
-                format!("{context}: more bytes than asked for"),
-            ));
-        };
-        room.copy_from_slice(&chunk);
-        digest.write(&chunk);
-        filled += chunk.len();
-    }
-    if filled < len {
-        return Err(FsError::loud(
-            libc::EIO,
-            format!("{context}: object is shorter than expected; it changed in the bucket"),
-        ));
-    }
-    Ok((Bytes::from(part), digest.sum64()))
+    let crc = backend
+        .stream_range(key, range, |chunk| {
+            // The stream refuses bytes past the range, so every chunk has room.
+            let room = part
+                .get_mut(filled..filled + chunk.len())
+                .ok_or_else(|| FsError::loud(libc::EIO, format!("{key}: long read")))?;
+            room.copy_from_slice(chunk);
+            filled += chunk.len();
+            Ok(true)
+        })
+        .await?
+        .ok_or_else(|| FsError::loud(libc::EIO, format!("{key}: read stopped")))?;
+    Ok((Bytes::from(part), crc))
 }
 
 /// The bytes of a read from the slices of the parts it spans: the one slice itself when
