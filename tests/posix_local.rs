@@ -92,3 +92,62 @@ fn cached_mode_keeps_data_across_a_remount_on_the_same_cache() {
     assert!(fs::read(again.path("f.bin")).expect("read again") == body);
     again.unmount();
 }
+
+/// Shared-writable mmap of a file just created and written, in every mode: the kernel
+/// must allow it on handles it serves without the page cache (write-through writers,
+/// cached-mode handles the daemon serves), and the mapped change must reach the bucket.
+#[test]
+fn mmap_writes_to_a_new_file_reach_the_bucket_in_every_mode() {
+    use std::os::fd::AsRawFd;
+    const LEN: usize = 8192;
+    for mode in MODES {
+        let bucket = temp_dir(&format!("bucket-mmap-{mode}"));
+        let source = bucket.path().to_string_lossy().into_owned();
+        let mount = Mount::start(&source, mode, &[], &[]);
+        let mut expected = pattern(LEN, 7);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(mount.path("mapped.bin"))
+            .expect("create");
+        std::io::Write::write_all(&mut &file, &expected).expect("write before mapping");
+        // SAFETY: a fresh shared mapping of LEN bytes of an open file of LEN bytes, used
+        // only within this block and unmapped before the file closes.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(
+                addr,
+                libc::MAP_FAILED,
+                "{mode}: mmap: {}",
+                std::io::Error::last_os_error()
+            );
+            let bytes = std::slice::from_raw_parts_mut(addr.cast::<u8>(), LEN);
+            assert!(bytes == expected.as_slice(), "{mode}: mapped bytes differ");
+            bytes[100..105].copy_from_slice(b"MAPPD");
+            assert_eq!(libc::msync(addr, LEN, libc::MS_SYNC), 0, "{mode}: msync");
+            assert_eq!(libc::munmap(addr, LEN), 0, "{mode}: munmap");
+        }
+        file.sync_all().expect("fsync");
+        drop(file);
+        expected[100..105].copy_from_slice(b"MAPPD");
+        assert!(
+            fs::read(mount.path("mapped.bin")).expect("read back") == expected,
+            "{mode}: the mount shows the mapped change"
+        );
+        flush(&mount);
+        assert!(
+            fs::read(bucket.path().join("mapped.bin")).expect("object") == expected,
+            "{mode}: the bucket holds the mapped change"
+        );
+        mount.unmount();
+    }
+}

@@ -255,6 +255,11 @@ impl Filesystem for BucketFs {
                 "kernel lacks atomic O_TRUNC; write-through truncates before writing"
             );
         }
+        // Direct I/O handles (see `PageCache::Bypass`) must still allow mmap.
+        let direct_io_mmap = config
+            .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_ok();
+        self.core.set_direct_io_mmap(direct_io_mmap);
         if self.core.passthrough_wanted() {
             // The cache dir sits on a plain filesystem: one level of stacking.
             let granted = config
@@ -264,11 +269,7 @@ impl Filesystem for BucketFs {
             if !granted {
                 self.core
                     .disable_passthrough("the kernel lacks FUSE passthrough (needs 6.9+)");
-            } else if config
-                .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
-                .is_err()
-            {
-                // Direct I/O handles (see `PageCache::Bypass`) must still allow mmap.
+            } else if !direct_io_mmap {
                 self.core
                     .disable_passthrough("the kernel lacks mmap of direct I/O files");
             }
