@@ -462,9 +462,15 @@ fn a_fresh_mount_lists_a_directory_from_its_attribute_index() {
 
     let file_heads = format!("HEAD /{bucket}/docs/f");
     let new_heads = format!("HEAD /{bucket}/docs/new");
+    let index_heads = format!("HEAD /{bucket}/{}", indexes[0]);
+    let index_gets = format!("GET /{bucket}/{}", indexes[0]);
     let before = (
         requests_logged(&moto.log(), &file_heads),
         requests_logged(&moto.log(), &new_heads),
+    );
+    let index_before = (
+        requests_logged(&moto.log(), &index_heads),
+        requests_logged(&moto.log(), &index_gets),
     );
     let mount = Mount::s3(&moto, &bucket, "cached", &[]);
     let listed: Vec<(String, fs::Metadata)> = fs::read_dir(mount.path("docs"))
@@ -485,6 +491,15 @@ fn a_fresh_mount_lists_a_directory_from_its_attribute_index() {
         heads,
         (2, 1),
         "HEADs of (unchanged and changed files, the new one)"
+    );
+    // The index's write time comes with its GET: one request, no HEAD.
+    assert_eq!(
+        (
+            requests_logged(&moto.log(), &index_heads) - index_before.0,
+            requests_logged(&moto.log(), &index_gets) - index_before.1,
+        ),
+        (0, 1),
+        "(HEADs, GETs) of the index"
     );
     let attrs = |name: &str| {
         let (_, meta) = listed

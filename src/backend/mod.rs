@@ -371,22 +371,11 @@ impl Backend {
 
     /// The attribute index of the directory at `dir_key`, if there is a usable one. A
     /// damaged or foreign index is not an error (the listing falls back to HEADs), only
-    /// logged. The HEAD goes first: an index rewritten between it and the GET then pairs a
-    /// newer body with an older time, which only trusts fewer entries.
+    /// logged.
     pub async fn read_attr_index(&self, dir_key: &str) -> opendal::Result<Option<AttrIndex>> {
         let key = attr_index::index_key(dir_key);
-        let meta = match self.op.stat(&key).await {
-            Ok(meta) => meta,
-            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(err),
-        };
-        let Some(written) = meta.last_modified().map(SystemTime::from) else {
+        let Some((body, written)) = self.read_with_write_time(&key).await? else {
             return Ok(None);
-        };
-        let body = match self.op.read(&key).await {
-            Ok(body) => body,
-            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(err),
         };
         match AttrIndex::decode(dir_key, &body.to_vec(), written) {
             Ok(index) => Ok(Some(index)),
@@ -394,6 +383,50 @@ impl Backend {
                 tracing::warn!(key, reason, "ignoring an attribute index");
                 Ok(None)
             }
+        }
+    }
+
+    /// A whole object and the time the bucket wrote it, or `None` if there is no such
+    /// object (or the bucket gives no time). Where the GET's reply carries the object's
+    /// metadata (S3, OSS) that is one request: on a single-threaded server a HEAD beside
+    /// a directory's listing took as long as a listing page. Elsewhere a HEAD goes first,
+    /// so an object rewritten between the two pairs a newer body with an older time, which
+    /// only makes the caller trust less.
+    async fn read_with_write_time(
+        &self,
+        key: &str,
+    ) -> opendal::Result<Option<(Buffer, SystemTime)>> {
+        use futures::TryStreamExt;
+        let absent = |err: opendal::Error| match err.kind() {
+            ErrorKind::NotFound => Ok(None),
+            _ => Err(err),
+        };
+        let mut stream = match self.op.reader(key).await {
+            Ok(reader) => reader.into_stream(..).await?,
+            Err(err) => return absent(err),
+        };
+        let written = match stream.metadata().await {
+            Ok(meta) => meta.last_modified().map(SystemTime::from),
+            Err(err) if err.kind() == ErrorKind::Unsupported => None,
+            Err(err) => return absent(err),
+        };
+        if let Some(written) = written {
+            return match stream.try_collect::<Vec<Buffer>>().await {
+                Ok(parts) => Ok(Some((parts.into_iter().flatten().collect(), written))),
+                Err(err) => absent(err),
+            };
+        }
+        drop(stream);
+        let written = match self.op.stat(key).await {
+            Ok(meta) => meta.last_modified().map(SystemTime::from),
+            Err(err) => return absent(err),
+        };
+        let Some(written) = written else {
+            return Ok(None);
+        };
+        match self.op.read(key).await {
+            Ok(body) => Ok(Some((body, written))),
+            Err(err) => absent(err),
         }
     }
 
