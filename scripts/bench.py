@@ -396,6 +396,12 @@ def run_direct(srv, bucket, data, nfiles, rand_s, small):
     list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"small/f{i:05}.dat", Body=small),
                   range(nfiles)))
     m["W4 files/s (close)"] = m["W4 files/s (in bucket)"] = nfiles / (time.perf_counter() - t0)
+    # One PUT after another: the most a writer can get whose close waits for its object
+    # (write-through) on this server, whatever the gateway does.
+    t0 = time.perf_counter()
+    for i in range(nfiles):
+        s3.put_object(Bucket=bucket, Key=f"serial/f{i:05}.dat", Body=small)
+    m["W4 files/s (one PUT at a time)"] = nfiles / (time.perf_counter() - t0)
 
     def listing():
         t0 = time.perf_counter()
@@ -447,6 +453,7 @@ METRICS = [  # name, higher is better, reference ("direct" or "local")
     ("W3 warm read MiB/s", True, "local"),
     ("W4 files/s (close)", True, "local"),
     ("W4 files/s (in bucket)", True, "direct"),
+    ("W4 files/s (one PUT at a time)", True, None),
     ("W5 ls -l s (cold)", False, "direct"),
     ("W5 ls -l s (warm)", False, "local"),
     ("W6 4K random read IOPS", True, "local"),
@@ -542,6 +549,12 @@ def report(results, order, peers):
             verdicts.append(verdict(name, bg, v, ref, best[0]))
         row += [TARGETS.get(name, ("-",))[0]] + verdicts
         lines.append("| " + " | ".join(row) + " |")
+    serial = results.get("direct-boto3", {}).get("W4 files/s (one PUT at a time)")
+    wt = results.get("bucketgate-write-through", {}).get("W4 files/s (in bucket)")
+    if serial and wt:
+        lines.append("")
+        lines.append(f"Write-through W4 against the direct client's PUTs one after another ({fmt(serial)} "
+                     f"files/s; a write-through close returns once its object is stored): {ratio(wt, serial, True)}.")
     return "\n".join(lines)
 
 
