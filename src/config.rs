@@ -83,6 +83,10 @@ impl Defaults {
     pub const CACHE_SIZE: u64 = 10 << 30;
     pub const PART_SIZE: u64 = 8 << 20;
     pub const UPLOAD_CONCURRENCY: usize = 4;
+    /// A write-through writer waits on its stream, so it keeps more parts in flight:
+    /// writing 1 GiB to s3rver, 4/5/6 parts gave a median of 103/108/111 MiB/s (boto3 at
+    /// 8: 130), and the daemon's peak went from 69 to 85 MiB.
+    pub const WRITE_THROUGH_UPLOAD_CONCURRENCY: usize = 6;
     pub const UPLOAD_DELAY_MS: u64 = 1000;
     pub const FLUSH_TIMEOUT_SECS: u64 = 300;
     pub const DIRTY_WAIT_SECS: u64 = 60;
@@ -294,10 +298,15 @@ impl MountConfig {
                 ),
             });
         }
+        let mode = args.mode.or(file.mode).unwrap_or(Defaults::MODE);
         let upload_concurrency = args
             .upload_concurrency
             .or(file.upload_concurrency)
-            .unwrap_or(Defaults::UPLOAD_CONCURRENCY);
+            .unwrap_or(if mode == Mode::WriteThrough {
+                Defaults::WRITE_THROUGH_UPLOAD_CONCURRENCY
+            } else {
+                Defaults::UPLOAD_CONCURRENCY
+            });
         if !(1..=64).contains(&upload_concurrency) {
             return Err(ConfigError::Invalid {
                 key: "upload-concurrency",
@@ -358,7 +367,7 @@ impl MountConfig {
         Ok(MountConfig {
             source,
             mountpoint,
-            mode: args.mode.or(file.mode).unwrap_or(Defaults::MODE),
+            mode,
             cache_dir,
             passthrough: args
                 .passthrough
@@ -594,6 +603,26 @@ mod tests {
             .expect_err("typo in key")
             .to_string();
         assert!(err.contains("cache-sise"), "{err}");
+    }
+
+    #[test]
+    fn write_through_keeps_more_parts_in_flight_unless_told() {
+        let concurrency = |mode: Mode, flag: Option<usize>| {
+            let args = MountArgs {
+                source: Some("memory://".into()),
+                mountpoint: Some("/mnt/x".into()),
+                mode: Some(mode),
+                upload_concurrency: flag,
+                ..Default::default()
+            };
+            MountConfig::resolve(&args)
+                .expect("valid config")
+                .upload_concurrency
+        };
+        assert_eq!(concurrency(Mode::Cached, None), 4);
+        assert_eq!(concurrency(Mode::Sync, None), 4);
+        assert_eq!(concurrency(Mode::WriteThrough, None), 6);
+        assert_eq!(concurrency(Mode::WriteThrough, Some(2)), 2);
     }
 
     #[test]
