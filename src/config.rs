@@ -139,7 +139,8 @@ pub struct MountArgs {
     /// First multipart part size, e.g. 8M (grows as a file grows; minimum 5M)
     #[arg(long)]
     pub part_size: Option<String>,
-    /// Parts uploaded in parallel per file, and files uploaded in parallel (default 4)
+    /// Parts uploaded in parallel per file, and files uploaded in parallel (default 4; 6 in
+    /// write-through)
     #[arg(long)]
     pub upload_concurrency: Option<usize>,
     /// Quiet period before a written file is uploaded in cached/sync mode, e.g. 1s, 500ms
