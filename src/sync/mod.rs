@@ -40,6 +40,8 @@ const SMALL_UPLOAD: u64 = 1 << 20;
 /// How long due deletes wait for running syncs (see [`Uploader::run`]): long enough to
 /// gather a directory's moves, short enough that the bucket soon agrees.
 const DELETE_GATHER: Duration = Duration::from_secs(1);
+/// New journal entries the scheduler takes up per scan.
+const DUE_SCAN: usize = 256;
 
 /// What a flush waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +191,10 @@ impl Uploader {
         while !self.stopped.load(Ordering::SeqCst) {
             let flushing = self.flushing.load(Ordering::SeqCst) > 0;
             let indexes_too = self.flushing_indexes.load(Ordering::SeqCst) > 0;
-            let entries = match self.meta.due_entries(256, flushing, indexes_too) {
+            // The scan returns the oldest due entries, running ones included: look past
+            // those, or a group of deletes in flight would hold back every newer entry.
+            let limit = DUE_SCAN + self.running_count();
+            let entries = match self.meta.due_entries(limit, flushing, indexes_too) {
                 Ok(entries) => entries,
                 Err(err) => {
                     tracing::error!(error = %err, "reading the upload journal failed");
@@ -253,6 +258,10 @@ impl Uploader {
             tracing::debug!(error = %err, "journal entry will be retried");
         }
         self.release(entry.id);
+    }
+
+    fn running_count(&self) -> usize {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn claim(&self, id: i64) -> bool {
