@@ -943,8 +943,8 @@ impl Core {
 
     /// A write-through writer of a new or truncated file bypasses the page cache where
     /// the kernel still allows mmap of such handles: its bytes go to the upload, and a
-    /// page-cache copy of them cost the writer half its speed (1 GiB written: 97 against
-    /// 110 MiB/s, daemon CPU 1.8-2.5 s against 1.1-1.2 s, BENCHMARKS.md).
+    /// page-cache copy of them slowed the writer and doubled the daemon's CPU (1 GiB
+    /// written: 97 against 110 MiB/s, daemon CPU 1.8-2.5 s against 1.1-1.2 s).
     fn streamed_writer_page_cache(&self) -> PageCache {
         if self.direct_io_mmap.load(Ordering::Relaxed) {
             PageCache::Bypass
