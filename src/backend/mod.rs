@@ -401,8 +401,12 @@ impl Backend {
             ErrorKind::NotFound => Ok(None),
             _ => Err(err),
         };
-        let mut stream = match self.op.reader(key).await {
-            Ok(reader) => reader.into_stream(..).await?,
+        let opened = match self.op.reader(key).await {
+            Ok(reader) => reader.into_stream(..).await,
+            Err(err) => Err(err),
+        };
+        let mut stream = match opened {
+            Ok(stream) => stream,
             Err(err) => return absent(err),
         };
         let written = match stream.metadata().await {
