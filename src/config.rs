@@ -153,7 +153,7 @@ pub struct MountArgs {
     /// before it gets ENOSPC, e.g. 60s
     #[arg(long)]
     pub dirty_wait: Option<String>,
-    /// Retries of a failed bucket request (exponential backoff with jitter; default 4)
+    /// Retries of a failed bucket request (the first after 250 ms, each later pause 3x the one before, with jitter; default 4)
     #[arg(long)]
     pub retries: Option<usize>,
     /// Time limit of one bucket request, e.g. 60s

@@ -20,6 +20,44 @@ fn status_json(mount: &Mount) -> serde_json::Value {
     serde_json::from_slice(&ran.stdout).expect("status JSON")
 }
 
+/// (attempt, pause in seconds) of every retry the daemon logged, e.g. from
+/// `attempt=1 retry_in=312.5ms`.
+fn logged_retry_pauses(log: &str) -> Vec<(u32, f64)> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        let start = line.find(name)? + name.len();
+        let rest = &line[start..];
+        Some(rest.split_whitespace().next()?.to_string())
+    };
+    without_colours(log)
+        .lines()
+        .filter(|line| line.contains("bucket request failed; retrying"))
+        .filter_map(|line| {
+            let attempt = field(line, "attempt=")?.parse().ok()?;
+            let pause = field(line, "retry_in=")?;
+            let seconds = if let Some(ms) = pause.strip_suffix("ms") {
+                ms.parse::<f64>().ok()? / 1000.0
+            } else {
+                pause.strip_suffix('s')?.parse().ok()?
+            };
+            Some((attempt, seconds))
+        })
+        .collect()
+}
+
+/// The log without its terminal colour codes (`ESC [ ... m`).
+fn without_colours(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
 #[test]
 fn throttling_and_server_errors_are_retried() {
     let setup = ProxiedBucket::start("faults-retry");
@@ -59,6 +97,19 @@ fn throttling_and_server_errors_are_retried() {
         "retries are logged:\n{}",
         mount.log()
     );
+    // The schedule: the first retry within 250-500 ms, the second within 750-1500 ms.
+    let pauses = logged_retry_pauses(&mount.log());
+    for (attempt, low, high) in [(1, 0.25, 0.5), (2, 0.75, 1.5)] {
+        let pause = pauses
+            .iter()
+            .find(|(n, _)| *n == attempt)
+            .map(|(_, pause)| *pause)
+            .unwrap_or_else(|| panic!("retry {attempt} logged:\n{}", mount.log()));
+        assert!(
+            (low..high).contains(&pause),
+            "retry {attempt} after {pause} s, expected {low}-{high} s"
+        );
+    }
     let hwm_mib = vm_hwm_kib(mount.pid()) / 1024;
     assert!(hwm_mib < 100, "daemon peak RSS {hwm_mib} MiB after retries");
 

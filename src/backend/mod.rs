@@ -5,6 +5,7 @@ pub mod attr_index;
 pub mod attrs;
 mod deletes;
 pub mod layout;
+pub mod retry;
 pub mod s3_direct;
 pub mod source;
 

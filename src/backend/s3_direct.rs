@@ -20,6 +20,7 @@ use reqsign_core::{Context, Signer};
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::retry;
 use super::source::{s3_credentials, Connection, Source, SourceError};
 
 /// OpenDAL's default per-request timeout, used when the connection sets none.
@@ -27,8 +28,6 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// At most this many pages (1000 uploads each on S3) per `list`: a server that keeps
 /// answering "truncated" must not keep us looping.
 const MAX_PAGES: usize = 1000;
-/// First pause before retrying a failed request; doubles on each retry.
-const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// SigV4's URI encoding: everything but unreserved characters (`A-Za-z0-9-._~`).
 const AWS_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
@@ -328,7 +327,6 @@ impl S3Direct {
         url: &str,
         headers: &[(String, String)],
     ) -> Result<Answer, S3DirectError> {
-        let mut pause = RETRY_PAUSE;
         let mut attempt = 0;
         loop {
             let result = self.send_once(what, method.clone(), url, headers).await;
@@ -341,8 +339,7 @@ impl S3Direct {
                 return result;
             }
             attempt += 1;
-            tokio::time::sleep(pause).await;
-            pause *= 2;
+            tokio::time::sleep(retry::pause_before(attempt)).await;
         }
     }
 

@@ -5,11 +5,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use opendal::layers::{RetryEvent, RetryInterceptor, RetryLayer, TimeoutLayer};
+use opendal::layers::{RetryEvent, RetryInterceptor, TimeoutLayer};
 use opendal::{services, Operator};
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::retry;
 use super::s3_direct::S3Direct;
 use super::{AttrDefaults, Backend};
 
@@ -233,12 +234,9 @@ pub fn open(
     if let Some(limit) = connection.request_timeout {
         timeout = timeout.with_timeout(limit);
     }
-    let op = op.layer(timeout).layer(
-        RetryLayer::new()
-            .with_jitter()
-            .with_max_times(connection.retries)
-            .with_notify(LogRetry),
-    );
+    let op = op
+        .layer(timeout)
+        .layer(retry::layer(connection.retries).with_notify(LogRetry));
     let direct = S3Direct::for_source(&source, connection).map_err(|err| SourceError::Direct {
         source_text: source_text.to_string(),
         message: err.to_string(),
