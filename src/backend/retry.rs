@@ -28,7 +28,8 @@ pub fn layer(retries: usize) -> RetryLayer {
         .with_max_times(retries)
 }
 
-/// The pause before retry number `retry` (1 for the first), without jitter.
+/// The pause before retry number `retry` (1 for the first), without jitter: the direct
+/// S3 calls' schedule, a handful of requests that never fail together in numbers.
 pub fn pause_before(retry: usize) -> Duration {
     let exponent = u32::try_from(retry.saturating_sub(1)).unwrap_or(u32::MAX);
     let growth = FACTOR.saturating_pow(exponent);
