@@ -1,5 +1,6 @@
 //! The `bucketgate` command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -120,9 +121,11 @@ struct VerifyArgs {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BUCKETGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or the journal would keep the escape codes.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
