@@ -11,11 +11,11 @@ use std::time::Duration;
 use opendal::layers::RetryLayer;
 
 /// The pause before the first retry.
-pub const FIRST_PAUSE: Duration = Duration::from_millis(250);
+const FIRST_PAUSE: Duration = Duration::from_millis(250);
 /// Each pause is this many times the one before.
-pub const FACTOR: u32 = 3;
+const FACTOR: u32 = 3;
 /// No pause is longer than this.
-pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+const MAX_PAUSE: Duration = Duration::from_secs(60);
 
 /// OpenDAL's retry layer on this schedule, with jitter (up to the pause again) so that
 /// requests failing together do not all come back together.
