@@ -49,8 +49,9 @@ impl DeleteBatcher {
         // One yield lets deletes started together (a group the uploader runs at once)
         // queue their keys before this batch goes.
         tokio::task::yield_now().await;
-        // Bounded: every pass sends the oldest queued keys, ours among them within
-        // queue length / batch_size passes, and only the turn holder drains the queue.
+        // Bounded: every pass sends at least one of the oldest queued keys (a marker
+        // `take_batch` holds back has a key below it that goes), ours among them once the
+        // keys queued before it have gone; and only the turn holder drains the queue.
         loop {
             match result.try_recv() {
                 Ok(outcome) => return outcome,
@@ -67,15 +68,37 @@ impl DeleteBatcher {
         }
     }
 
+    /// The oldest queued keys, up to `batch_size`, less any directory marker with keys
+    /// below it in the same batch: the marker goes back to the front of the queue, for a
+    /// later request. A store that keeps real directories (s3rver, a file-system S3
+    /// server) removes a directory with its last object, and runs the deletes of one
+    /// request at once: with the marker among them, two of the last deletes can race to
+    /// remove the directory, and the loser fails the whole request (s3rver answers 500).
+    /// While the marker is there the directory is not empty.
     fn take_batch(&self, batch_size: usize) -> Vec<Queued> {
         let mut queue = self.lock_queue();
         let n = queue.len().min(batch_size);
-        queue.drain(..n).collect()
+        let batch: Vec<Queued> = queue.drain(..n).collect();
+        let held: Vec<bool> = batch
+            .iter()
+            .map(|queued| has_keys_below(&queued.key, &batch))
+            .collect();
+        let (later, now): (Vec<_>, Vec<_>) = batch.into_iter().zip(held).partition(|(_, h)| *h);
+        queue.splice(0..0, later.into_iter().map(|(queued, _)| queued));
+        now.into_iter().map(|(queued, _)| queued).collect()
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether `key` is a directory marker (`dir/`) with another key of `batch` below it.
+fn has_keys_below(key: &str, batch: &[Queued]) -> bool {
+    key.ends_with('/')
+        && batch
+            .iter()
+            .any(|other| other.key.len() > key.len() && other.key.starts_with(key))
 }
 
 /// How many keys one delete request of this store takes (1 where it has no batch delete).
@@ -134,5 +157,60 @@ async fn delete_one(op: &Operator, key: &str) -> opendal::Result<()> {
 fn deliver(done: oneshot::Sender<opendal::Result<()>>, outcome: opendal::Result<()>) {
     if done.send(outcome).is_err() {
         tracing::debug!("a batched delete's caller was gone");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Results = Vec<oneshot::Receiver<opendal::Result<()>>>;
+
+    fn queue_keys(batcher: &DeleteBatcher, keys: &[&str]) -> Results {
+        keys.iter()
+            .map(|key| {
+                let (done, result) = oneshot::channel();
+                batcher.lock_queue().push(Queued {
+                    key: key.to_string(),
+                    done,
+                });
+                result
+            })
+            .collect()
+    }
+
+    fn next_batch(batcher: &DeleteBatcher, batch_size: usize) -> Vec<String> {
+        batcher
+            .take_batch(batch_size)
+            .into_iter()
+            .map(|queued| queued.key)
+            .collect()
+    }
+
+    #[test]
+    fn a_directory_marker_goes_in_a_request_after_the_keys_below_it() {
+        let batcher = DeleteBatcher::default();
+        let _results = queue_keys(&batcher, &["d/", "d/a", "d/e/", "d/e/b", "other", "x/"]);
+        assert_eq!(
+            next_batch(&batcher, MAX_BATCH),
+            ["d/a", "d/e/b", "other", "x/"]
+        );
+        assert_eq!(
+            next_batch(&batcher, MAX_BATCH),
+            ["d/e/"],
+            "d/ had d/e/ below it"
+        );
+        assert_eq!(next_batch(&batcher, MAX_BATCH), ["d/"]);
+        assert!(next_batch(&batcher, MAX_BATCH).is_empty());
+    }
+
+    #[test]
+    fn a_held_marker_stays_ahead_of_newer_keys() {
+        let batcher = DeleteBatcher::default();
+        let _results = queue_keys(&batcher, &["d/", "d/a", "d/b"]);
+        assert_eq!(next_batch(&batcher, 2), ["d/a"]);
+        let _more = queue_keys(&batcher, &["later"]);
+        assert_eq!(next_batch(&batcher, 2), ["d/b"]);
+        assert_eq!(next_batch(&batcher, 2), ["d/", "later"]);
     }
 }
