@@ -34,15 +34,61 @@ def sh(cmd, timeout=60, **kw):
 
 
 # ---------------------------------------------------------------- server
+class ServerDisk:
+    """A journaled ext4 of its own for s3rver's objects: a sparse image in the work dir on a
+    loop device with direct I/O (no second page cache of the image file). This VM's root
+    ext4 has no journal, and without one ext4 checks, for every new inode, the deletion
+    time of each free inode it passes: one target's cleanup (~6,000 files) then slowed the
+    next target's server-side creates for up to 6 minutes (a quarter of s3rver's samples in
+    `recently_deleted` over a rename; see BENCHMARKS.md, tenth session). Needs root."""
+
+    SIZE_GIB = 16  # sparse; a target's objects are freed after its run
+
+    def __init__(self, work):
+        self.image = os.path.join(work, "server-disk.img")
+        self.path = os.path.join(work, "server-disk")
+        self.device = None
+
+    def mount(self):
+        """The mount point, or None (said why) when it cannot be made."""
+        try:
+            with open(self.image, "wb") as f:
+                f.truncate(self.SIZE_GIB << 30)
+            subprocess.run(["mkfs.ext4", "-q", "-F", self.image], check=True,
+                           capture_output=True, timeout=120)
+            self.device = subprocess.run(
+                ["losetup", "--find", "--show", "--direct-io=on", self.image],
+                check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+            os.makedirs(self.path)
+            subprocess.run(["mount", self.device, self.path], check=True, capture_output=True,
+                           timeout=60)
+            return self.path
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", "") or e
+            log(f"  no filesystem of its own for the server ({detail!r}); its data goes in the work dir")
+            self.unmount()
+            return None
+
+    def unmount(self):
+        if os.path.ismount(self.path) and sh(["umount", self.path], timeout=120).returncode != 0:
+            log(f"  could not unmount {self.path}; left it and {self.device} in place")
+            return
+        if self.device:
+            sh(["losetup", "-d", self.device], timeout=60)
+            self.device = None
+        if os.path.exists(self.image):
+            os.unlink(self.image)
+
+
 class Server:
-    def __init__(self, kind, work, s3rver_dir):
+    def __init__(self, kind, work, s3rver_dir, data_root=None):
         self.kind, self.work = kind, work
         self.port = 20000 + os.getpid() % 20000
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(work, f"{kind}.log")
         logf = open(self.log_path, "w")
         if kind == "s3rver":
-            data = os.path.join(work, "s3rver-data")
+            data = os.path.join(data_root or work, "s3rver-data")
             os.makedirs(data)
             js = os.path.join(s3rver_dir, "node_modules", "s3rver", "bin", "s3rver.js")
             cmd = ["node", "--openssl-legacy-provider", js, "-d", data, "-a", "127.0.0.1",
@@ -724,6 +770,8 @@ def main():
                     help="do not drop the page cache and wait before each target")
     ap.add_argument("--json-out", required=True)
     ap.add_argument("--work", default="/tmp")
+    ap.add_argument("--server-disk", default="own", choices=["own", "work"],
+                    help="s3rver's data on a journaled ext4 of its own (root) or in the work dir")
     ap.add_argument("--profile", action="store_true", help="profile W1-W3 of bucketgate instead")
     ap.add_argument("--profile-modes", default="cached,write-through")
     ap.add_argument("--profile-phases", default="W1,W5", help="W1 (W1-W3 on the big file), W5 (W4 files, W5 ls)")
@@ -733,14 +781,39 @@ def main():
 
     work = tempfile.mkdtemp(prefix="bucketgate-bench.", dir=a.work)
     log(f"work dir {work}")
-    srv = Server(a.server, work, a.s3rver_dir)
+    disk = ServerDisk(work)
+    data_root = disk.mount() if a.server == "s3rver" and a.server_disk == "own" else None
+    where = ("a journaled ext4 of its own (sparse image, loop device with direct I/O)" if data_root
+             else f"the work dir's filesystem ({fs_type(work)})")
+    log(f"server data on {where}")
+    try:
+        srv = Server(a.server, work, a.s3rver_dir, data_root)
+    except BaseException:
+        disk.unmount()
+        raise
+    try:
+        run_bench(a, work, srv, where)
+    finally:
+        srv.stop()
+        disk.unmount()
+    failed = os.path.exists(os.path.join(work, "FAILED"))
+    if failed or os.environ.get("BENCH_KEEP"):
+        log(f"kept {work} (logs of the server and every mount)")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fs_type(path):
+    r = subprocess.run(["df", "--output=fstype", path], capture_output=True, text=True, timeout=30)
+    return r.stdout.split()[-1] if r.returncode == 0 and r.stdout.split() else "unknown"
+
+
+def run_bench(a, work, srv, where):
+    """The profile or the table, on a running server."""
     data = os.urandom(a.size_mib * MiB)
     small = os.urandom(16 * 1024)
     if a.profile:
-        try:
-            lines = profile(a, srv, work, data)
-        finally:
-            srv.stop()
+        lines = profile(a, srv, work, data)
         with open(a.json_out, "w") as f:
             f.write("\n".join(lines) + "\n")
         print("\n".join(lines))
@@ -809,18 +882,16 @@ def main():
                 tg.umount()
             except Exception:
                 pass
-        srv.stop()
     results = medians(runs)
     table = report(results, order, peers)
     with open(a.json_out, "w") as f:
         json.dump({"results": results, "runs": runs, "order": order, "peers": peers,
-                   "server": a.server, "args": vars(a), "extra": extra}, f, indent=1)
+                   "server": a.server, "server data": where, "args": vars(a), "extra": extra},
+                  f, indent=1)
+    print(f"Server data on {where}.\n")
     print(table)
-    failed = any(not m for rs in runs.values() for m in rs)
-    if failed or os.environ.get("BENCH_KEEP"):
-        log(f"kept {work} (logs of the server and every mount)")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    if any(not m for rs in runs.values() for m in rs):
+        open(os.path.join(work, "FAILED"), "w").close()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@
 #                    the daemon and the server, server requests, then the same under strace -c
 #   --out FILE       where to write the table and machine info (default BENCHMARKS-run.md;
 #                    copy the parts you keep into BENCHMARKS.md)
+#   --server-disk own|work
+#                    s3rver's data on a journaled ext4 of its own (default: a sparse image on
+#                    a loop device, as root) or in the work dir's filesystem. This VM's root
+#                    ext4 has no journal, which makes one target's cleanup slow the next
+#                    target's server-side file creation (see BENCHMARKS.md)
 #   --no-settle      do not drop the page cache (and wait 5 s) before each target: by default
 #                    every target starts with its page cache growing into memory the VM gave
 #                    back to the host, whatever ran before it (see BENCHMARKS.md)
@@ -24,7 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs=3 size=1024 files=2000 rand=20 server=s3rver targets="" out=BENCHMARKS-run.md profile=() settle=()
+runs=3 size=1024 files=2000 rand=20 server=s3rver targets="" out=BENCHMARKS-run.md profile=() settle=() disk=own
 while [ $# -gt 0 ]; do
   case "$1" in
     --install-peers)
@@ -40,6 +45,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift ;;
     --profile) profile=(--profile) ;;
     --no-settle) settle=(--no-settle) ;;
+    --server-disk) disk=$2; shift ;;
     -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -66,7 +72,8 @@ start=$(date -u +%FT%TZ)
 rc=0
 timeout -k 30 $((runs * 3600)) python3 scripts/bench.py --runs "$runs" --size-mib "$size" \
   --files "$files" --rand-seconds "$rand" --server "$server" --s3rver-dir "$s3rver_dir" \
-  --targets "$targets" --json-out "$json" "${profile[@]}" "${settle[@]}" >"$table" || rc=$?
+  --targets "$targets" --server-disk "$disk" --json-out "$json" "${profile[@]}" "${settle[@]}" \
+  >"$table" || rc=$?
 if [ $rc -ne 0 ]; then
   echo "the driver exited with $rc" >&2
   [ -s "$json.partial.md" ] || exit $rc
@@ -77,11 +84,11 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 {
   echo "## ${profile:+Profile }Run of $start"
   echo
-  echo "- command: \`scripts/bench.sh ${profile[*]:+${profile[*]} }${settle[*]:+${settle[*]} }--runs $runs --size-mib $size --files $files --rand-seconds $rand --server $server${targets:+ --targets $targets}\` (median of $runs run(s))"
+  echo "- command: \`scripts/bench.sh ${profile[*]:+${profile[*]} }${settle[*]:+${settle[*]} }--runs $runs --size-mib $size --files $files --rand-seconds $rand --server $server --server-disk $disk${targets:+ --targets $targets}\` (median of $runs run(s))"
   echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/{printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM, kernel $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")"
   echo "- load average before / after: $load_before / $load_after (the machine is shared)"
   case "$server" in
-    s3rver) echo "- server: s3rver $(node -e "console.log(require('$s3rver_dir/node_modules/s3rver/package.json').version)") on node $(node --version), data on $(df --output=fstype "${TMPDIR:-/tmp}" | tail -1), 127.0.0.1" ;;
+    s3rver) echo "- server: s3rver $(node -e "console.log(require('$s3rver_dir/node_modules/s3rver/package.json').version)") on node $(node --version), 127.0.0.1 (where its data lives: the line above the table)" ;;
     moto) echo "- server: moto $(python3 -c 'import moto; print(moto.__version__)'), 127.0.0.1" ;;
   esac
   echo "- peers: $(command -v s3fs >/dev/null && s3fs --version 2>/dev/null | head -1 | awk '{print "s3fs " $(NF-3)}' || echo 'no s3fs'), $(command -v rclone >/dev/null && rclone version 2>/dev/null | head -1 || echo 'no rclone'); bucketgate $(git rev-parse --short HEAD)"
