@@ -38,7 +38,7 @@ class ServerDisk:
     """A journaled ext4 of its own for s3rver's objects: a sparse image in the work dir on a
     loop device with direct I/O (no second page cache of the image file). This VM's root
     ext4 has no journal, and without one ext4 checks, for every new inode, the deletion
-    time of each free inode it passes: one target's cleanup (~6,000 files) then slowed the
+    time of each free inode it passes: one target's cleanup (thousands of files) slowed the
     next target's server-side creates for up to 6 minutes (a quarter of s3rver's samples in
     `recently_deleted` over a rename; see BENCHMARKS.md, tenth session). Needs root."""
 
@@ -783,8 +783,12 @@ def main():
     log(f"work dir {work}")
     disk = ServerDisk(work)
     data_root = disk.mount() if a.server == "s3rver" and a.server_disk == "own" else None
-    where = ("a journaled ext4 of its own (sparse image, loop device with direct I/O)" if data_root
-             else f"the work dir's filesystem ({fs_type(work)})")
+    if a.server != "s3rver":
+        where = f"{a.server}'s memory"
+    elif data_root:
+        where = "a journaled ext4 of its own (sparse image, loop device with direct I/O)"
+    else:
+        where = f"the work dir's filesystem ({fs_type(work)})"
     log(f"server data on {where}")
     try:
         srv = Server(a.server, work, a.s3rver_dir, data_root)
