@@ -54,14 +54,11 @@ class ServerDisk:
         try:
             with open(self.image, "wb") as f:
                 f.truncate(self.SIZE_GIB << 30)
-            subprocess.run(["mkfs.ext4", "-q", "-F", self.image], check=True,
-                           capture_output=True, timeout=120)
-            self.device = subprocess.run(
-                ["losetup", "--find", "--show", "--direct-io=on", self.image],
-                check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+            sh(["mkfs.ext4", "-q", "-F", self.image], timeout=120, check=True)
+            self.device = sh(["losetup", "--find", "--show", "--direct-io=on", self.image],
+                             check=True).stdout.strip()
             os.makedirs(self.path)
-            subprocess.run(["mount", self.device, self.path], check=True, capture_output=True,
-                           timeout=60)
+            sh(["mount", self.device, self.path], check=True)
             return self.path
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", "") or e
@@ -796,24 +793,23 @@ def main():
         disk.unmount()
         raise
     try:
-        run_bench(a, work, srv, where)
+        complete = run_bench(a, work, srv, where)
     finally:
         srv.stop()
         disk.unmount()
-    failed = os.path.exists(os.path.join(work, "FAILED"))
-    if failed or os.environ.get("BENCH_KEEP"):
+    if not complete or os.environ.get("BENCH_KEEP"):
         log(f"kept {work} (logs of the server and every mount)")
     else:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def fs_type(path):
-    r = subprocess.run(["df", "--output=fstype", path], capture_output=True, text=True, timeout=30)
+    r = sh(["df", "--output=fstype", path], timeout=30)
     return r.stdout.split()[-1] if r.returncode == 0 and r.stdout.split() else "unknown"
 
 
 def run_bench(a, work, srv, where):
-    """The profile or the table, on a running server."""
+    """The profile or the table, on a running server; False when a target failed."""
     data = os.urandom(a.size_mib * MiB)
     small = os.urandom(16 * 1024)
     if a.profile:
@@ -821,7 +817,7 @@ def run_bench(a, work, srv, where):
         with open(a.json_out, "w") as f:
             f.write("\n".join(lines) + "\n")
         print("\n".join(lines))
-        return
+        return True
     order = ["local-disk", "direct-boto3", "bucketgate-cached", "bucketgate-write-through"]
     peers = []
     if shutil.which("s3fs"):
@@ -894,8 +890,7 @@ def run_bench(a, work, srv, where):
                   f, indent=1)
     print(f"Server data on {where}.\n")
     print(table)
-    if any(not m for rs in runs.values() for m in rs):
-        open(os.path.join(work, "FAILED"), "w").close()
+    return all(m for rs in runs.values() for m in rs)
 
 
 if __name__ == "__main__":
