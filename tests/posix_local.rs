@@ -151,3 +151,78 @@ fn mmap_writes_to_a_new_file_reach_the_bucket_in_every_mode() {
         mount.unmount();
     }
 }
+
+/// Pages of `file` (of `len` bytes) in the kernel's page cache, by `mincore` of a read-only
+/// mapping: mapping and asking fault nothing in.
+fn resident_pages(file: &fs::File, len: usize) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: page_size is a constant query.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
+    let pages = len.div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a fresh read-only shared mapping of an open file of `len` bytes, unmapped in
+    // this block; `vec` has one byte per page of it, as mincore needs.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(
+            libc::mincore(addr, len, vec.as_mut_ptr()),
+            0,
+            "mincore: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::munmap(addr, len), 0, "munmap");
+    }
+    (vec.iter().filter(|b| **b & 1 == 1).count(), pages)
+}
+
+/// Write-through: a large file's first read streams past the kernel's page cache (a
+/// restore reads it once), and the file is kept from its next open on (it is read again).
+#[test]
+fn write_through_streams_a_large_file_past_the_page_cache_until_it_is_read_again() {
+    const LEN: usize = 64 << 20;
+    let bucket = temp_dir("bucket-stream-once");
+    let body = pattern(LEN, 11);
+    fs::write(bucket.path().join("large.bin"), &body).expect("object");
+    fs::write(bucket.path().join("small.bin"), &body[..1 << 20]).expect("small object");
+    let source = bucket.path().to_string_lossy().into_owned();
+    let mount = Mount::start(&source, "write-through", &[], &[]);
+
+    assert!(fs::read(mount.path("large.bin")).expect("first read") == body);
+    let mapped = fs::File::open(mount.path("large.bin")).expect("open to map");
+    let (resident, pages) = resident_pages(&mapped, LEN);
+    assert_eq!(
+        resident, 0,
+        "the first read left {resident} of {pages} pages in the page cache"
+    );
+
+    assert!(fs::read(mount.path("large.bin")).expect("second read") == body);
+    let (resident, pages) = resident_pages(&mapped, LEN);
+    assert!(
+        resident > pages * 9 / 10,
+        "the second read left only {resident} of {pages} pages in the page cache"
+    );
+
+    // A small file is kept from its first read.
+    assert!(fs::read(mount.path("small.bin")).expect("small read") == body[..1 << 20]);
+    let small = fs::File::open(mount.path("small.bin")).expect("open small");
+    let (resident, pages) = resident_pages(&small, 1 << 20);
+    assert!(
+        resident > pages * 9 / 10,
+        "a small file's read left only {resident} of {pages} pages in the page cache"
+    );
+    drop((mapped, small));
+    mount.unmount();
+}

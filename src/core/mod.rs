@@ -4,16 +4,18 @@
 
 mod handle;
 mod listing;
+mod page_cache;
 mod passthrough;
 mod prefetch;
 mod refresh;
 mod window;
 
 pub use listing::Listing;
+pub use page_cache::PageCache;
 pub use refresh::{RefreshReport, MAX_REFRESH_DIRS};
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -70,17 +72,6 @@ pub struct Opened {
     pub backing: Option<std::fs::File>,
     /// How the kernel's page cache treats the handle when the daemon serves it.
     pub page_cache: PageCache,
-}
-
-/// The kernel's page cache for a handle the daemon serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PageCache {
-    /// Kept across opens: every change the kernel did not make itself (another tool's
-    /// version, a failed check) is invalidated explicitly.
-    Keep,
-    /// Not used (direct I/O): the cache file's own page cache is the one copy, so a
-    /// later passthrough open finds the bytes warm and there is nothing to invalidate.
-    Bypass,
 }
 
 /// Attributes as the adapter reports them.
@@ -193,8 +184,8 @@ pub struct Core {
     kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
     /// Which handles the kernel serves itself (passthrough).
     kernel_io: passthrough::KernelIo,
-    /// The kernel allows mmap of direct I/O handles (see [`PageCache::Bypass`]).
-    direct_io_mmap: AtomicBool,
+    /// Which handles the kernel's page cache keeps.
+    page_cache: page_cache::PageCachePolicy,
 }
 
 /// Bytes of cache that block runs take.
@@ -252,7 +243,7 @@ impl Core {
         let kernel_io = passthrough::KernelIo::new(config.passthrough && config.mode.keeps_data());
         Core {
             kernel_io,
-            direct_io_mmap: AtomicBool::new(false),
+            page_cache: page_cache::PageCachePolicy::default(),
             config,
             fresh,
             prefetch,
@@ -926,47 +917,29 @@ impl Core {
             return Ok(Opened {
                 fh,
                 backing,
-                page_cache: self.daemon_page_cache(),
+                page_cache: self.page_cache.cached_mode(self.kernel_io.enabled()),
             });
         }
+        let page_cache = if fresh {
+            self.page_cache.streamed_writer()
+        } else {
+            let open_elsewhere = lock(&self.open_counts)
+                .get(&inode.ino)
+                .is_some_and(|n| *n > 0);
+            self.page_cache
+                .streamed_reader(inode.ino, inode.size, mode.write, open_elsewhere)
+        };
         let fh = self.add_handle(handle);
         Ok(Opened {
             fh,
             backing: None,
-            page_cache: if fresh {
-                self.streamed_writer_page_cache()
-            } else {
-                PageCache::Keep
-            },
+            page_cache,
         })
-    }
-
-    /// A write-through writer of a new or truncated file bypasses the page cache where
-    /// the kernel still allows mmap of such handles: its bytes go to the upload, and a
-    /// page-cache copy of them slowed the writer and doubled the daemon's CPU (1 GiB
-    /// written: 97 against 110 MiB/s, daemon CPU 1.8-2.5 s against 1.1-1.2 s).
-    fn streamed_writer_page_cache(&self) -> PageCache {
-        if self.direct_io_mmap.load(Ordering::Relaxed) {
-            PageCache::Bypass
-        } else {
-            PageCache::Keep
-        }
     }
 
     /// Whether the kernel lets direct I/O handles be mmapped (FUSE 7.39, Linux 6.6+).
     pub fn set_direct_io_mmap(&self, allowed: bool) {
-        self.direct_io_mmap.store(allowed, Ordering::Relaxed);
-    }
-
-    /// Where passthrough is on, cached-mode handles the daemon serves bypass the page
-    /// cache: no double buffering, and a file read cold is served by the kernel from the
-    /// warm cache file at its next open.
-    fn daemon_page_cache(&self) -> PageCache {
-        if self.kernel_io.enabled() {
-            PageCache::Bypass
-        } else {
-            PageCache::Keep
-        }
+        self.page_cache.set_direct_io_mmap(allowed);
     }
 
     /// Decides whether the kernel serves a cached-mode handle itself, and if so, readies
