@@ -226,3 +226,41 @@ fn write_through_streams_a_large_file_past_the_page_cache_until_it_is_read_again
     drop((mapped, small));
     mount.unmount();
 }
+
+/// Write-through: the local copy a long stream keeps in case its writer seeks back (the
+/// spool) leaves the page cache as the stream passes, and serves the seek back from disk.
+#[test]
+fn write_through_spool_leaves_the_page_cache_and_still_serves_a_seek_back() {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    const LEN: usize = 48 << 20;
+    let bucket = temp_dir("bucket-spool");
+    let source = bucket.path().to_string_lossy().into_owned();
+    let mount = Mount::start(&source, "write-through", &[], &[]);
+    let mut body = pattern(LEN, 5);
+    let mut file = fs::File::create(mount.path("stream.bin")).expect("create");
+    for chunk in body.chunks(1 << 20) {
+        file.write_all(chunk).expect("stream");
+    }
+    let ino = file.metadata().expect("stat").ino();
+    let spool =
+        fs::File::open(mount.cache_dir.join("data").join(ino.to_string())).expect("spool file");
+    let (resident, pages) = resident_pages(&spool, LEN);
+    assert!(
+        resident <= pages / 4,
+        "the spool kept {resident} of {pages} pages in the page cache"
+    );
+
+    file.seek(SeekFrom::Start((1 << 20) + 3))
+        .expect("seek back");
+    file.write_all(b"SEEKBACK")
+        .expect("write after seeking back");
+    body[(1 << 20) + 3..(1 << 20) + 11].copy_from_slice(b"SEEKBACK");
+    drop((file, spool));
+    flush(&mount);
+    assert!(
+        fs::read(bucket.path().join("stream.bin")).expect("object") == body,
+        "the object holds the streamed bytes and the change after the seek back"
+    );
+    mount.unmount();
+}

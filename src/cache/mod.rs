@@ -710,6 +710,37 @@ impl CacheFile {
         }
     }
 
+    /// Writes `range` of the file to disk, waiting for it, and drops it from the page
+    /// cache. For bytes kept only in case they are read back (the write-through spool):
+    /// on the VMs measured, page cache that grows into memory the host has taken back costs
+    /// a host fault per page, while pages dropped here are reused warm by the next writes.
+    pub fn write_out_and_forget(&self, range: Range<u64>) -> FsResult<()> {
+        let fd = self.file.as_raw_fd();
+        let (start, len) = (
+            range.start as libc::off64_t,
+            (range.end - range.start) as libc::off64_t,
+        );
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: the descriptor is this file's own, open for as long as `self` lives;
+        // neither call reads memory of ours.
+        if unsafe { libc::sync_file_range(fd, start, len, flags) } != 0 {
+            return Err(FsError::io(
+                "writing the cache file to disk",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: as above.
+        let rc = unsafe { libc::posix_fadvise(fd, start, len, libc::POSIX_FADV_DONTNEED) };
+        if rc != 0 {
+            // Only memory is lost: the pages stay cached until the file goes.
+            let err = std::io::Error::from_raw_os_error(rc);
+            tracing::debug!(ino = self.ino, error = %err, "dropping cache file pages");
+        }
+        Ok(())
+    }
+
     pub fn set_disk_mtime(&self, mtime: std::time::SystemTime) -> FsResult<()> {
         self.file
             .set_modified(mtime)

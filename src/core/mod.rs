@@ -42,6 +42,8 @@ const WRITE_THROUGH_PARALLEL_SYNCS: usize = 16;
 /// Largest read-ahead for a sequential reader in cached and sync mode: this many parts
 /// of [`PART_BLOCKS`] in flight at once, streamed to the cache disk.
 const MAX_READ_AHEAD: u64 = 8 * PART_BLOCKS * BLOCK_SIZE;
+/// The write-through spool keeps at most about two of these in the page cache.
+const SPOOL_WINDOW: u64 = 8 << 20;
 /// Largest read-ahead in write-through mode, where it is held in memory.
 const MAX_STREAM_AHEAD: u64 = window::MAX_PARTS_AHEAD as u64 * window::STREAM_PART;
 
@@ -1412,13 +1414,20 @@ impl Core {
     /// partial object. The copy is dropped once the object is complete.
     fn spool(&self, io: &mut handle::HandleIo, ino: u64, offset: u64, data: &[u8]) -> FsResult<()> {
         let file = self.start_spool(io, ino)?;
-        match file.write_local(offset, data)? {
-            WriteOutcome::Written => Ok(()),
-            WriteOutcome::NeedFetch(_) => Err(FsError::loud(
+        if let WriteOutcome::NeedFetch(_) = file.write_local(offset, data)? {
+            return Err(FsError::loud(
                 libc::EIO,
                 format!("inode {ino}: the write-through spool needs data it never had"),
-            )),
+            ));
         }
+        // Each time the stream passes a window, the window before the last goes to disk
+        // and leaves the page cache (it is read only if the writer seeks back).
+        let end = offset + data.len() as u64;
+        let windows = end / SPOOL_WINDOW;
+        if windows > offset / SPOOL_WINDOW && windows >= 2 {
+            file.write_out_and_forget((windows - 2) * SPOOL_WINDOW..(windows - 1) * SPOOL_WINDOW)?;
+        }
+        Ok(())
     }
 
     /// The local copy a write-through handle opened empty (created or O_TRUNC) writes to:
