@@ -593,12 +593,7 @@ impl Core {
         inode: &Inode,
         ops: &mut Vec<JournalOp>,
     ) -> FsResult<()> {
-        if lock(&self.open_counts)
-            .get(&inode.ino)
-            .copied()
-            .unwrap_or(0)
-            > 0
-        {
+        if self.is_open(inode.ino) {
             return self.meta.detach(tx, inode.ino);
         }
         if let Some(key) = inode.remote_key.clone().filter(|k| !k.is_empty()) {
@@ -628,7 +623,7 @@ impl Core {
     }
 
     fn drop_cached_data(&self, ino: u64) -> FsResult<()> {
-        if lock(&self.open_counts).get(&ino).copied().unwrap_or(0) == 0 {
+        if !self.is_open(ino) {
             discard_cache_file(&self.meta, &self.cache, ino)?;
         }
         Ok(())
@@ -829,8 +824,7 @@ impl Core {
             }
         }
         // With a handle open, write-through uploads at close; otherwise now.
-        let open = lock(&self.open_counts).get(&ino).copied().unwrap_or(0) > 0;
-        if !(self.write_through() && open) {
+        if !(self.write_through() && self.is_open(ino)) {
             self.sync_now_or_later(vec![JournalOp::Sync(ino)]).await?;
         }
         self.getattr(ino).await
@@ -866,6 +860,11 @@ impl Core {
             .get(&fh)
             .cloned()
             .ok_or_else(|| FsError::new(libc::EBADF, "no such file handle"))
+    }
+
+    /// Whether any handle of the inode is open (an unlinked inode lives until none is).
+    fn is_open(&self, ino: u64) -> bool {
+        lock(&self.open_counts).get(&ino).is_some_and(|n| *n > 0)
     }
 
     fn add_handle(&self, handle: Handle) -> u64 {
@@ -925,11 +924,12 @@ impl Core {
         let page_cache = if fresh {
             self.page_cache.streamed_writer()
         } else {
-            let open_elsewhere = lock(&self.open_counts)
-                .get(&inode.ino)
-                .is_some_and(|n| *n > 0);
-            self.page_cache
-                .streamed_reader(inode.ino, inode.size, mode.write, open_elsewhere)
+            self.page_cache.streamed_reader(
+                inode.ino,
+                inode.size,
+                mode.write,
+                self.is_open(inode.ino),
+            )
         };
         let fh = self.add_handle(handle);
         Ok(Opened {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use super::{lock, Core, MAX_NAME_BYTES, PARALLEL_HEADS};
+use super::{Core, MAX_NAME_BYTES, PARALLEL_HEADS};
 use crate::backend::{AttrIndex, Kind, ListedEntry, ObjectAttrs, ObjectInfo};
 use crate::cache::FileInit;
 use crate::error::{FsError, FsResult};
@@ -531,10 +531,6 @@ impl Core {
             self.meta.forget_blocks(ino)?;
             Ok(saved)
         })
-    }
-
-    fn is_open(&self, ino: u64) -> bool {
-        lock(&self.open_counts).get(&ino).copied().unwrap_or(0) > 0
     }
 
     /// A name the mount knows is no longer in the bucket. It goes (a directory with
