@@ -16,7 +16,9 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 MiB = 1 << 20
-ACCESS, SECRET = "S3RVER", "S3RVER"
+S3RVER_KEY = ("S3RVER", "S3RVER")
+# garage wants "GK" + 24 hex digits and a 64-hex-digit secret
+GARAGE_KEY = ("GK" + "0b" * 12, "5e" * 32)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "target", "release", "bucketgate")
 T_MOUNT = 30        # seconds a mount may take to become ready
@@ -35,7 +37,7 @@ def sh(cmd, timeout=60, **kw):
 
 # ---------------------------------------------------------------- server
 class ServerDisk:
-    """A journaled ext4 of its own for s3rver's objects: a sparse image in the work dir on a
+    """A journaled ext4 of its own for the server's objects: a sparse image in the work dir on a
     loop device with direct I/O (no second page cache of the image file). This VM's root
     ext4 has no journal, and without one ext4 checks, for every new inode, the deletion
     time of each free inode it passes: one target's cleanup (thousands of files) slowed the
@@ -78,47 +80,97 @@ class ServerDisk:
 
 
 class Server:
-    def __init__(self, kind, work, s3rver_dir, data_root=None):
+    """The S3-protocol server of the run, started here and stopped by PID. `access`/`secret`
+    are its credentials (each kind wants its own form of key)."""
+
+    def __init__(self, kind, work, s3rver_dir, data_root=None, garage_bin=None):
         self.kind, self.work = kind, work
         self.port = 20000 + os.getpid() % 20000
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(work, f"{kind}.log")
-        logf = open(self.log_path, "w")
+        self.access, self.secret = S3RVER_KEY if kind == "s3rver" else GARAGE_KEY
+        data = os.path.join(data_root or work, f"{kind}-data")
         if kind == "s3rver":
-            data = os.path.join(data_root or work, "s3rver-data")
             os.makedirs(data)
             js = os.path.join(s3rver_dir, "node_modules", "s3rver", "bin", "s3rver.js")
             cmd = ["node", "--openssl-legacy-provider", js, "-d", data, "-a", "127.0.0.1",
                    "-p", str(self.port), "--no-vhost-buckets"]
+        elif kind == "garage":
+            self.garage = [garage_bin, "-c", self.garage_config(data)]
+            cmd = self.garage + ["server"]
         else:
             cmd = ["moto_server", "-H", "127.0.0.1", "-p", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # any HTTP answer means it is up
-            except Exception:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"{kind} did not start; log: {self.log_path}")
-                time.sleep(0.2)
+        with open(self.log_path, "w") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.wait_listening()
+        if kind == "garage":
+            self.garage_setup()
         cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"},
                      retries={"max_attempts": 3}, max_pool_connections=32,
                      # s3rver stores aws-chunked framing as object bytes: plain payloads only
                      request_checksum_calculation="when_required",
                      response_checksum_validation="when_required")
         self.s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                               aws_access_key_id=ACCESS, aws_secret_access_key=SECRET,
+                               aws_access_key_id=self.access, aws_secret_access_key=self.secret,
                                config=cfg)
 
+    def wait_listening(self):
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return  # any HTTP answer means it is up
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"{self.kind} did not start; log: {self.log_path}")
+                time.sleep(0.2)
+
+    def garage_config(self, data):
+        """One node, one copy of each block, no compression (the bench's bytes are random),
+        no fsync (s3rver does not sync either): the server's own cost per request and byte."""
+        path = os.path.join(self.work, "garage.toml")
+        with open(path, "w") as f:
+            f.write(f"""metadata_dir = "{data}/meta"
+data_dir = "{data}/data"
+db_engine = "lmdb"
+replication_factor = 1
+compression_level = "none"
+rpc_bind_addr = "127.0.0.1:{self.port + 1}"
+rpc_public_addr = "127.0.0.1:{self.port + 1}"
+rpc_secret = "{os.urandom(32).hex()}"
+
+[s3_api]
+s3_region = "us-east-1"
+api_bind_addr = "127.0.0.1:{self.port}"
+root_domain = ".s3.localhost"
+""")
+        return path
+
+    def garage_setup(self):
+        """A fresh garage node serves nothing until it has a layout; then the bench's key,
+        allowed to create buckets."""
+        node = self.garage_cli("node", "id", "-q").split("@")[0].strip()
+        self.garage_cli("layout", "assign", "-z", "dc1", "-c", "100G", node)
+        self.garage_cli("layout", "apply", "--version", "1")
+        self.garage_cli("key", "import", "--yes", "-n", "bench", self.access, self.secret)
+        self.garage_cli("key", "allow", "--create-bucket", self.access)
+
+    def garage_cli(self, *args):
+        r = sh(self.garage + list(args), timeout=60)
+        if r.returncode != 0:
+            raise SystemExit(f"garage {' '.join(args)} failed: {r.stderr.strip()}")
+        return r.stdout
+
     def request_count(self):
-        """Lines of the server log that record a request (s3rver logs one per request)."""
-        if self.kind != "s3rver":
+        """Lines of the server log that record a request (s3rver and garage log one each)."""
+        pat = {"s3rver": r"info: \S+ \d{3} \d+ms ",
+               "garage": r"generic_server: \S+ (\(key \S+\) )?(GET|PUT|POST|DELETE|HEAD) "}.get(self.kind)
+        if pat is None:
             return None
-        pat = re.compile(r"info: \S+ \d{3} \d+ms ")
+        pat = re.compile(pat)
         with open(self.log_path, errors="replace") as f:
             return sum(1 for line in f if pat.search(ANSI.sub("", line)))
 
@@ -247,7 +299,7 @@ class Bucketgate(Target):
         self.name = f"bucketgate-{mode}"
 
     def env(self):
-        e = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS, AWS_SECRET_ACCESS_KEY=SECRET,
+        e = dict(os.environ, AWS_ACCESS_KEY_ID=self.srv.access, AWS_SECRET_ACCESS_KEY=self.srv.secret,
                  AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
                  BUCKETGATE_LOG="warn", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
         return e
@@ -270,7 +322,7 @@ class S3fs(Target):
     def cmd(self, mnt, cache):
         pw = os.path.join(self.work, "s3fs.passwd")
         with open(pw, "w") as f:
-            f.write(f"{ACCESS}:{SECRET}\n")
+            f.write(f"{self.srv.access}:{self.srv.secret}\n")
         os.chmod(pw, 0o600)
         return ["s3fs", self.bucket, mnt, "-f", "-o", f"url={self.srv.endpoint}",
                 "-o", "use_path_request_style", "-o", f"passwd_file={pw}",
@@ -289,8 +341,8 @@ class Rclone(Target):
         return dict(e, RCLONE_CONFIG_BENCH_TYPE="s3",
                     RCLONE_CONFIG_BENCH_PROVIDER="Other",
                     RCLONE_CONFIG_BENCH_ENDPOINT=self.srv.endpoint,
-                    RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=ACCESS,
-                    RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=SECRET,
+                    RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=self.srv.access,
+                    RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=self.srv.secret,
                     RCLONE_CONFIG_BENCH_REGION="us-east-1",
                     RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE="true",
                     RCLONE_CONFIG=os.path.join(self.work, "rclone-none.conf"))
@@ -760,8 +812,9 @@ def main():
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--rand-seconds", type=float, default=20)
-    ap.add_argument("--server", default="s3rver", choices=["s3rver", "moto"])
+    ap.add_argument("--server", default="s3rver", choices=["s3rver", "garage", "moto"])
     ap.add_argument("--s3rver-dir", required=True)
+    ap.add_argument("--garage-bin", default="")
     ap.add_argument("--targets", default="")
     ap.add_argument("--no-settle", action="store_true",
                     help="do not drop the page cache and wait before each target")
@@ -779,8 +832,8 @@ def main():
     work = tempfile.mkdtemp(prefix="bucketgate-bench.", dir=a.work)
     log(f"work dir {work}")
     disk = ServerDisk(work)
-    data_root = disk.mount() if a.server == "s3rver" and a.server_disk == "own" else None
-    if a.server != "s3rver":
+    data_root = disk.mount() if a.server != "moto" and a.server_disk == "own" else None
+    if a.server == "moto":
         where = f"{a.server}'s memory"
     elif data_root:
         where = "a journaled ext4 of its own (sparse image, loop device with direct I/O)"
@@ -788,7 +841,7 @@ def main():
         where = f"the work dir's filesystem ({fs_type(work)})"
     log(f"server data on {where}")
     try:
-        srv = Server(a.server, work, a.s3rver_dir, data_root)
+        srv = Server(a.server, work, a.s3rver_dir, data_root, a.garage_bin)
     except BaseException:
         disk.unmount()
         raise

@@ -3,7 +3,7 @@
 # plain local directory, s3fs and rclone mount, on a local S3-protocol server on 127.0.0.1.
 #
 #   scripts/bench.sh [--quick] [--runs N] [--size-mib N] [--files N] [--rand-seconds S]
-#                    [--server s3rver|moto] [--targets a,b,...] [--out FILE] [--no-settle]
+#                    [--server s3rver|garage|moto] [--targets a,b,...] [--out FILE] [--no-settle]
 #                    [--install-peers]
 #
 #   --install-peers  apt-get install fuse3 s3fs rclone, then exit
@@ -12,8 +12,11 @@
 #                    the daemon and the server, server requests, then the same under strace -c
 #   --out FILE       where to write the table and machine info (default BENCHMARKS-run.md;
 #                    copy the parts you keep into BENCHMARKS.md)
+#   --server garage  Garage 2.5.0 (Rust, multi-threaded) instead of s3rver: built with
+#                    `cargo install` into $BENCH_GARAGE_DIR (default /tmp/bucketgate-bench-garage)
+#                    on first use, about 10 minutes on 2 cores
 #   --server-disk own|work
-#                    s3rver's data on a journaled ext4 of its own (default: a sparse image on
+#                    the server's data on a journaled ext4 of its own (default: a sparse image on
 #                    a loop device, as root) or in the work dir's filesystem. This VM's root
 #                    ext4 has no journal, which makes one target's cleanup slow the next
 #                    target's server-side file creation (see BENCHMARKS.md)
@@ -63,6 +66,13 @@ if [ "$server" = s3rver ] && [ ! -f "$s3rver_dir/node_modules/s3rver/bin/s3rver.
   (cd "$s3rver_dir" && timeout 300 npm install --no-audit --no-fund s3rver@3.7.1 >/dev/null)
 fi
 
+garage_dir=${BENCH_GARAGE_DIR:-/tmp/bucketgate-bench-garage}
+if [ "$server" = garage ] && [ ! -x "$garage_dir/bin/garage" ]; then
+  # one node, LMDB metadata; no metrics/k2v/sqlite: less to build
+  CARGO_TARGET_DIR="$garage_dir/target" timeout 3600 cargo install --locked --root "$garage_dir" \
+    garage@2.5.0 --no-default-features --features bundled-libs,lmdb
+fi
+
 json=$(mktemp /tmp/bucketgate-bench.XXXXXX.json)
 table=$(mktemp /tmp/bucketgate-bench.XXXXXX.md)
 trap 'rm -f "$json" "$table" "$json.partial.md"' EXIT
@@ -72,6 +82,7 @@ start=$(date -u +%FT%TZ)
 rc=0
 timeout -k 30 $((runs * 3600)) python3 scripts/bench.py --runs "$runs" --size-mib "$size" \
   --files "$files" --rand-seconds "$rand" --server "$server" --s3rver-dir "$s3rver_dir" \
+  --garage-bin "$garage_dir/bin/garage" \
   --targets "$targets" --server-disk "$disk" --json-out "$json" "${profile[@]}" "${settle[@]}" \
   >"$table" || rc=$?
 if [ $rc -ne 0 ]; then
@@ -89,6 +100,7 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "- load average before / after: $load_before / $load_after (the machine is shared)"
   case "$server" in
     s3rver) echo "- server: s3rver $(node -e "console.log(require('$s3rver_dir/node_modules/s3rver/package.json').version)") on node $(node --version), 127.0.0.1 (where its data lives: the line above the table)" ;;
+    garage) echo "- server: $("$garage_dir/bin/garage" --version 2>/dev/null | head -1) (one node, LMDB metadata, no compression, no fsync), 127.0.0.1" ;;
     moto) echo "- server: moto $(python3 -c 'import moto; print(moto.__version__)'), 127.0.0.1" ;;
   esac
   echo "- peers: $(command -v s3fs >/dev/null && s3fs --version 2>/dev/null | head -1 | awk '{print "s3fs " $(NF-3)}' || echo 'no s3fs'), $(command -v rclone >/dev/null && rclone version 2>/dev/null | head -1 || echo 'no rclone'); bucketgate $(git rev-parse --short HEAD)"
