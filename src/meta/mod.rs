@@ -115,6 +115,30 @@ pub struct JournalEntry {
     pub attempts: i64,
 }
 
+/// Which due journal entries a scan returns, oldest first.
+#[derive(Debug, Clone, Copy)]
+pub struct DueScan {
+    pub limit: usize,
+    /// Also the changes still in their quiet delay (a flush is waiting).
+    pub ignore_delay: bool,
+    /// With `ignore_delay`, the attribute-index rewrites too.
+    pub indexes_too: bool,
+    /// Deletes too: the scheduler leaves out the ones it is holding back.
+    pub deletes_too: bool,
+}
+
+impl DueScan {
+    /// Everything due now, up to `limit` entries.
+    pub fn due_now(limit: usize) -> Self {
+        Self {
+            limit,
+            ignore_delay: false,
+            indexes_too: false,
+            deletes_too: true,
+        }
+    }
+}
+
 /// Counts for `status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct JournalSummary {
@@ -688,22 +712,23 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Entries due now, oldest first; with `ignore_delay`, also the changes still in their
-    /// quiet delay, and with `indexes_too` the attribute-index rewrites as well.
-    pub fn due_entries(
-        &self,
-        limit: usize,
-        ignore_delay: bool,
-        indexes_too: bool,
-    ) -> FsResult<Vec<JournalEntry>> {
+    /// The entries `scan` asks for (see [`DueScan`]).
+    pub fn due_entries(&self, scan: DueScan) -> FsResult<Vec<JournalEntry>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(
             "SELECT id, op, ino, key, gen, attempts FROM journal
-             WHERE (?1 AND attempts = 0 AND (?4 OR op != 'attr-index')) OR not_before_ms <= ?2
+             WHERE ((?1 AND attempts = 0 AND (?4 OR op != 'attr-index')) OR not_before_ms <= ?2)
+               AND (?5 OR op != 'delete')
              ORDER BY id LIMIT ?3",
         )?;
         let rows = stmt.query_map(
-            params![ignore_delay, now_ms(), limit as i64, indexes_too],
+            params![
+                scan.ignore_delay,
+                now_ms(),
+                scan.limit as i64,
+                scan.indexes_too,
+                scan.deletes_too
+            ],
             entry_from_row,
         )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -721,13 +746,15 @@ impl MetaStore {
             .optional()?)
     }
 
-    /// The entry's work is done; it is dropped unless re-queued meanwhile.
-    /// Unsynced: if a power loss drops it, the entry runs again and finds nothing to do.
-    pub fn complete(&self, entry: &JournalEntry) -> FsResult<()> {
+    /// The entry's work is done; it is dropped unless re-queued meanwhile (then this
+    /// returns false). Unsynced: if a power loss drops it, the entry runs again and finds
+    /// nothing to do.
+    pub fn complete(&self, entry: &JournalEntry) -> FsResult<bool> {
         self.bookkeeping(|tx| {
-            tx.prepare_cached("DELETE FROM journal WHERE id = ?1 AND gen = ?2")?
+            let dropped = tx
+                .prepare_cached("DELETE FROM journal WHERE id = ?1 AND gen = ?2")?
                 .execute(params![entry.id, entry.gen])?;
-            Ok(())
+            Ok(dropped > 0)
         })
     }
 
@@ -1102,19 +1129,49 @@ mod tests {
         store
             .transaction(|tx| store.enqueue(tx, &JournalOp::Sync(5), Duration::ZERO))
             .expect("enqueue");
-        let due = store.due_entries(10, false, false).expect("due");
+        let due = store.due_entries(DueScan::due_now(10)).expect("due");
         assert_eq!(due.len(), 1);
         store
             .transaction(|tx| store.enqueue(tx, &JournalOp::Sync(5), Duration::ZERO))
             .expect("requeue");
-        store.complete(&due[0]).expect("complete");
+        assert!(
+            !store.complete(&due[0]).expect("complete"),
+            "the entry stays queued"
+        );
         assert_eq!(
             store.journal_len().expect("len"),
             1,
             "a change during the upload must be uploaded again"
         );
-        let due = store.due_entries(10, false, false).expect("due");
-        store.complete(&due[0]).expect("complete");
+        let due = store.due_entries(DueScan::due_now(10)).expect("due");
+        assert!(store.complete(&due[0]).expect("complete"));
         assert_eq!(store.journal_len().expect("len"), 0);
+    }
+
+    #[test]
+    fn a_scan_without_deletes_leaves_out_only_the_deletes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MetaStore::open(&dir.path().join("m.db"), 0o755, 0, 0).expect("open");
+        let ops = [
+            JournalOp::Delete("a".into()),
+            JournalOp::Sync(5),
+            JournalOp::Delete("b".into()),
+            JournalOp::Sync(6),
+        ];
+        for op in &ops {
+            store
+                .transaction(|tx| store.enqueue(tx, op, Duration::ZERO))
+                .expect("enqueue");
+        }
+        let ops_of = |scan| -> Vec<JournalOp> {
+            let due = store.due_entries(scan).expect("due");
+            due.into_iter().map(|e| e.op).collect()
+        };
+        assert_eq!(ops_of(DueScan::due_now(10)), ops);
+        let held = DueScan {
+            deletes_too: false,
+            ..DueScan::due_now(10)
+        };
+        assert_eq!(ops_of(held), vec![JournalOp::Sync(5), JournalOp::Sync(6)]);
     }
 }

@@ -17,7 +17,7 @@ use crate::backend::{Backend, Kind, MetadataReplaced, ObjectAttrs};
 use crate::cache::{CacheFile, DataCache, FileInit};
 use crate::error::{FsError, FsResult};
 use crate::integrity::{crc64, Crc64, ReadVerifier};
-use crate::meta::{Inode, JournalEntry, JournalOp, MetaStore, RemoteState, Settles};
+use crate::meta::{DueScan, Inode, JournalEntry, JournalOp, MetaStore, RemoteState, Settles};
 use upload::{StreamUpload, Uploaded};
 
 /// Retry delays grow from this, doubling, up to [`MAX_RETRY_DELAY`].
@@ -85,6 +85,9 @@ pub struct Uploader {
     in_flight: AtomicU64,
     /// Syncs running: while any do, due deletes wait to go together.
     syncs_running: AtomicU64,
+    /// The last scan of the journal filled its limit: due entries may lie past it, so a
+    /// finished entry (which leaves the window) wakes the scheduler.
+    scan_was_full: AtomicBool,
     stopped: AtomicBool,
 }
 
@@ -156,6 +159,7 @@ impl Uploader {
             unindexed: Mutex::new(HashSet::new()),
             in_flight: AtomicU64::new(0),
             syncs_running: AtomicU64::new(0),
+            scan_was_full: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
         })
     }
@@ -188,23 +192,35 @@ impl Uploader {
     /// request per thousand keys where the store has them.
     pub async fn run(self: Arc<Self>) {
         let mut deletes_held_since: Option<Instant> = None;
+        let mut syncs_were_due = false;
         while !self.stopped.load(Ordering::SeqCst) {
-            let flushing = self.flushing.load(Ordering::SeqCst) > 0;
-            let indexes_too = self.flushing_indexes.load(Ordering::SeqCst) > 0;
-            // The scan returns the oldest due entries, running ones included: look past
-            // those, or a group of deletes in flight would hold back every newer entry.
-            let limit = DUE_SCAN + self.running_count();
-            let entries = match self.meta.due_entries(limit, flushing, indexes_too) {
+            // While deletes are held, the scan leaves them out: every finished copy wakes
+            // this loop, and re-reading the held group each time cost a 2,000-file rename
+            // more daemon CPU than its copies (BENCHMARKS.md, twelfth session).
+            let holding = deletes_held_since.is_some_and(|since| since.elapsed() < DELETE_GATHER)
+                && (syncs_were_due || self.syncs_running.load(Ordering::SeqCst) > 0);
+            let scan = DueScan {
+                // The scan returns the oldest due entries, running ones included: look
+                // past those, or a group of deletes in flight would hold back every newer
+                // entry.
+                limit: DUE_SCAN + self.running_count(),
+                ignore_delay: self.flushing.load(Ordering::SeqCst) > 0,
+                indexes_too: self.flushing_indexes.load(Ordering::SeqCst) > 0,
+                deletes_too: !holding,
+            };
+            let entries = match self.meta.due_entries(scan) {
                 Ok(entries) => entries,
                 Err(err) => {
                     tracing::error!(error = %err, "reading the upload journal failed");
                     Vec::new()
                 }
             };
+            self.scan_was_full
+                .store(entries.len() >= scan.limit, Ordering::SeqCst);
             let (deletes, others): (Vec<_>, Vec<_>) = entries
                 .into_iter()
                 .partition(|entry| matches!(entry.op, JournalOp::Delete(_)));
-            let syncs_due = others
+            syncs_were_due = others
                 .iter()
                 .any(|entry| matches!(entry.op, JournalOp::Sync(_)));
             for entry in others {
@@ -212,11 +228,15 @@ impl Uploader {
                     return;
                 }
             }
-            if deletes.is_empty() {
+            let syncs_busy = syncs_were_due || self.syncs_running.load(Ordering::SeqCst) > 0;
+            if holding {
+                if !syncs_busy {
+                    continue; // the syncs just ended: the held deletes go now
+                }
+            } else if deletes.is_empty() {
                 deletes_held_since = None;
             } else {
                 let held_since = *deletes_held_since.get_or_insert_with(Instant::now);
-                let syncs_busy = syncs_due || self.syncs_running.load(Ordering::SeqCst) > 0;
                 if !syncs_busy || held_since.elapsed() >= DELETE_GATHER {
                     deletes_held_since = None;
                     if !self.spawn_entries(deletes).await {
@@ -271,12 +291,17 @@ impl Uploader {
             .insert(id)
     }
 
+    /// Lets go of a finished entry. It wakes the scheduler only when that can show it
+    /// something new: a rescan at every finished copy of a directory rename re-read all
+    /// the entries still running, the most CPU the daemon spent on it.
     fn release(&self, id: i64) {
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        self.wake.notify_one();
+        if self.scan_was_full.load(Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
     }
 
     /// Runs one journal entry, recording success or scheduling a retry.
@@ -288,12 +313,16 @@ impl Uploader {
         }
         tracing::debug!(op = ?entry.op, gen = entry.gen, "bucket work");
         let result = self.perform(&entry.op).await;
-        if is_sync {
-            self.syncs_running.fetch_sub(1, Ordering::SeqCst);
+        if is_sync && self.syncs_running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.wake.notify_one(); // the deletes held for the syncs can go
         }
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         match &result {
-            Ok(()) => self.meta.complete(entry)?,
+            Ok(()) => {
+                if !self.meta.complete(entry)? {
+                    self.wake.notify_one(); // queued again meanwhile: due again
+                }
+            }
             Err(err) if err.errno == POSTPONE_ERRNO => {
                 tracing::debug!(op = ?entry.op, "{}", err.message);
                 self.meta.postpone(entry, POSTPONE_DELAY)?;
