@@ -88,6 +88,7 @@ class Server:
         self.port = 20000 + os.getpid() % 20000
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(work, f"{kind}.log")
+        # moto takes any key
         self.access, self.secret = S3RVER_KEY if kind == "s3rver" else GARAGE_KEY
         data = os.path.join(data_root or work, f"{kind}-data")
         if kind == "s3rver":

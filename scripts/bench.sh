@@ -14,7 +14,7 @@
 #                    copy the parts you keep into BENCHMARKS.md)
 #   --server garage  Garage 2.5.0 (Rust, multi-threaded) instead of s3rver: built with
 #                    `cargo install` into $BENCH_GARAGE_DIR (default /tmp/bucketgate-bench-garage)
-#                    on first use, about 10 minutes on 2 cores
+#                    on first use, about 8 minutes on 2 cores
 #   --server-disk own|work
 #                    the server's data on a journaled ext4 of its own (default: a sparse image on
 #                    a loop device, as root) or in the work dir's filesystem. This VM's root
