@@ -313,28 +313,29 @@ impl Uploader {
         }
         tracing::debug!(op = ?entry.op, gen = entry.gen, "bucket work");
         let result = self.perform(&entry.op).await;
-        if is_sync && self.syncs_running.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.wake.notify_one(); // the deletes held for the syncs can go
-        }
+        let syncs_ended = is_sync && self.syncs_running.fetch_sub(1, Ordering::SeqCst) == 1;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        match &result {
-            Ok(()) => {
-                if !self.meta.complete(entry)? {
-                    self.wake.notify_one(); // queued again meanwhile: due again
-                }
-            }
+        // Ok(true): done, but queued again meanwhile, so due again.
+        let recorded = match &result {
+            Ok(()) => self.meta.complete(entry).map(|dropped| !dropped),
             Err(err) if err.errno == POSTPONE_ERRNO => {
                 tracing::debug!(op = ?entry.op, "{}", err.message);
-                self.meta.postpone(entry, POSTPONE_DELAY)?;
+                self.meta.postpone(entry, POSTPONE_DELAY).map(|()| false)
             }
             Err(err) => {
                 let delay = FIRST_RETRY_DELAY
                     .saturating_mul(1 << entry.attempts.clamp(0, 7) as u32)
                     .min(MAX_RETRY_DELAY);
                 tracing::error!(op = ?entry.op, attempt = entry.attempts + 1, retry_in = ?delay, error = %err, "bucket work failed; will retry");
-                self.meta.fail(entry, &err.message, delay)?;
+                self.meta.fail(entry, &err.message, delay).map(|()| false)
             }
+        };
+        // Woken after the record, so that its scan sees it: the deletes held for the syncs
+        // can go once the last one has ended, and an entry queued again is due again.
+        if syncs_ended || matches!(recorded, Ok(true)) {
+            self.wake.notify_one();
         }
+        recorded?;
         result
     }
 
