@@ -260,3 +260,83 @@ fn umount_with_the_bucket_down_says_what_stays_journaled_and_the_next_mount_uplo
     assert_eq!(moto.get_object(bucket, "late.bin"), data);
     again.unmount();
 }
+
+/// Every regular file under `dir` cut to nothing, as a power loss may leave files that were
+/// never fsync'd. Bounded by the directory's size.
+fn lose_unsynced_files(dir: &std::path::Path) -> usize {
+    let mut cut = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).expect("read cache dir").flatten() {
+            let kind = entry.file_type().expect("file type");
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                fs::File::options()
+                    .write(true)
+                    .open(entry.path())
+                    .and_then(|file| file.set_len(0))
+                    .expect("truncate a cache file");
+                cut += 1;
+            }
+        }
+    }
+    cut
+}
+
+#[test]
+fn a_write_through_object_stored_before_its_record_is_the_file_after_a_crash() {
+    let setup = ProxiedBucket::start("faults-wt-record");
+    let (moto, bucket, proxy) = (&setup.moto, &setup.bucket, &setup.proxy);
+    let cache = common::temp_dir("faults-wt-record-cache");
+    let mut mount = setup.mount("write-through", Some(cache.path()), &[]);
+    // The PUT reaches the bucket, its answer never reaches the daemon: the daemon dies
+    // after the upload and before its record (which a close commits without a sync, so
+    // a power loss after close drops it the same way).
+    proxy.set(
+        FaultRule::stall()
+            .after_forward()
+            .methods(&["PUT"])
+            .path_contains("doc.bin"),
+    );
+    let data = pattern(300 << 10, 9);
+    let (path, sent) = (mount.path("doc.bin"), data.clone());
+    let writer = std::thread::spawn(move || {
+        let mut file = fs::File::create(path)?;
+        std::io::Write::write_all(&mut file, &sent)?;
+        close_checked(file)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while moto.head_object(bucket, "doc.bin").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the PUT did not reach the bucket within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    mount.kill_daemon();
+    let closed = writer.join().expect("writer thread");
+    assert!(closed.is_err(), "close cannot succeed without the daemon");
+    mount.crash();
+    // The spool was never fsync'd: a power loss may leave nothing of it.
+    assert!(
+        lose_unsynced_files(&cache.path().join("data")) > 0,
+        "a spool file"
+    );
+    proxy.set(FaultRule::pass());
+    let again = setup.mount("write-through", Some(cache.path()), &[]);
+    assert_eq!(
+        fs::read(again.path("doc.bin")).expect("read after the crash"),
+        data,
+        "the object the stream stored is the file"
+    );
+    assert!(again
+        .log()
+        .contains("recorded the object a write-through close left unrecorded"));
+    again.unmount();
+    assert_eq!(
+        moto.get_object(bucket, "doc.bin"),
+        data,
+        "the object was kept, not replaced by the lost spool"
+    );
+}

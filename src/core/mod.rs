@@ -25,10 +25,8 @@ use crate::backend::{attr_index, AttrDefaults, Backend, Kind};
 use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE, PART_BLOCKS};
 use crate::config::Mode;
 use crate::error::{FsError, FsResult};
-use crate::meta::{
-    AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, Settles, ROOT_INO,
-};
-use crate::sync::upload::StreamUpload;
+use crate::meta::{AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, ROOT_INO};
+use crate::sync::upload::{Ledger, StreamUpload};
 use crate::sync::{attrs_of, discard_cache_file, file_init, read_verifier, FlushScope, Uploader};
 use handle::{Handle, Opener};
 
@@ -1385,7 +1383,10 @@ impl Core {
                 metadata,
                 self.config.part_size,
                 self.config.upload_concurrency,
-                Some(self.meta.clone()),
+                Some(Ledger {
+                    store: self.meta.clone(),
+                    streamed_ino: Some(inode.ino),
+                }),
             )
             .await?;
             io.stream = Some(stream);
@@ -1566,29 +1567,17 @@ impl Core {
                     return Err(err);
                 }
             };
-            let remote = uploaded.remote();
-            let change = AttrChange {
-                size: Some(uploaded.size),
-                mtime: Some(SystemTime::now()),
-                dirty: Some(false),
-                ..Default::default()
-            };
-            self.meta.transaction(|tx| {
-                self.meta.change_attrs(tx, inode.ino, &change)?;
-                self.meta
-                    .set_remote(tx, inode.ino, &remote, Settles::Everything)?;
-                // The stream replaced the object: a queued sync (from create) is moot.
-                tx.prepare_cached("DELETE FROM journal WHERE op = 'sync' AND ino = ?1")?
-                    .execute([inode.ino as i64])?;
-                // Recorded: the ledger entry ends in the same commit.
-                self.meta.upload_ended_tx(tx, &uploaded.key)?;
-                // Its metadata left with the first part, before the crc64 was known: the
-                // uploader stores it in the background (close does not wait for a copy).
-                if uploaded.crc_stored {
-                    return Ok(());
-                }
-                self.meta
-                    .enqueue(tx, &JournalOp::Checksum(inode.ino), Duration::ZERO)
+            // Without a sync: the ledger's record of the stream is durable, and the next
+            // mount records the object from the bucket if a power loss drops this commit.
+            // A multipart object's metadata left before its crc64 was known: the uploader
+            // stores it in the background (close does not wait for a copy).
+            self.meta.bookkeeping(|tx| {
+                self.meta.record_streamed_object(
+                    tx,
+                    inode.ino,
+                    &uploaded.remote(),
+                    uploaded.crc_stored,
+                )
             })?;
             self.uploader.wake();
 

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::backend::source::LOCAL_TMP_DIR;
-use crate::backend::Backend;
-use crate::meta::{JournalOp, MetaStore, RemoteState, Settles};
+use crate::backend::{Backend, Kind};
+use crate::meta::{JournalOp, MetaStore, RemoteState, Settles, UnfinishedUpload};
 use crate::sync::Uploader;
 
 /// Temporary files of the directory bucket older than this belong to no live writer.
@@ -25,14 +25,14 @@ pub async fn abort_abandoned_uploads(
     started: SystemTime,
 ) -> anyhow::Result<()> {
     let janitor = backend.direct();
-    let keys = meta
+    let uploads = meta
         .unfinished_uploads()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if keys.is_empty() {
+    if uploads.is_empty() {
         return Ok(());
     }
-    let mut aborted = 0;
-    for key in &keys {
+    let (mut aborted, mut adopted, mut forgotten) = (0, 0, 0);
+    for UnfinishedUpload { key, streamed_ino } in &uploads {
         tracing::debug!(key, "settling an upload interrupted by an earlier run");
         // The directory bucket writes through temporary files; the memory bucket died
         // with the process: neither has multipart uploads to abort.
@@ -42,6 +42,16 @@ pub async fn abort_abandoned_uploads(
                     janitor.abort(&upload).await?;
                     aborted += 1;
                 }
+            }
+        }
+        if let Some(ino) = streamed_ino {
+            match settle_stream(meta, uploader, backend, key, *ino).await? {
+                StreamSettled::Adopted => {
+                    adopted += 1;
+                    continue;
+                }
+                StreamSettled::Forgotten => forgotten += 1,
+                StreamSettled::Neither => {}
             }
         }
         match uploader.delete_if_unclaimed(key).await {
@@ -55,11 +65,77 @@ pub async fn abort_abandoned_uploads(
         meta.upload_ended(key).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     tracing::info!(
-        keys = keys.len(),
+        keys = uploads.len(),
         aborted,
+        adopted,
+        forgotten,
         "settled uploads interrupted by an earlier run"
     );
     Ok(())
+}
+
+/// What the recovery of a write-through stream did with its file.
+enum StreamSettled {
+    /// The bucket holds the stream's object: it is the file.
+    Adopted,
+    /// A new file whose stream left nothing: it never existed.
+    Forgotten,
+    /// The file is gone or was stored before: the ledger's usual cleanup applies.
+    Neither,
+}
+
+/// A write-through stream the ledger still lists: the daemon stopped before its record was
+/// durable (a close commits it without a sync, `MetaStore::record_streamed_object`).
+/// The local spool was never made durable, so the bucket decides. An object at the key is
+/// the file as its writer closed it, or, had the upload not landed, the file's earlier
+/// version (a close that never returned may leave that): it is recorded as the file's
+/// content. No object and no earlier one: the file's creation never completed, and it is
+/// dropped, as write-through promises the old object or none.
+async fn settle_stream(
+    meta: &MetaStore,
+    uploader: &Uploader,
+    backend: &Backend,
+    key: &str,
+    ino: u64,
+) -> anyhow::Result<StreamSettled> {
+    let err = |e: crate::error::FsError| anyhow::anyhow!("{e}");
+    let Some(inode) = meta.get(ino).map_err(err)? else {
+        return Ok(StreamSettled::Neither);
+    };
+    if inode.kind != Kind::File || inode.parent.is_none() {
+        return Ok(StreamSettled::Neither);
+    }
+    let info = backend
+        .stat(key)
+        .await
+        .map_err(|e| anyhow::anyhow!("HEAD {key}: {e}"))?;
+    let Some(info) = info else {
+        if inode.remote_key.as_deref().is_some_and(|k| !k.is_empty()) {
+            return Ok(StreamSettled::Neither);
+        }
+        meta.transaction(|tx| meta.forget_inode(tx, ino))
+            .map_err(err)?;
+        uploader.discard_cache_file(ino).map_err(err)?;
+        return Ok(StreamSettled::Forgotten);
+    };
+    let remote = RemoteState {
+        key: key.to_string(),
+        etag: info.etag,
+        size: info.size,
+        crc64: info.crc64,
+    };
+    let crc_stored = remote.crc64.is_some();
+    meta.transaction(|tx| meta.record_streamed_object(tx, ino, &remote, crc_stored))
+        .map_err(err)?;
+    // Whatever the spool kept is not the object: reads fetch it.
+    uploader.discard_cache_file(ino).map_err(err)?;
+    tracing::info!(
+        key,
+        ino,
+        size = remote.size,
+        "recorded the object a write-through close left unrecorded"
+    );
+    Ok(StreamSettled::Adopted)
 }
 
 /// A key its owner still stands at holds either the version the store records or the

@@ -82,6 +82,14 @@ pub struct AttrChange {
     pub dirty: Option<bool>,
 }
 
+/// An upload in the ledger that was never recorded as ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnfinishedUpload {
+    pub key: String,
+    /// The write-through file whose writer streamed it, if any.
+    pub streamed_ino: Option<u64>,
+}
+
 /// What an upload recorded by [`MetaStore::set_remote`] settles.
 #[derive(Debug, Clone, Copy)]
 pub enum Settles {
@@ -887,12 +895,14 @@ impl MetaStore {
     }
 
     /// Files with a name that never got an object in the bucket (a write-through create
-    /// whose first close never completed).
+    /// whose first close never completed). Files whose stream the ledger lists are left
+    /// to the recovery of that upload: the bucket may hold their object.
     pub fn files_never_stored(&self) -> FsResult<Vec<u64>> {
         let conn = self.lock();
         let mut stmt = conn.prepare(
             "SELECT ino FROM inodes WHERE kind = 1 AND parent IS NOT NULL
-             AND (remote_key IS NULL OR remote_key = '')",
+             AND (remote_key IS NULL OR remote_key = '')
+             AND ino NOT IN (SELECT streamed_ino FROM uploads WHERE streamed_ino IS NOT NULL)",
         )?;
         let rows = stmt.query_map([], |row| row.get::<_, i64>(0))?;
         Ok(rows
@@ -930,15 +940,60 @@ impl MetaStore {
     /// Records that an upload to `key` is starting, without a sync: the caller syncs the
     /// log ([`Self::sync_log`], group committed) before the object or any of its parts can
     /// appear, since only this record lets the next mount clean them up.
-    pub fn upload_starting(&self, key: &str) -> FsResult<()> {
+    /// `streamed_ino`: the write-through file whose writer streams the upload (see
+    /// [`Self::record_streamed_object`]); None for an upload of bytes the cache holds.
+    pub fn upload_starting(&self, key: &str, streamed_ino: Option<u64>) -> FsResult<()> {
         self.bookkeeping(|tx| {
             tx.prepare_cached(
-                "INSERT INTO uploads(key, started_ms) VALUES (?1, ?2)
-                 ON CONFLICT(key) DO UPDATE SET started_ms = ?2",
+                "INSERT INTO uploads(key, started_ms, streamed_ino) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(key) DO UPDATE SET started_ms = ?2, streamed_ino = ?3",
             )?
-            .execute(params![key, now_ms()])?;
+            .execute(params![key, now_ms(), streamed_ino.map(|ino| ino as i64)])?;
             Ok(())
         })
+    }
+
+    /// The stream to `key` failed: whatever the bucket holds there is not the file's
+    /// content (the spool, staged for a later upload, is).
+    pub fn stream_abandoned(&self, key: &str) -> FsResult<()> {
+        self.bookkeeping(|tx| {
+            tx.prepare_cached("UPDATE uploads SET streamed_ino = NULL WHERE key = ?1")?
+                .execute(params![key])?;
+            Ok(())
+        })
+    }
+
+    /// Records that a write-through file's stream completed `remote`: the file is clean
+    /// and its size is the object's, the sync its creation queued is moot, and the upload
+    /// leaves the ledger. `crc_stored`: the object's metadata carries its crc64 already;
+    /// otherwise the uploader stores it later.
+    ///
+    /// A close commits this without a sync (one fsync less per file, with the writer
+    /// waiting): a power loss can drop it, but not the ledger's record of the stream
+    /// (synced before the upload began), and the next mount records the object again
+    /// from the bucket (`daemon::recovery`).
+    pub fn record_streamed_object(
+        &self,
+        tx: &Transaction<'_>,
+        ino: u64,
+        remote: &RemoteState,
+        crc_stored: bool,
+    ) -> FsResult<()> {
+        let change = AttrChange {
+            size: Some(remote.size),
+            mtime: Some(SystemTime::now()),
+            dirty: Some(false),
+            ..Default::default()
+        };
+        self.change_attrs(tx, ino, &change)?;
+        self.set_remote(tx, ino, remote, Settles::Everything)?;
+        tx.prepare_cached("DELETE FROM journal WHERE op = 'sync' AND ino = ?1")?
+            .execute([ino as i64])?;
+        self.upload_ended_tx(tx, &remote.key)?;
+        if crc_stored {
+            return Ok(());
+        }
+        self.enqueue(tx, &JournalOp::Checksum(ino), Duration::ZERO)
     }
 
     /// Records that the upload to `key` was completed or aborted. Unsynced: a record lost
@@ -955,11 +1010,16 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Keys of uploads started and never ended (a crash interrupted them).
-    pub fn unfinished_uploads(&self) -> FsResult<Vec<String>> {
+    /// Uploads started and never ended (a crash interrupted them, or their record).
+    pub fn unfinished_uploads(&self) -> FsResult<Vec<UnfinishedUpload>> {
         let conn = self.lock();
-        let mut stmt = conn.prepare("SELECT key FROM uploads ORDER BY key")?;
-        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+        let mut stmt = conn.prepare("SELECT key, streamed_ino FROM uploads ORDER BY key")?;
+        let rows = stmt.query_map([], |row| {
+            Ok(UnfinishedUpload {
+                key: row.get(0)?,
+                streamed_ino: row.get::<_, Option<i64>>(1)?.map(|ino| ino as u64),
+            })
+        })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 

@@ -3,7 +3,7 @@
 use rusqlite::Connection;
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 2;
+pub const VERSION: i64 = 3;
 
 const V1: &str = "
 CREATE TABLE inodes(
@@ -56,6 +56,13 @@ CREATE TABLE uploads(key TEXT PRIMARY KEY, started_ms INTEGER NOT NULL);
 CREATE INDEX inodes_remote_key ON inodes(remote_key);
 ";
 
+/// Version 3: the write-through file an upload streams, if any. Its close records the
+/// object without a sync, and its local bytes are never made durable, so the next mount
+/// takes an object this upload left as the file's content (`daemon::recovery`).
+const V3: &str = "
+ALTER TABLE uploads ADD COLUMN streamed_ino INTEGER;
+";
+
 /// Brings a database to [`VERSION`], in one transaction.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
@@ -68,6 +75,9 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     }
     if version < 2 {
         tx.execute_batch(V2)?;
+    }
+    if version < 3 {
+        tx.execute_batch(V3)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {VERSION}"))?;
     tx.commit()

@@ -168,6 +168,11 @@ impl Uploader {
     /// checksum job's copy of the object onto itself) until the guard drops: a
     /// write-through close completing its object there takes it, or a copy running
     /// across its PUT could put the previous version back.
+    /// Drops inode `ino`'s cache file and the record of its blocks.
+    pub fn discard_cache_file(&self, ino: u64) -> FsResult<()> {
+        discard_cache_file(&self.meta, &self.cache, ino)
+    }
+
     pub async fn hold_key(&self, key: &str) -> impl Drop + '_ {
         self.busy_keys.lock(key.to_string()).await
     }
@@ -707,7 +712,7 @@ impl Uploader {
         let _key = self.busy_keys.lock(key.to_string()).await;
         self.check_not_a_pending_source(inode, key)?;
         // Synced before the object can appear: see `ledger_ready_for_put`.
-        self.meta.upload_starting(key)?;
+        self.meta.upload_starting(key, None)?;
         self.store_file(inode, key, old_key.as_deref()).await?;
         // The file may have been unlinked while it uploaded. If it moved, the sync its
         // rename queued copies the object, and that copy's journaled delete removes this
@@ -955,7 +960,10 @@ impl Uploader {
             attrs.encode(Some(expected)),
             self.config.part_size,
             self.config.concurrency,
-            Some(self.meta.clone()),
+            Some(upload::Ledger {
+                store: self.meta.clone(),
+                streamed_ino: None,
+            }),
         )
         .await?;
         if let Err(err) = push_file(&mut upload, file, size).await {

@@ -50,6 +50,14 @@ pub struct StreamUpload {
     ledger_sync: Option<tokio::task::JoinHandle<FsResult<()>>>,
 }
 
+/// Where an upload is recorded while it runs, so that the next mount finds what a crash
+/// left of it.
+pub struct Ledger {
+    pub store: Arc<MetaStore>,
+    /// The write-through file whose writer streams the upload, if any.
+    pub streamed_ino: Option<u64>,
+}
+
 /// What a finished upload left in the bucket.
 #[derive(Debug, Clone)]
 pub struct Uploaded {
@@ -80,16 +88,21 @@ impl StreamUpload {
         metadata: HashMap<String, String>,
         base_part: u64,
         concurrency: usize,
-        ledger: Option<Arc<MetaStore>>,
+        ledger: Option<Ledger>,
     ) -> FsResult<StreamUpload> {
-        let ledger_sync = match &ledger {
-            Some(ledger) => {
-                ledger.upload_starting(key)?;
-                let ledger = ledger.clone();
-                Some(tokio::task::spawn_blocking(move || ledger.sync_log()))
+        let ledger = match ledger {
+            Some(Ledger {
+                store,
+                streamed_ino,
+            }) => {
+                store.upload_starting(key, streamed_ino)?;
+                Some(store)
             }
             None => None,
         };
+        let ledger_sync = ledger
+            .clone()
+            .map(|store| tokio::task::spawn_blocking(move || store.sync_log()));
         Ok(StreamUpload {
             key: key.to_string(),
             writer: None,
@@ -250,19 +263,23 @@ impl StreamUpload {
     /// A stream that ended within its first part: one PUT whose metadata carries the
     /// crc64, known now (a multipart upload's metadata leaves before it is).
     async fn put_whole(mut self) -> FsResult<Uploaded> {
-        self.ledger_durable().await?;
+        if let Err(err) = self.ledger_durable().await {
+            self.abandon_in_ledger();
+            return Err(err);
+        }
         let crc = self.crc.value();
-        let mut metadata = self.metadata;
+        let mut metadata = std::mem::take(&mut self.metadata);
         metadata.extend(crate::backend::ObjectAttrs::crc64_entry(crc));
-        let etag = self
-            .backend
-            .put(
-                &self.key,
-                crate::buffers::Buffer::from(self.buffer),
-                metadata,
-            )
-            .await
-            .map_err(|err| FsError::backend(&format!("uploading {}", self.key), err))?;
+        let body = crate::buffers::Buffer::from(std::mem::take(&mut self.buffer));
+        let etag = match self.backend.put(&self.key, body, metadata).await {
+            Ok(etag) => etag,
+            Err(err) => {
+                // The PUT may still have landed: the ledger keeps the key for the next
+                // mount, which deletes the object unless an inode owns it.
+                self.abandon_in_ledger();
+                return Err(FsError::backend(&format!("uploading {}", self.key), err));
+            }
+        };
         // The ledger entry stays until the caller has recorded the object.
         Ok(Uploaded {
             key: self.key,
@@ -285,9 +302,21 @@ impl StreamUpload {
         };
         match writer.abort().await {
             Ok(()) => self.end_in_ledger(),
-            // The ledger keeps the key: the next mount aborts what is left.
+            // The ledger keeps the key: the next mount aborts what is left, and takes
+            // nothing at the key for the writer's file.
             Err(err) => {
-                tracing::warn!(key = %self.key, error = %err, "aborting multipart upload failed; the next mount retries")
+                tracing::warn!(key = %self.key, error = %err, "aborting multipart upload failed; the next mount retries");
+                self.abandon_in_ledger();
+            }
+        }
+    }
+
+    /// What the bucket holds at the key is not the writer's file (a stream that failed or
+    /// was abandoned): the next mount must not take it for the file's content.
+    fn abandon_in_ledger(&self) {
+        if let Some(ledger) = &self.ledger {
+            if let Err(err) = ledger.stream_abandoned(&self.key) {
+                tracing::warn!(key = %self.key, error = %err, "could not record that a stream was abandoned");
             }
         }
     }
