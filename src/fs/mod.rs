@@ -491,7 +491,7 @@ impl Filesystem for BucketFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (mode, pid) = (OpenMode::from_flags(flags.0), req.pid());
         let backings = self.backings.clone();
-        self.start("open", move |core| async move {
+        let work = move |core: Arc<Core>| async move {
             match core.open(ino.0, mode, pid).await {
                 Ok(opened) => {
                     let fh = FileHandle(opened.fh);
@@ -503,7 +503,13 @@ impl Filesystem for BucketFs {
                 }
                 Err(err) => reply.error(errno("open", err)),
             }
-        });
+        };
+        // Truncating a cached file syncs it: not on the request thread.
+        if flags.0 & libc::O_TRUNC == 0 {
+            self.start("open", work);
+        } else {
+            self.spawn("open", work);
+        }
     }
 
     fn create(
