@@ -323,6 +323,46 @@ fn a_write_through_object_stored_before_its_record_is_the_file_after_a_crash() {
         lose_unsynced_files(&cache.path().join("data")) > 0,
         "a spool file"
     );
+    // While the bucket cannot say what the stream left, the mount does not start: the
+    // file's queued upload would send the lost spool over the stored object.
+    proxy.set(
+        FaultRule::status(500, "InternalError")
+            .methods(&["HEAD"])
+            .path_contains("doc.bin"),
+    );
+    let mnt = common::temp_dir("faults-wt-record-mnt");
+    let mut args = vec![
+        "mount".to_string(),
+        format!("s3://{bucket}"),
+        mnt.path().to_string_lossy().into_owned(),
+        "--mode".into(),
+        "write-through".into(),
+        "--cache-dir".into(),
+        cache.path().to_string_lossy().into_owned(),
+        "--retries".into(),
+        "1".into(),
+        "--foreground".into(),
+    ];
+    args.extend(proxy.mount_args());
+    let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_bucketgate"));
+    refused.args(&args).envs(common::Moto::env());
+    let refused = common::run_bounded(
+        &mut refused,
+        "mount while HEAD fails",
+        Duration::from_secs(60),
+    );
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("settling the write-through uploads"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        moto.head_object(bucket, "doc.bin").is_some(),
+        "the object stays"
+    );
     proxy.set(FaultRule::pass());
     let again = setup.mount("write-through", Some(cache.path()), &[]);
     assert_eq!(

@@ -402,6 +402,19 @@ async fn recover(
         );
     }
     let started = std::time::SystemTime::now();
+    let streams = tokio::time::timeout(
+        RECOVERY_TIMEOUT,
+        recovery::settle_streams(meta, uploader, backend, started),
+    )
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {RECOVERY_TIMEOUT:?}")));
+    if let Err(err) = streams {
+        bail!(
+            "settling the write-through uploads an earlier run left unrecorded: {err}. \
+             Until they are, their files' local copies could overwrite what their closes \
+             stored; mount again once the bucket answers"
+        );
+    }
     match tokio::time::timeout(
         RECOVERY_TIMEOUT,
         recovery::abort_abandoned_uploads(meta, uploader, backend, started),

@@ -13,47 +13,81 @@ use crate::sync::Uploader;
 /// Temporary files of the directory bucket older than this belong to no live writer.
 const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 
+/// Settles the write-through streams the ledger still lists (see [`settle_stream`]), first
+/// of all: until then, such a file's queued upload would send its spool, which was never
+/// fsync'd, over the object its close stored. So unlike the rest of the cleanup, a failure
+/// here must stop the mount. Their multipart leftovers (initiated before `started`) are
+/// aborted first. Runs before the uploader starts, so nothing races it.
+pub async fn settle_streams(
+    meta: &MetaStore,
+    uploader: &Uploader,
+    backend: &Backend,
+    started: SystemTime,
+) -> anyhow::Result<()> {
+    let uploads = meta
+        .unfinished_uploads()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut aborted, mut adopted, mut forgotten) = (0, 0, 0);
+    for UnfinishedUpload { key, streamed_ino } in &uploads {
+        let Some(ino) = streamed_ino else {
+            continue;
+        };
+        aborted += abort_leftovers(backend, key, started).await?;
+        match settle_stream(meta, uploader, backend, key, *ino).await? {
+            StreamSettled::Adopted => adopted += 1,
+            StreamSettled::Forgotten => forgotten += 1,
+            StreamSettled::Neither => {}
+        }
+    }
+    if adopted + forgotten > 0 {
+        tracing::info!(
+            adopted,
+            forgotten,
+            aborted,
+            "settled write-through uploads an earlier run left unrecorded"
+        );
+    }
+    Ok(())
+}
+
+/// Aborts the multipart uploads to `key` initiated before `started` (ours: the ledger
+/// lists the key). The directory bucket writes through temporary files, and the memory
+/// bucket died with the process: neither has multipart uploads.
+async fn abort_leftovers(backend: &Backend, key: &str, started: SystemTime) -> anyhow::Result<u32> {
+    let Some(janitor) = backend.direct() else {
+        return Ok(0);
+    };
+    let mut aborted = 0;
+    for upload in janitor.list(key).await? {
+        if upload.key == key && upload.initiated <= started {
+            janitor.abort(&upload).await?;
+            aborted += 1;
+        }
+    }
+    Ok(aborted)
+}
+
 /// Settles the uploads the ledger says were running when the daemon stopped without
-/// recording them: their multipart uploads (initiated before `started`) are aborted, and
-/// an object that did get completed is deleted unless an inode owns it (the journal
-/// uploads the file again). Only those keys are touched: other writers' uploads are not
-/// ours. Runs before the uploader starts, so nothing races it.
+/// recording them (after [`settle_streams`]): their multipart uploads (initiated before
+/// `started`) are aborted, and an object that did get completed is deleted unless an inode
+/// owns it (the journal uploads the file again). Only those keys are touched: other
+/// writers' uploads are not ours. Runs before the uploader starts, so nothing races it.
 pub async fn abort_abandoned_uploads(
     meta: &MetaStore,
     uploader: &Uploader,
     backend: &Backend,
     started: SystemTime,
 ) -> anyhow::Result<()> {
-    let janitor = backend.direct();
     let uploads = meta
         .unfinished_uploads()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if uploads.is_empty() {
         return Ok(());
     }
-    let (mut aborted, mut adopted, mut forgotten) = (0, 0, 0);
-    for UnfinishedUpload { key, streamed_ino } in &uploads {
+    let mut aborted = 0;
+    for UnfinishedUpload { key, .. } in &uploads {
         tracing::debug!(key, "settling an upload interrupted by an earlier run");
-        // The directory bucket writes through temporary files; the memory bucket died
-        // with the process: neither has multipart uploads to abort.
-        if let Some(janitor) = janitor {
-            for upload in janitor.list(key).await? {
-                if upload.key == *key && upload.initiated <= started {
-                    janitor.abort(&upload).await?;
-                    aborted += 1;
-                }
-            }
-        }
-        if let Some(ino) = streamed_ino {
-            match settle_stream(meta, uploader, backend, key, *ino).await? {
-                StreamSettled::Adopted => {
-                    adopted += 1;
-                    continue;
-                }
-                StreamSettled::Forgotten => forgotten += 1,
-                StreamSettled::Neither => {}
-            }
-        }
+        aborted += abort_leftovers(backend, key, started).await?;
         match uploader.delete_if_unclaimed(key).await {
             // A moved file still copies from it: the journal deletes it afterwards.
             Err(err) if err.errno == libc::EAGAIN => meta
@@ -67,8 +101,6 @@ pub async fn abort_abandoned_uploads(
     tracing::info!(
         keys = uploads.len(),
         aborted,
-        adopted,
-        forgotten,
         "settled uploads interrupted by an earlier run"
     );
     Ok(())
