@@ -121,9 +121,18 @@ impl BucketFs {
         // blocking job) registers with this runtime.
         let _runtime = self.runtime.enter();
         let mut context = std::task::Context::from_waker(std::task::Waker::noop());
-        if task.as_mut().poll(&mut context).is_pending() {
+        // As in a task, a panic fails this request (its dropped reply answers EIO), not
+        // the request loop.
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            task.as_mut().poll(&mut context)
+        }));
+        match polled {
+            Ok(std::task::Poll::Ready(())) => {}
             // Its next poll, by the runtime, registers the waker that counts.
-            self.runtime.spawn(task);
+            Ok(std::task::Poll::Pending) => {
+                self.runtime.spawn(task);
+            }
+            Err(_) => tracing::error!(op, "request panicked; answered with an error"),
         }
     }
 
