@@ -85,9 +85,12 @@ pub async fn abort_abandoned_uploads(
         return Ok(());
     }
     let mut aborted = 0;
-    for UnfinishedUpload { key, .. } in &uploads {
+    for UnfinishedUpload { key, streamed_ino } in &uploads {
         tracing::debug!(key, "settling an upload interrupted by an earlier run");
-        aborted += abort_leftovers(backend, key, started).await?;
+        // A stream's leftovers went in `settle_streams`, which ran without error.
+        if streamed_ino.is_none() {
+            aborted += abort_leftovers(backend, key, started).await?;
+        }
         match uploader.delete_if_unclaimed(key).await {
             // A moved file still copies from it: the journal deletes it afterwards.
             Err(err) if err.errno == libc::EAGAIN => meta
