@@ -164,15 +164,15 @@ impl Uploader {
         })
     }
 
-    /// Holds `key` against the uploader's own work on it (an upload, a delete, the
-    /// checksum job's copy of the object onto itself) until the guard drops: a
-    /// write-through close completing its object there takes it, or a copy running
-    /// across its PUT could put the previous version back.
     /// Drops inode `ino`'s cache file and the record of its blocks.
     pub fn discard_cache_file(&self, ino: u64) -> FsResult<()> {
         discard_cache_file(&self.meta, &self.cache, ino)
     }
 
+    /// Holds `key` against the uploader's own work on it (an upload, a delete, the
+    /// checksum job's copy of the object onto itself) until the guard drops: a
+    /// write-through close completing its object there takes it, or a copy running
+    /// across its PUT could put the previous version back.
     pub async fn hold_key(&self, key: &str) -> impl Drop + '_ {
         self.busy_keys.lock(key.to_string()).await
     }
