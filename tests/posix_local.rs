@@ -267,3 +267,80 @@ fn write_through_spool_leaves_the_page_cache_and_still_serves_a_seek_back() {
     );
     mount.unmount();
 }
+
+/// Requests with no object form get the answers a local file's callers cope with, at once
+/// and without a warning each: `isatty()` (which Python's `open()` asks of every file),
+/// `fallocate` (and `posix_fallocate`'s fallback), `SEEK_DATA`/`SEEK_HOLE` and
+/// `copy_file_range`.
+#[test]
+fn requests_without_an_object_form_answer_plainly_and_quietly() {
+    use std::os::fd::AsRawFd;
+
+    let bucket = temp_dir("bucket-no-object-form");
+    let source = bucket.path().to_string_lossy().into_owned();
+    let mount = Mount::start(&source, "cached", &[], &[]);
+    let body = pattern(300_000, 7);
+    fs::write(mount.path("src.bin"), &body).expect("write");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mount.path("src.bin"))
+        .expect("open");
+    let fd = file.as_raw_fd();
+    // SAFETY (each call below): plain syscalls on an open descriptor of ours.
+    assert_eq!(unsafe { libc::isatty(fd) }, 0, "a file is not a terminal");
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOTTY)
+    );
+    assert_eq!(unsafe { libc::fallocate(fd, 0, 0, 1 << 20) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+    assert_eq!(unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) }, 0);
+    assert_eq!(
+        unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) },
+        body.len() as i64
+    );
+
+    let grown = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(mount.path("grown.bin"))
+        .expect("create");
+    assert_eq!(
+        unsafe { libc::posix_fallocate(grown.as_raw_fd(), 0, 100_000) },
+        0
+    );
+    assert_eq!(grown.metadata().expect("stat").len(), 100_000);
+
+    let copy = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(mount.path("copy.bin"))
+        .expect("create");
+    let (mut off_in, mut off_out) = (0i64, 0i64);
+    let copied = unsafe {
+        libc::copy_file_range(
+            fd,
+            &mut off_in,
+            copy.as_raw_fd(),
+            &mut off_out,
+            body.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        copied,
+        body.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    drop((file, grown, copy));
+    assert!(fs::read(mount.path("copy.bin")).expect("read copy") == body);
+
+    let log = mount.log();
+    assert!(!log.contains("Not Implemented"), "log noise:\n{log}");
+    mount.unmount();
+}
