@@ -380,3 +380,33 @@ fn a_write_through_object_stored_before_its_record_is_the_file_after_a_crash() {
         "the object was kept, not replaced by the lost spool"
     );
 }
+
+/// A write-through read that failed while the bucket was away is answered once the bucket
+/// is back: the part whose GET failed is fetched again, not its error served from memory.
+#[test]
+fn a_write_through_read_that_failed_succeeds_once_the_bucket_is_back() {
+    use std::os::unix::fs::FileExt;
+
+    let setup = ProxiedBucket::start("faults-read-again");
+    let (moto, bucket, proxy) = (&setup.moto, &setup.bucket, &setup.proxy);
+    let data = pattern(3 << 20, 5);
+    moto.put_object(bucket, "r.bin", &data, &[]);
+    let mount = setup.mount("write-through", None, &["--retries", "0"]);
+    let mut page = vec![0u8; 4096];
+    // A first read at 2 MiB is a random reader's; one at 0, on a handle of its own, a
+    // sequential reader's (its window starts there).
+    for (offset, what) in [(2 << 20, "a random read"), (0, "a sequential read")] {
+        let file = fs::File::open(mount.path("r.bin")).expect("open");
+        proxy.set(FaultRule::status(500, "InternalError").methods(&["GET"]));
+        let err = file
+            .read_exact_at(&mut page, offset)
+            .expect_err("the bucket answers 500");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{what}: {err}");
+        proxy.set(FaultRule::pass());
+        file.read_exact_at(&mut page, offset)
+            .unwrap_or_else(|err| panic!("{what} once the bucket is back: {err}"));
+        let at = offset as usize;
+        assert!(page == data[at..at + 4096], "{what}: the object's bytes");
+    }
+    mount.unmount();
+}

@@ -95,6 +95,7 @@ impl Window {
         object_end: u64,
         mut start: impl FnMut(Range<u64>) -> PartData,
     ) -> Vec<(Range<u64>, PartData)> {
+        self.forget_failed();
         self.forget_outside(need.start);
         if ahead == 0 {
             return vec![self.random_part(need, object_end, start)];
@@ -154,6 +155,17 @@ impl Window {
             data: data.clone(),
         });
         (range, data)
+    }
+
+    /// Drops the parts whose GET failed (and a sequential reader's parts after one, which
+    /// must stay contiguous), so that a read after the bucket came back fetches them again
+    /// instead of answering the old error.
+    fn forget_failed(&mut self) {
+        let failed = |p: &Part| matches!(p.data.peek(), Some(Err(_)));
+        if let Some(first) = self.parts.iter().position(failed) {
+            self.parts.truncate(first);
+        }
+        self.random.retain(|p| !failed(p));
     }
 
     /// Drops every part on a seek out of the window, else the parts more than one part
@@ -261,6 +273,49 @@ mod tests {
         );
         assert_eq!(fetched.len(), 3 + RANDOM_PARTS_KEPT + 1, "{fetched:?}");
         assert_eq!(window.random.len(), RANDOM_PARTS_KEPT);
+    }
+
+    fn failing(_: Range<u64>) -> PartData {
+        async { Err(Arc::new(FsError::new(libc::EIO, "bucket away"))) }
+            .boxed()
+            .shared()
+    }
+
+    #[test]
+    fn parts_whose_get_failed_are_fetched_again_by_the_next_read() {
+        const MIB: u64 = 1 << 20;
+        // A random reader's span.
+        let mut window = Window::default();
+        let (_, data) = window.parts_for(MIB..MIB + 4096, 0, 10 * MIB, failing)[0].clone();
+        assert!(matches!(data.now_or_never(), Some(Err(_))));
+        let mut fetched = Vec::new();
+        window.parts_for(MIB + 8192..MIB + 12288, 0, 10 * MIB, |r| {
+            fetched.push(r);
+            ready(0..0)
+        });
+        assert_eq!(
+            fetched,
+            vec![MIB..2 * MIB],
+            "the failed span is fetched again"
+        );
+        assert_eq!(window.random.len(), 1);
+
+        // A sequential reader's part, and the parts after it.
+        let mut window = Window::default();
+        let parts = window.parts_for(0..MIB, 2 * STREAM_PART, 100 * MIB, failing);
+        assert!(matches!(parts[0].1.clone().now_or_never(), Some(Err(_))));
+        let mut fetched = Vec::new();
+        window.parts_for(MIB..2 * MIB, 2 * STREAM_PART, 100 * MIB, |r| {
+            fetched.push(r);
+            ready(0..0)
+        });
+        // The window starts again at the read.
+        assert_eq!(
+            fetched.first(),
+            Some(&(MIB..MIB + STREAM_PART)),
+            "{fetched:?}"
+        );
+        assert_eq!(ranges(&window).first(), Some(&(MIB..MIB + STREAM_PART)));
     }
 
     #[test]
