@@ -28,7 +28,8 @@ pub const MAX_PARTS_AHEAD: usize = 4;
 /// length. (Cached mode fetches whole 1 MiB cache blocks too.)
 pub const RANDOM_PART: u64 = 1 << 20;
 /// Random parts a handle keeps (the oldest goes first): their memory stays within
-/// this × [`RANDOM_PART`], a fraction of a sequential reader's window.
+/// this × [`RANDOM_PART`] (twice that if every read crossed a boundary), a fraction of a
+/// sequential reader's window.
 pub const RANDOM_PARTS_KEPT: usize = 8;
 
 /// One part's bytes, once its GET (and its crc64 check) is done; every read that needs
