@@ -344,3 +344,40 @@ fn requests_without_an_object_form_answer_plainly_and_quietly() {
     assert!(!log.contains("Not Implemented"), "log noise:\n{log}");
     mount.unmount();
 }
+
+/// `cp -p` through the daemon (no passthrough): write, set the times on the descriptor,
+/// close. The close must store those times, not the time of the writes; a write after
+/// the utimens changes the mtime again.
+#[test]
+fn an_mtime_set_on_a_descriptor_the_daemon_serves_survives_the_close() {
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    for mode in ["cached", "sync"] {
+        let bucket = temp_dir(&format!("bucket-utimens-{mode}"));
+        let source = bucket.path().to_string_lossy().into_owned();
+        let mount = Mount::start(&source, mode, &["--passthrough", "off"], &[]);
+        let when = UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+        let kept = fs::File::create(mount.path("kept")).expect("create");
+        kept.write_all_at(b"preserved times", 0).expect("write");
+        kept.set_modified(when).expect("futimens");
+        drop(kept);
+        let later = fs::File::create(mount.path("later")).expect("create");
+        later.write_all_at(b"x", 0).expect("write");
+        later.set_modified(when).expect("futimens");
+        later.write_all_at(b"y", 1).expect("write after");
+        drop(later);
+        flush(&mount);
+        assert_eq!(
+            xattr(&bucket.path().join("kept"), "mtime").as_deref(),
+            Some("1500000000"),
+            "{mode}"
+        );
+        let later_mtime: f64 = xattr(&bucket.path().join("later"), "mtime")
+            .expect("mtime of later")
+            .parse()
+            .expect("a number");
+        assert!(later_mtime > 1_600_000_000.0, "{mode}: {later_mtime}");
+        mount.unmount();
+    }
+}

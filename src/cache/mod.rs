@@ -80,8 +80,9 @@ pub struct FileState {
     /// Of those, the ones open for writing: the bytes may change without the daemon
     /// seeing a write, so the file never counts as settled while any is open.
     pub kernel_writers: u32,
-    /// When the file last changed, as taken in with kernel writes (the cache file's own
-    /// mtime), for the next persist; `None`: now.
+    /// When the file last changed, for the next persist: taken in with kernel writes
+    /// (the cache file's own mtime), or set by a utimens; `None`: now (a write the
+    /// daemon served, or a truncation, clears it).
     pub changed_at: Option<std::time::SystemTime>,
     /// The cache file's length, mtime and ctime when kernel writes were last taken in:
     /// the release after a close's flush takes nothing in twice when they still match.
@@ -588,6 +589,7 @@ impl CacheFile {
         }
         state.size = state.size.max(end);
         state.gen += 1;
+        state.changed_at = None; // changed now
         state.dirty = true;
         state.last_access = Instant::now();
         Ok(WriteOutcome::Written)
@@ -618,6 +620,7 @@ impl CacheFile {
         }
         state.size = size;
         state.gen += 1;
+        state.changed_at = None; // changed now
         state.dirty = true;
         Ok(())
     }
@@ -678,7 +681,13 @@ impl CacheFile {
         let mut state = self.lock();
         state.passthrough_opens += 1;
         state.absorbed_stamp = None;
-        if writer_mtime.is_some() {
+        if let Some(mtime) = writer_mtime {
+            // The new generation holds no change yet: a persist it causes before any
+            // kernel write is taken in (say, by a release racing this open) must keep the
+            // mtime, not stamp the file as changed now.
+            if state.gen == state.persisted_gen && state.changed_at.is_none() {
+                state.changed_at = Some(mtime);
+            }
             state.kernel_writers += 1;
             state.gen += 1;
             state.dirty = true;
@@ -1195,6 +1204,36 @@ impl DataCache {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_passthrough_writer_start_keeps_the_mtime_for_a_persist_before_any_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = DataCache::open(dir.path(), 1 << 30, 0).expect("open cache");
+        let file = cache
+            .get_or_load(7, || Ok(FileInit::new_empty()))
+            .expect("load 7");
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
+        {
+            let mut state = file.lock();
+            state.persisted_gen = state.gen;
+        }
+        file.start_passthrough(Some(when)).expect("start");
+        {
+            let state = file.lock();
+            assert!(
+                state.gen > state.persisted_gen,
+                "uploads must not settle it"
+            );
+            assert_eq!(state.changed_at, Some(when), "nothing changed yet");
+        }
+        file.end_passthrough(true);
+        // With a change not yet persisted (a daemon-served write: `None` means now), the
+        // writer's start leaves its time alone.
+        file.write_local(0, b"served").expect("write");
+        file.lock().changed_at = None;
+        file.start_passthrough(Some(when)).expect("start again");
+        assert_eq!(file.lock().changed_at, None);
+    }
 
     #[test]
     fn a_discarded_file_comes_back_empty_as_the_next_new_file() {

@@ -815,8 +815,17 @@ impl Core {
             self.meta.enqueue(tx, &JournalOp::Sync(ino), delay)
         })?;
         if let Some(file) = self.cache.loaded(ino) {
-            file.lock().dirty = true;
-            if let (Some(mtime), true) = (change.mtime, file.lock().kernel_writers > 0) {
+            let kernel_writing = {
+                let mut state = file.lock();
+                state.dirty = true;
+                if change.mtime.is_some() {
+                    // The next persist (a close after `cp -p`'s futimens) records this
+                    // time, not the time of the writes before it.
+                    state.changed_at = change.mtime;
+                }
+                state.kernel_writers > 0
+            };
+            if let (Some(mtime), true) = (change.mtime, kernel_writing) {
                 // Kernel writes are taken in with the cache file's mtime: keep it true.
                 file.set_disk_mtime(mtime)?;
             }
