@@ -1205,13 +1205,23 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    #[test]
-    fn a_passthrough_writer_start_keeps_the_mtime_for_a_persist_before_any_write() {
+    /// A 1 GiB cache in a directory of its own (kept alive by the returned guard).
+    fn new_cache() -> (tempfile::TempDir, DataCache) {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = DataCache::open(dir.path(), 1 << 30, 0).expect("open cache");
-        let file = cache
-            .get_or_load(7, || Ok(FileInit::new_empty()))
-            .expect("load 7");
+        (dir, cache)
+    }
+
+    fn new_file(cache: &DataCache, ino: u64) -> Arc<CacheFile> {
+        cache
+            .get_or_load(ino, || Ok(FileInit::new_empty()))
+            .unwrap_or_else(|err| panic!("load {ino}: {err:?}"))
+    }
+
+    #[test]
+    fn a_passthrough_writer_start_keeps_the_mtime_for_a_persist_before_any_write() {
+        let (_dir, cache) = new_cache();
+        let file = new_file(&cache, 7);
         let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
         {
             let mut state = file.lock();
@@ -1227,21 +1237,22 @@ mod tests {
             assert_eq!(state.changed_at, Some(when), "nothing changed yet");
         }
         file.end_passthrough(true);
-        // With a change not yet persisted (a daemon-served write: `None` means now), the
-        // writer's start leaves its time alone.
+        // After a persist, a daemon-served write is pending (`None`: it changed the file
+        // now): the next writer's start leaves that time alone.
+        {
+            let mut state = file.lock();
+            state.changed_at = None;
+            state.persisted_gen = state.gen;
+        }
         file.write_local(0, b"served").expect("write");
-        file.lock().changed_at = None;
         file.start_passthrough(Some(when)).expect("start again");
         assert_eq!(file.lock().changed_at, None);
     }
 
     #[test]
     fn a_discarded_file_comes_back_empty_as_the_next_new_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cache = DataCache::open(dir.path(), 1 << 30, 0).expect("open cache");
-        let first = cache
-            .get_or_load(5, || Ok(FileInit::new_empty()))
-            .expect("load 5");
+        let (_dir, cache) = new_cache();
+        let first = new_file(&cache, 5);
         assert!(matches!(
             first.write_local(0, b"bytes of inode 5").expect("write"),
             WriteOutcome::Written
@@ -1253,9 +1264,7 @@ mod tests {
             .expect("discard"));
         assert!(!cache.file_path(5).exists());
 
-        let second = cache
-            .get_or_load(6, || Ok(FileInit::new_empty()))
-            .expect("load 6");
+        let second = new_file(&cache, 6);
         let disk = std::fs::metadata(cache.file_path(6)).expect("stat");
         assert_eq!(disk.ino(), old_inode, "the discarded file was reused");
         assert_eq!(disk.len(), 0, "nothing of inode 5 is left in it");
