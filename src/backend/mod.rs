@@ -47,6 +47,8 @@ pub enum MetadataReplaced {
     Done { etag: Option<String> },
     /// This bucket (or object size) allows no in-place change.
     Unsupported,
+    /// The object is no longer the version the caller named (another writer replaced it).
+    VersionChanged,
 }
 
 /// One child of a directory listing.
@@ -505,23 +507,29 @@ impl Backend {
 
     /// Replaces an object's user metadata in place, where the bucket allows it: S3 (a
     /// CopyObject onto itself, up to 5 GiB) and the directory bucket (its xattrs).
+    /// `if_version`: an S3 ETag the object must still have (the copy is conditional).
     pub async fn replace_metadata(
         &self,
         key: &str,
         size: u64,
         metadata: &HashMap<String, String>,
+        if_version: Option<&str>,
     ) -> Result<MetadataReplaced, String> {
         if let Some(root) = &self.local_root {
             set_local_xattrs(&root.join(key), metadata).map_err(|err| err.to_string())?;
             return Ok(MetadataReplaced::Done { etag: None });
         }
-        match &self.direct {
-            Some(direct) if size <= s3_direct::MAX_COPY_SIZE => direct
-                .replace_metadata(key, metadata)
-                .await
-                .map(|etag| MetadataReplaced::Done { etag })
-                .map_err(|err| err.to_string()),
-            _ => Ok(MetadataReplaced::Unsupported),
+        let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| size <= s3_direct::MAX_COPY_SIZE)
+        else {
+            return Ok(MetadataReplaced::Unsupported);
+        };
+        match direct.replace_metadata(key, metadata, if_version).await {
+            Ok(etag) => Ok(MetadataReplaced::Done { etag }),
+            Err(err) if err.is_precondition_failed() => Ok(MetadataReplaced::VersionChanged),
+            Err(err) => Err(err.to_string()),
         }
     }
 

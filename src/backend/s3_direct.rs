@@ -76,6 +76,14 @@ pub enum S3DirectError {
     },
 }
 
+impl S3DirectError {
+    /// A conditional request whose condition did not hold (HTTP 412): the object is not
+    /// the version the request named.
+    pub fn is_precondition_failed(&self) -> bool {
+        matches!(self, S3DirectError::Status { status: 412, .. })
+    }
+}
+
 /// An in-progress multipart upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingUpload {
@@ -199,11 +207,15 @@ impl S3Direct {
 
     /// Replaces the user metadata of `key` (relative to the source prefix) with
     /// `metadata`, by copying the object onto itself; the bytes do not move through us.
-    /// Returns the object's new ETag. One CopyObject holds at most 5 GiB.
+    /// With `if_match`, only while the object is that version (S3 answers 412 otherwise:
+    /// see [`S3DirectError::is_precondition_failed`]; a server that ignores the header
+    /// copies regardless). Returns the object's new ETag. One CopyObject holds at most
+    /// 5 GiB.
     pub async fn replace_metadata(
         &self,
         key: &str,
         metadata: &HashMap<String, String>,
+        if_match: Option<&str>,
     ) -> Result<Option<String>, S3DirectError> {
         let full = format!("{}{key}", self.root);
         let what = format!("replacing the metadata of `{full}`");
@@ -219,6 +231,9 @@ impl S3Direct {
                 "REPLACE".to_string(),
             ),
         ];
+        if let Some(etag) = if_match {
+            headers.push(("x-amz-copy-source-if-match".to_string(), etag.to_string()));
+        }
         headers.extend(
             metadata
                 .iter()

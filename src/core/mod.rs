@@ -801,23 +801,29 @@ impl Core {
             }
             self.truncate(&inode, size, change.fh).await?;
         }
+        let only_attrs = change.size.is_none() && self.data_in_bucket(&inode);
         let attrs = AttrChange {
             perm: change.mode.map(|m| m & 0o7777),
             uid: change.uid,
             gid: change.gid,
             mtime: change.mtime.or(change.size.map(|_| SystemTime::now())),
-            dirty: Some(true),
+            dirty: (!only_attrs).then_some(true),
             ..Default::default()
         };
         let delay = self.delay();
-        self.meta.transaction(|tx| {
+        let op = self.meta.transaction(|tx| {
             self.meta.change_attrs(tx, ino, &attrs)?;
-            self.meta.enqueue(tx, &JournalOp::Sync(ino), delay)
+            if only_attrs && self.meta.mark_attrs_changed(tx, ino, delay)? {
+                return Ok(JournalOp::Metadata(ino));
+            }
+            self.meta.enqueue(tx, &JournalOp::Sync(ino), delay)?;
+            Ok(JournalOp::Sync(ino))
         })?;
         if let Some(file) = self.cache.loaded(ino) {
             let kernel_writing = {
                 let mut state = file.lock();
-                state.dirty = true;
+                // The cached bytes change only with the data (not for a metadata job).
+                state.dirty |= op == JournalOp::Sync(ino);
                 if change.mtime.is_some() {
                     // The next persist (a close after `cp -p`'s futimens) records this
                     // time, not the time of the writes before it.
@@ -830,11 +836,28 @@ impl Core {
                 file.set_disk_mtime(mtime)?;
             }
         }
-        // With a handle open, write-through uploads at close; otherwise now.
-        if !(self.write_through() && self.is_open(ino)) {
-            self.sync_now_or_later(vec![JournalOp::Sync(ino)]).await?;
+        // With a handle open, write-through uploads at close; otherwise now. A metadata
+        // job moves no data: it runs now either way (a stream's close stores the
+        // attributes again if they change meanwhile).
+        let metadata_only = matches!(op, JournalOp::Metadata(_));
+        if metadata_only || !(self.write_through() && self.is_open(ino)) {
+            self.sync_now_or_later(vec![op]).await?;
         }
         self.getattr(ino).await
+    }
+
+    /// Whether the bucket holds the file's current data, so that an attribute change
+    /// can be stored in its object's metadata alone: a stored file, clean in the store,
+    /// with no cached change not yet persisted and no kernel writer.
+    fn data_in_bucket(&self, inode: &Inode) -> bool {
+        let stored = inode.kind == Kind::File
+            && !inode.data_dirty()
+            && inode.remote_key.as_ref().is_some_and(|key| !key.is_empty());
+        stored
+            && self.cache.loaded(inode.ino).is_none_or(|file| {
+                let state = file.lock();
+                !state.dirty && state.kernel_writers == 0
+            })
     }
 
     async fn truncate(&self, inode: &Inode, size: u64, fh: Option<u64>) -> FsResult<()> {
@@ -1010,7 +1033,7 @@ impl Core {
     /// Records an inode as changed unless the store says so already (one read, and a
     /// commit only for a clean file).
     fn mark_dirty_in_store(&self, ino: u64) -> FsResult<()> {
-        if self.inode(ino)?.dirty {
+        if self.inode(ino)?.data_dirty() {
             return Ok(());
         }
         let change = AttrChange {
@@ -1563,9 +1586,11 @@ impl Core {
             return Ok(());
         }
         let mut io = handle.io.lock().await;
-        if let Some(stream) = io.stream.take() {
-            // Until recorded: the uploader's checksum job must not copy the key meanwhile.
+        if let Some(mut stream) = io.stream.take() {
+            // Until recorded: the uploader's metadata job must not copy the key meanwhile.
             let _key = self.uploader.hold_key(stream.key()).await;
+            let attrs = self.attrs_at_stream_close(inode.ino)?;
+            stream.set_metadata(attrs.encode(None));
             let uploaded = match stream.finish().await {
                 Ok(uploaded) => uploaded,
                 Err(err) => {
@@ -1585,6 +1610,7 @@ impl Core {
                     tx,
                     inode.ino,
                     &uploaded.remote(),
+                    attrs.mtime,
                     uploaded.crc_stored,
                 )
             })?;
@@ -1598,6 +1624,7 @@ impl Core {
                 state.source_key = Some(uploaded.key.clone());
                 state.fetch_limit = uploaded.size;
                 state.persisted_gen = state.gen;
+                state.changed_at = None;
             }
             // Further writes append to a complete object: they go through the cache file.
             io.staged = true;
@@ -1631,6 +1658,19 @@ impl Core {
             lock(&self.live_sizes).remove(&inode.ino);
         }
         Ok(())
+    }
+
+    /// The attributes a write-through stream's object gets at its close: the inode's as
+    /// they are now (a chmod may have come after the first write), with the time of the
+    /// last write, or the time a utimens after it set (`cp -p`: write, futimens, close).
+    fn attrs_at_stream_close(&self, ino: u64) -> FsResult<crate::backend::ObjectAttrs> {
+        let mut attrs = attrs_of(&self.inode(ino)?);
+        let set_after_last_write = self
+            .cache
+            .loaded(ino)
+            .and_then(|file| file.lock().changed_at);
+        attrs.mtime = set_after_last_write.unwrap_or_else(SystemTime::now);
+        Ok(attrs)
     }
 
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {

@@ -160,7 +160,8 @@ async fn settle_stream(
         crc64: info.crc64,
     };
     let crc_stored = remote.crc64.is_some();
-    meta.transaction(|tx| meta.record_streamed_object(tx, ino, &remote, crc_stored))
+    let now = std::time::SystemTime::now();
+    meta.transaction(|tx| meta.record_streamed_object(tx, ino, &remote, now, crc_stored))
         .map_err(err)?;
     // Whatever the spool kept is not the object: reads fetch it.
     uploader.discard_cache_file(ino).map_err(err)?;

@@ -39,9 +39,20 @@ pub struct Inode {
     pub remote_etag: Option<String>,
     pub remote_size: Option<u64>,
     pub fetch_limit: Option<u64>,
+    /// The bucket lacks a local change (data, attributes or both).
     pub dirty: bool,
+    /// Of the local changes, only attributes are missing from the bucket (chmod, chown,
+    /// utimens of a stored file): a metadata replacement stores them, no upload.
+    pub only_attrs_dirty: bool,
     /// The crc64 of the object at `remote_key`, when known.
     pub remote_crc64: Option<u64>,
+}
+
+impl Inode {
+    /// Whether the bucket lacks some of the inode's data (or its whole object).
+    pub fn data_dirty(&self) -> bool {
+        self.dirty && !self.only_attrs_dirty
+    }
 }
 
 /// Attributes of a new inode.
@@ -100,6 +111,10 @@ pub enum Settles {
     /// The data is current; the attributes are if they still are these (the ones the
     /// object was stored with).
     IfAttrsStill(ObjectAttrs),
+    /// A metadata replacement stored these attributes: it settles an inode whose only
+    /// change was its attributes, if they still are these (a data change since, or a
+    /// passthrough writer's open, leaves it dirty).
+    OnlyAttrsIfStill(ObjectAttrs),
 }
 
 /// One piece of bucket work.
@@ -109,8 +124,10 @@ pub enum JournalOp {
     Sync(u64),
     /// Delete this key unless a live inode owns it again.
     Delete(String),
-    /// Store the crc64 of a streamed object in its metadata, once it is complete.
-    Checksum(u64),
+    /// Store the inode's attributes and crc64 in its object's metadata: after a stream
+    /// completed (its metadata left before the crc64 was known), or after an attribute
+    /// change of a stored file (chmod, chown, utimens: no upload of its data).
+    Metadata(u64),
     /// Rewrite the attribute index of this directory (see `backend::attr_index`).
     AttrIndex(u64),
 }
@@ -196,6 +213,11 @@ fn now_ms() -> i64 {
     to_ns(SystemTime::now()) / 1_000_000
 }
 
+/// The `dirty` column: 0 clean, 1 data (and perhaps attributes) not in the bucket, 2 only
+/// attributes not in the bucket. A change of data (`AttrChange::dirty`) writes 1.
+pub(crate) const DIRTY_CLEAN: i64 = 0;
+pub(crate) const DIRTY_ONLY_ATTRS: i64 = 2;
+
 const INODE_COLUMNS: &str =
     "ino, parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, \
      attrs_loaded, listed, remote_key, remote_etag, remote_size, fetch_limit, dirty, remote_crc64";
@@ -220,9 +242,34 @@ fn inode_from_row(row: &Row<'_>) -> rusqlite::Result<Inode> {
         remote_etag: row.get(14)?,
         remote_size: row.get::<_, Option<i64>>(15)?.map(|s| s as u64),
         fetch_limit: row.get::<_, Option<i64>>(16)?.map(|s| s as u64),
-        dirty: row.get(17)?,
+        dirty: row.get::<_, i64>(17)? != DIRTY_CLEAN,
+        only_attrs_dirty: row.get::<_, i64>(17)? == DIRTY_ONLY_ATTRS,
         remote_crc64: row.get::<_, Option<i64>>(18)?.map(|c| c as u64),
     })
+}
+
+/// Clears the dirty flag if the inode's attributes still are `attrs` (and, with
+/// `only_attrs`, if its only change was its attributes). Returns the rows changed.
+fn settle_if_attrs_still(
+    tx: &Transaction<'_>,
+    ino: u64,
+    attrs: &ObjectAttrs,
+    only_attrs: bool,
+) -> FsResult<usize> {
+    Ok(tx
+        .prepare_cached(
+            "UPDATE inodes SET dirty = 0
+             WHERE ino = ?1 AND perm = ?2 AND uid = ?3 AND gid = ?4 AND mtime_ns = ?5
+               AND (NOT ?6 OR dirty = 2)",
+        )?
+        .execute(params![
+            ino as i64,
+            attrs.perm,
+            attrs.uid,
+            attrs.gid,
+            to_ns(attrs.mtime),
+            only_attrs
+        ])?)
 }
 
 fn is_unique_violation(err: &rusqlite::Error) -> bool {
@@ -534,6 +581,26 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Marks a change of attributes only (the data in the bucket stays current), unless
+    /// the inode already waits for an upload. Returns whether its only pending change is
+    /// now its attributes: then a metadata replacement stores them
+    /// ([`JournalOp::Metadata`], queued here), otherwise the caller queues a sync.
+    pub fn mark_attrs_changed(
+        &self,
+        tx: &Transaction<'_>,
+        ino: u64,
+        delay: Duration,
+    ) -> FsResult<bool> {
+        let only_attrs = tx
+            .prepare_cached("UPDATE inodes SET dirty = 2 WHERE ino = ?1 AND dirty IN (0, 2)")?
+            .execute(params![ino as i64])?
+            > 0;
+        if only_attrs {
+            self.enqueue(tx, &JournalOp::Metadata(ino), delay)?;
+        }
+        Ok(only_attrs)
+    }
+
     /// Records that the bucket now holds `remote` for the inode, and whether that settles
     /// its local changes. Returns whether the dirty flag was cleared.
     pub fn set_remote(
@@ -543,7 +610,8 @@ impl MetaStore {
         remote: &RemoteState,
         settles: Settles,
     ) -> FsResult<bool> {
-        let data_current = !matches!(settles, Settles::Nothing);
+        // A metadata replacement moved no data: what may be fetched stays as it is.
+        let data_current = matches!(settles, Settles::Everything | Settles::IfAttrsStill(_));
         tx.prepare_cached("UPDATE inodes SET remote_key = ?2, remote_etag = ?3, remote_size = ?4, remote_crc64 = ?6,
                  fetch_limit = CASE WHEN ?5 THEN ?4 ELSE fetch_limit END
              WHERE ino = ?1")?.execute(
@@ -563,18 +631,8 @@ impl MetaStore {
                 .execute(params![ino as i64])?,
             // An attribute change (chmod, utimens) made while the object went up is not in
             // it: the inode stays dirty, and its queued sync uploads it.
-            Settles::IfAttrsStill(attrs) => tx
-                .prepare_cached(
-                    "UPDATE inodes SET dirty = 0
-                 WHERE ino = ?1 AND perm = ?2 AND uid = ?3 AND gid = ?4 AND mtime_ns = ?5",
-                )?
-                .execute(params![
-                    ino as i64,
-                    attrs.perm,
-                    attrs.uid,
-                    attrs.gid,
-                    to_ns(attrs.mtime)
-                ])?,
+            Settles::IfAttrsStill(attrs) => settle_if_attrs_still(tx, ino, &attrs, false)?,
+            Settles::OnlyAttrsIfStill(attrs) => settle_if_attrs_still(tx, ino, &attrs, true)?,
         };
         if self.indexes_directories() {
             self.queue_attr_index(tx, ino)?;
@@ -793,13 +851,17 @@ impl MetaStore {
     /// counts as changed from its open until its close is uploaded.
     pub fn requeue_dirty(&self) -> FsResult<u64> {
         let conn = self.lock();
-        let queued = conn.execute(
-            "INSERT INTO journal(op, ino, key, not_before_ms)
-             SELECT 'sync', ino, '', 0 FROM inodes
-             WHERE dirty = 1 AND (parent IS NOT NULL OR ino = ?1)
-             ON CONFLICT(op, ino, key) DO NOTHING",
-            params![ROOT_INO as i64],
-        )?;
+        let mut queued = 0;
+        // An inode whose only change is its attributes gets their metadata replacement.
+        for (op, dirty) in [("sync", 1), ("checksum", DIRTY_ONLY_ATTRS)] {
+            queued += conn.execute(
+                "INSERT INTO journal(op, ino, key, not_before_ms)
+                 SELECT ?2, ino, '', 0 FROM inodes
+                 WHERE dirty = ?3 AND (parent IS NOT NULL OR ino = ?1)
+                 ON CONFLICT(op, ino, key) DO NOTHING",
+                params![ROOT_INO as i64, op, dirty],
+            )?;
+        }
         Ok(queued as u64)
     }
 
@@ -874,19 +936,20 @@ impl MetaStore {
             .optional()?)
     }
 
-    /// Forgets cached blocks of files with no local changes (after an unclean stop, their
-    /// bytes may not have reached the disk).
+    /// Forgets cached blocks of files whose data has no local changes (after an unclean
+    /// stop, their bytes may not have reached the disk); a change of attributes only
+    /// counts as none.
     pub fn drop_clean_blocks(&self) -> FsResult<Vec<u64>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(
-            "SELECT c.ino FROM cache_blocks c JOIN inodes i ON i.ino = c.ino WHERE i.dirty = 0",
+            "SELECT c.ino FROM cache_blocks c JOIN inodes i ON i.ino = c.ino WHERE i.dirty IN (0, 2)",
         )?;
         let inos = stmt
             .query_map([], |row| row.get::<_, i64>(0))?
             .map(|r| r.map(|v| v as u64))
             .collect::<rusqlite::Result<Vec<_>>>()?;
         conn.prepare_cached(
-            "DELETE FROM cache_blocks WHERE ino IN (SELECT ino FROM inodes WHERE dirty = 0)",
+            "DELETE FROM cache_blocks WHERE ino IN (SELECT ino FROM inodes WHERE dirty IN (0, 2))",
         )?
         .execute([])?;
         conn.prepare_cached("DELETE FROM cache_blocks WHERE ino NOT IN (SELECT ino FROM inodes)")?
@@ -963,10 +1026,11 @@ impl MetaStore {
         })
     }
 
-    /// Records that a write-through file's stream completed `remote`: the file is clean
-    /// and its size is the object's, the sync its creation queued is moot, and the upload
-    /// leaves the ledger. `crc_stored`: the object's metadata carries its crc64 already;
-    /// otherwise the uploader stores it later.
+    /// Records that a write-through file's stream completed `remote`: the file is clean,
+    /// its size is the object's and its mtime `mtime`, the sync its creation queued is
+    /// moot, and the upload leaves the ledger. `crc_stored`: the object's metadata carries
+    /// its crc64 and the inode's attributes already; otherwise the uploader stores them
+    /// later.
     ///
     /// A close commits this without a sync (one fsync less per file, with the writer
     /// waiting): a power loss can drop it, but not the ledger's record of the stream
@@ -977,11 +1041,12 @@ impl MetaStore {
         tx: &Transaction<'_>,
         ino: u64,
         remote: &RemoteState,
+        mtime: SystemTime,
         crc_stored: bool,
     ) -> FsResult<()> {
         let change = AttrChange {
             size: Some(remote.size),
-            mtime: Some(SystemTime::now()),
+            mtime: Some(mtime),
             dirty: Some(false),
             ..Default::default()
         };
@@ -993,7 +1058,7 @@ impl MetaStore {
         if crc_stored {
             return Ok(());
         }
-        self.enqueue(tx, &JournalOp::Checksum(ino), Duration::ZERO)
+        self.enqueue(tx, &JournalOp::Metadata(ino), Duration::ZERO)
     }
 
     /// Records that the upload to `key` was completed or aborted. Unsynced: a record lost
@@ -1069,7 +1134,9 @@ fn journal_target(op: &JournalOp) -> (&'static str, i64, String) {
     match op {
         JournalOp::Sync(ino) => ("sync", *ino as i64, String::new()),
         JournalOp::Delete(key) => ("delete", 0, key.clone()),
-        JournalOp::Checksum(ino) => ("checksum", *ino as i64, String::new()),
+        // Named for its first use (the crc64 of a stream); stores written by earlier
+        // versions hold it so.
+        JournalOp::Metadata(ino) => ("checksum", *ino as i64, String::new()),
         JournalOp::AttrIndex(ino) => ("attr-index", *ino as i64, String::new()),
     }
 }
@@ -1082,7 +1149,7 @@ fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<JournalEntry> {
         id: row.get(0)?,
         op: match op.as_str() {
             "sync" => JournalOp::Sync(ino as u64),
-            "checksum" => JournalOp::Checksum(ino as u64),
+            "checksum" => JournalOp::Metadata(ino as u64),
             "attr-index" => JournalOp::AttrIndex(ino as u64),
             _ => JournalOp::Delete(key),
         },
@@ -1233,5 +1300,104 @@ mod tests {
             ..DueScan::due_now(10)
         };
         assert_eq!(ops_of(held), vec![JournalOp::Sync(5), JournalOp::Sync(6)]);
+    }
+
+    /// A chmod or utimens of a stored file waits as a change of attributes only: a data
+    /// change overrides it, its metadata replacement settles it only while nothing else
+    /// changed, a restart queues that replacement (not an upload), and another tool's new
+    /// version of the object becomes the file's data while the attributes stay.
+    #[test]
+    fn a_change_of_attributes_only_stays_apart_from_data_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MetaStore::open(&dir.path().join("m.db"), 0o755, 0, 0).expect("open");
+        let stored = NewInode {
+            dirty: false,
+            remote: Some(RemoteState {
+                key: "f".into(),
+                etag: Some("v1".into()),
+                size: 3,
+                crc64: None,
+            }),
+            ..file(3)
+        };
+        let f = store
+            .transaction(|tx| store.create_entry(tx, ROOT_INO, b"f", &stored))
+            .expect("create")
+            .ino;
+        let chmod = AttrChange {
+            perm: Some(0o600),
+            ..Default::default()
+        };
+        let only_attrs = store
+            .transaction(|tx| {
+                store.change_attrs(tx, f, &chmod)?;
+                store.mark_attrs_changed(tx, f, Duration::ZERO)
+            })
+            .expect("chmod");
+        assert!(only_attrs);
+        let inode = store.get(f).expect("get").expect("inode");
+        assert!(inode.dirty && inode.only_attrs_dirty && !inode.data_dirty());
+        assert!(store
+            .queued(&JournalOp::Metadata(f))
+            .expect("queued")
+            .is_some());
+        assert!(
+            !store.has_local_changes(f).expect("changes"),
+            "no data change"
+        );
+
+        // Another tool's version becomes the data; the mode set here stays.
+        let theirs = crate::backend::ObjectInfo {
+            size: 9,
+            etag: Some("v2".into()),
+            attrs: ObjectAttrs {
+                kind: Kind::File,
+                perm: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime: SystemTime::now(),
+            },
+            crc64: None,
+        };
+        store.record_replaced(f, &theirs).expect("replaced");
+        let inode = store.get(f).expect("get").expect("inode");
+        assert_eq!((inode.size, inode.perm), (9, 0o600));
+
+        // A restart queues the metadata replacement again, not an upload.
+        let due = store.due_entries(DueScan::due_now(10)).expect("due");
+        store.complete(&due[0]).expect("complete");
+        store.requeue_dirty().expect("requeue");
+        assert!(store
+            .queued(&JournalOp::Metadata(f))
+            .expect("queued")
+            .is_some());
+        assert!(store.queued(&JournalOp::Sync(f)).expect("queued").is_none());
+
+        // A data change (a passthrough writer's open) is not settled by the replacement.
+        let write = AttrChange {
+            dirty: Some(true),
+            ..Default::default()
+        };
+        store
+            .transaction(|tx| store.change_attrs(tx, f, &write))
+            .expect("write");
+        let again = store
+            .transaction(|tx| store.mark_attrs_changed(tx, f, Duration::ZERO))
+            .expect("chmod");
+        assert!(!again, "a pending upload carries the attributes");
+        let inode = store.get(f).expect("get").expect("inode");
+        assert!(inode.data_dirty());
+        let remote = RemoteState {
+            key: "f".into(),
+            etag: Some("v3".into()),
+            size: 9,
+            crc64: None,
+        };
+        let settles = Settles::OnlyAttrsIfStill(crate::sync::attrs_of(&inode));
+        let cleared = store
+            .transaction(|tx| store.set_remote(tx, f, &remote, settles))
+            .expect("record");
+        assert!(!cleared, "the data change is still to upload");
+        assert!(store.get(f).expect("get").expect("inode").data_dirty());
     }
 }

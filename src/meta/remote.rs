@@ -4,7 +4,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use super::{get_in, to_ns, MetaStore};
+use super::{get_in, to_ns, MetaStore, DIRTY_ONLY_ATTRS};
 use crate::backend::{Kind, ObjectInfo};
 use crate::error::FsResult;
 
@@ -39,15 +39,23 @@ fn key_in_use_in(conn: &Connection, key: &str) -> FsResult<bool> {
     Ok(below || below_deleting)
 }
 
+/// An inode whose only change is its attributes (a chmod or utimens waiting for its
+/// metadata replacement) has none here: another tool's new version of the object is its
+/// data, and the attributes go onto that version.
 fn has_local_changes_in(conn: &Connection, ino: u64) -> FsResult<bool> {
-    let row: Option<(bool, bool)> = conn
+    let row: Option<(i64, bool)> = conn
         .prepare_cached("SELECT dirty, remote_key IS NULL AND ino != 1 FROM inodes WHERE ino = ?1")?
         .query_row(params![ino as i64], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
+    let only_attrs = row.is_some_and(|(dirty, _)| dirty == DIRTY_ONLY_ATTRS);
     let queued: bool = conn
-        .prepare_cached("SELECT 1 FROM journal WHERE op != 'delete' AND ino = ?1 LIMIT 1")?
-        .exists(params![ino as i64])?;
-    Ok(queued || row.is_some_and(|(dirty, never_stored)| dirty || never_stored))
+        .prepare_cached(
+            "SELECT 1 FROM journal WHERE op != 'delete' AND (op != 'checksum' OR NOT ?2)
+             AND ino = ?1 LIMIT 1",
+        )?
+        .exists(params![ino as i64, only_attrs])?;
+    Ok(queued
+        || row.is_some_and(|(dirty, never_stored)| (dirty != 0 && !only_attrs) || never_stored))
 }
 
 impl MetaStore {
@@ -78,7 +86,8 @@ impl MetaStore {
     }
 
     /// Another tool replaced the object at the inode's key with `info`: the remote state,
-    /// and (unless local changes arrived meanwhile) size and attributes follow it.
+    /// and (unless local changes arrived meanwhile) size and attributes follow it. An
+    /// attribute change waiting for its metadata replacement keeps its attributes.
     pub fn record_replaced(&self, ino: u64, info: &ObjectInfo) -> FsResult<()> {
         let attrs = &info.attrs;
         // A symlink's target is read again with its attributes.
@@ -86,8 +95,8 @@ impl MetaStore {
         self.lock()
             .prepare_cached(
                 "UPDATE inodes SET remote_etag = ?2, remote_size = ?3, remote_crc64 = ?4,
-                 size = CASE WHEN dirty THEN size ELSE ?3 END,
-                 fetch_limit = CASE WHEN dirty THEN fetch_limit ELSE ?3 END,
+                 size = CASE WHEN dirty = 1 THEN size ELSE ?3 END,
+                 fetch_limit = CASE WHEN dirty = 1 THEN fetch_limit ELSE ?3 END,
                  perm = CASE WHEN dirty THEN perm ELSE ?5 END,
                  uid = CASE WHEN dirty THEN uid ELSE ?6 END,
                  gid = CASE WHEN dirty THEN gid ELSE ?7 END,

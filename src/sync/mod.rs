@@ -102,6 +102,28 @@ pub fn attrs_of(inode: &Inode) -> ObjectAttrs {
     }
 }
 
+/// What a metadata replacement came to.
+enum MetadataStored {
+    Done,
+    /// Nothing to store: the data waits for an upload, or a completed stream's crc64
+    /// cannot be stored in place (it stays local).
+    NotNeeded,
+    /// An attribute change the object cannot take in place: it goes up with the data.
+    NeedsUpload,
+}
+
+impl MetadataStored {
+    /// Where the object cannot take the metadata in place: an attribute change still has
+    /// to reach the bucket (by an upload); a crc64 stays local.
+    fn unless_attrs_wait(inode: &Inode) -> MetadataStored {
+        if inode.only_attrs_dirty {
+            MetadataStored::NeedsUpload
+        } else {
+            MetadataStored::NotNeeded
+        }
+    }
+}
+
 /// How to load an inode's cached file from its stored state.
 pub fn file_init(meta: &MetaStore, inode: &Inode) -> FsResult<FileInit> {
     let saved = meta.load_blocks(inode.ino)?.map(|(_, bitmap)| bitmap);
@@ -112,7 +134,7 @@ pub fn file_init(meta: &MetaStore, inode: &Inode) -> FsResult<FileInit> {
             .unwrap_or(inode.remote_size.unwrap_or(0))
             .min(inode.remote_size.unwrap_or(0)),
         source_key: inode.remote_key.clone().filter(|k| !k.is_empty()),
-        dirty: inode.dirty,
+        dirty: inode.data_dirty(),
         saved_blocks: saved,
         verifier: read_verifier(inode),
     })
@@ -461,9 +483,9 @@ impl Uploader {
                 let _key = self.busy_keys.lock(key.clone()).await;
                 self.delete_if_unclaimed(key).await
             }
-            JournalOp::Checksum(ino) => {
+            JournalOp::Metadata(ino) => {
                 let _guard = self.busy_inodes.lock(*ino).await;
-                self.store_checksum(*ino).await
+                self.store_metadata(*ino).await
             }
             JournalOp::AttrIndex(ino) => self.store_attr_index(*ino).await,
         }
@@ -533,64 +555,83 @@ impl Uploader {
         })
     }
 
-    /// Stores a streamed object's crc64 in its metadata, in place, where the bucket
-    /// allows it. Skipped when the inode changed since (its next upload carries one).
-    async fn store_checksum(&self, ino: u64) -> FsResult<()> {
-        let Some(inode) = self.meta.get(ino)? else {
-            return Ok(());
-        };
-        let (Some(key), Some(crc), Some(size)) = (
-            inode.remote_key.clone(),
-            inode.remote_crc64,
-            inode.remote_size,
-        ) else {
-            return Ok(());
-        };
-        let current = self
-            .meta
-            .path_of(ino)?
-            .map(|names| self.backend.layout().key_for(&names, inode.kind));
-        if inode.dirty || !matches!(current, Some(Ok(k)) if k == key) {
-            return Ok(());
+    /// Stores the inode's attributes (and its crc64, when known) in its object's metadata
+    /// without moving its data: after a stream completed (its metadata left before the
+    /// crc64 was known), or after a chmod, chown or utimens of a stored file. An inode
+    /// whose data waits for an upload needs nothing here: that upload carries them. Where
+    /// the object cannot be changed in place (moved since, replaced by another writer, a
+    /// bucket without metadata replacement), an attribute change goes up as an upload.
+    async fn store_metadata(&self, ino: u64) -> FsResult<()> {
+        match self.replace_object_metadata(ino).await? {
+            MetadataStored::Done | MetadataStored::NotNeeded => Ok(()),
+            MetadataStored::NeedsUpload => self.sync_inode(ino).await,
         }
+    }
+
+    async fn replace_object_metadata(&self, ino: u64) -> FsResult<MetadataStored> {
+        let Some(inode) = self.meta.get(ino)? else {
+            return Ok(MetadataStored::NotNeeded);
+        };
+        let Some(key) = self.key_in_place(&inode)? else {
+            return Ok(MetadataStored::unless_attrs_wait(&inode));
+        };
         let _key = self.busy_keys.lock(key.clone()).await;
         // Read again under the key's lock: a write-through close may have replaced the
         // object meanwhile (it holds this lock while it does), and copying the new object
         // onto itself with the old one's checksum would make it unreadable.
         let Some(inode) = self.meta.get(ino)? else {
-            return Ok(());
+            return Ok(MetadataStored::NotNeeded);
         };
-        if inode.dirty
-            || inode.remote_key.as_deref() != Some(key.as_str())
-            || inode.remote_crc64 != Some(crc)
-            || inode.remote_size != Some(size)
-        {
-            return Ok(());
-        }
-        let metadata = attrs_of(&inode).encode(Some(crc));
-        match self.backend.replace_metadata(&key, size, &metadata).await {
+        let (Some(size), true) = (
+            inode.remote_size,
+            self.key_in_place(&inode)?.as_deref() == Some(key.as_str()),
+        ) else {
+            return Ok(MetadataStored::unless_attrs_wait(&inode));
+        };
+        let metadata = attrs_of(&inode).encode(inode.remote_crc64);
+        let replaced = self
+            .backend
+            .replace_metadata(&key, size, &metadata, inode.remote_etag.as_deref())
+            .await;
+        match replaced {
             Ok(MetadataReplaced::Done { etag }) => {
                 let remote = RemoteState {
                     key,
-                    etag: etag.or(inode.remote_etag),
+                    etag: etag.or(inode.remote_etag.clone()),
                     size,
-                    crc64: Some(crc),
+                    crc64: inode.remote_crc64,
                 };
-                self.meta.transaction(|tx| {
-                    self.meta
-                        .set_remote(tx, ino, &remote, Settles::Nothing)
-                        .map(drop)
-                })
+                let settles = Settles::OnlyAttrsIfStill(attrs_of(&inode));
+                self.meta
+                    .transaction(|tx| self.meta.set_remote(tx, ino, &remote, settles).map(drop))?;
+                Ok(MetadataStored::Done)
             }
             Ok(MetadataReplaced::Unsupported) => {
-                tracing::debug!(key = %key, "the crc64 of this streamed object stays local");
-                Ok(())
+                tracing::debug!(key = %key, "this object's metadata cannot change in place");
+                Ok(MetadataStored::unless_attrs_wait(&inode))
+            }
+            Ok(MetadataReplaced::VersionChanged) => {
+                tracing::info!(key = %key, "the object changed in the bucket since this mount stored it; its metadata is left alone");
+                Ok(MetadataStored::unless_attrs_wait(&inode))
             }
             Err(message) => Err(FsError::loud(
                 libc::EIO,
-                format!("storing the crc64 of {key} in its metadata: {message}"),
+                format!("storing the attributes of {key} in its metadata: {message}"),
             )),
         }
+    }
+
+    /// The key of an inode whose object in the bucket holds its current data at its
+    /// current path (a metadata replacement can apply there); `None` otherwise.
+    fn key_in_place(&self, inode: &Inode) -> FsResult<Option<String>> {
+        if inode.data_dirty() || inode.remote_size.is_none() {
+            return Ok(None);
+        }
+        let current = self.key_now(inode)?;
+        Ok(inode
+            .remote_key
+            .clone()
+            .filter(|key| current.as_ref() == Some(key)))
     }
 
     async fn sync_inode(&self, ino: u64) -> FsResult<()> {

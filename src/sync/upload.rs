@@ -223,6 +223,14 @@ impl StreamUpload {
         Ok(())
     }
 
+    /// The metadata the object is to carry, as it is at the writer's close (a utimens or
+    /// chmod may have come after the first write). It applies to an object still unsent,
+    /// which goes up as one PUT; a multipart upload's left at its start, and the caller
+    /// replaces it afterwards ([`Uploaded::crc_stored`] is false).
+    pub fn set_metadata(&mut self, metadata: HashMap<String, String>) {
+        self.metadata = metadata;
+    }
+
     /// Sends the last part and completes the object.
     pub async fn finish(mut self) -> FsResult<Uploaded> {
         if self.writer.is_none() {

@@ -253,6 +253,12 @@ pub struct RequestRecord {
     /// What the client got; None if nothing (reset, stall, refused).
     pub status: Option<u16>,
     pub ms: u64,
+    /// Bytes of the request's body.
+    #[serde(default)]
+    pub body_bytes: u64,
+    /// The request's `x-amz-copy-source` (a CopyObject), if any.
+    #[serde(default)]
+    pub copy_source: Option<String>,
 }
 
 /// The proxy's counters since start (or the last `reset`/`clear_stats`).

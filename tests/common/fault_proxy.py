@@ -53,7 +53,8 @@ Rule: {"action": A, ...filters, ...params}
 
 Stats: {"total", "forwarded", "faulted", "connections", "refused_connections",
         "by_method": {M: n}, "by_action": {A: n}, "rule": {...},
-        "recent": [{"seq", "method", "target", "action", "status", "ms"}]  (last 50)}
+        "recent": [{"seq", "method", "target", "action", "status", "ms", "body_bytes",
+                    "copy_source"}]  (last 50)}
   "total" counts requests read from clients (not refused connections); "forwarded" those
   whose response came from upstream (also "slow" and "forward": true faults); "faulted"
   those a rule matched (other than pass). "status" in recent is what the client got (null
@@ -344,7 +345,8 @@ class Proxy:
                 self.rule = Rule()
         return r
 
-    def record(self, seq, method, target, action, status, t0):
+    def record(self, seq, method, target, action, status, t0, req=None):
+        body_bytes, copy_source = req if req else (0, None)
         entry = {
             "seq": seq,
             "method": method,
@@ -352,6 +354,8 @@ class Proxy:
             "action": action,
             "status": status,
             "ms": int((time.monotonic() - t0) * 1000),
+            "body_bytes": body_bytes,
+            "copy_source": copy_source,
         }
         self.recent.append(entry)
         self.by_action[action] += 1
@@ -429,6 +433,7 @@ class Proxy:
             w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await w.drain()
         body = await read_body(rd, headers)
+        req = (len(body), header(headers, "x-amz-copy-source"))
         keep = version == "HTTP/1.1" and not has_token(headers, "connection", "close")
         if version == "HTTP/1.0" and has_token(headers, "connection", "keep-alive"):
             keep = True
@@ -441,7 +446,7 @@ class Proxy:
         path, _, query = target.partition("?")
         if self.rule.action == "down":
             self.faulted += 1
-            self.record(seq, method, target, "down", None, t0)
+            self.record(seq, method, target, "down", None, t0, req)
             abort_rst(w)
             raise ClientGone
         rule = self.take(method, path, query)
@@ -456,15 +461,15 @@ class Proxy:
             resp = error_response(rule, method, target)
             w.write(resp)
             await w.drain()
-            self.record(seq, method, target, action, rule.status, t0)
+            self.record(seq, method, target, action, rule.status, t0, req)
             return keep
         if rule and not rule.forward and action == "reset":
-            self.record(seq, method, target, action, None, t0)
+            self.record(seq, method, target, action, None, t0, req)
             abort_rst(w)
             raise ClientGone
         if rule and not rule.forward and action == "stall":
             if not await self.stall(rd, seq, method, target):
-                self.record(seq, method, target, "stall", None, t0)
+                self.record(seq, method, target, "stall", None, t0, req)
                 raise ClientGone
             log("#%d released by a rule change; forwarding" % seq)
 
@@ -474,7 +479,7 @@ class Proxy:
             log("#%d upstream failed: %r; answering 502" % (seq, e))
             w.write(simple_error(502, "BadGateway", "fault_proxy: upstream failed: %r" % e, keep))
             await w.drain()
-            self.record(seq, method, target, action + "+upstream-error", 502, t0)
+            self.record(seq, method, target, action + "+upstream-error", 502, t0, req)
             return keep
         self.forwarded += 1
 
@@ -482,15 +487,15 @@ class Proxy:
             if action == "status":
                 w.write(error_response(rule, method, target))
                 await w.drain()
-                self.record(seq, method, target, action + "+forwarded", rule.status, t0)
+                self.record(seq, method, target, action + "+forwarded", rule.status, t0, req)
                 return keep
             if action == "reset":
-                self.record(seq, method, target, action + "+forwarded", None, t0)
+                self.record(seq, method, target, action + "+forwarded", None, t0, req)
                 abort_rst(w)
                 raise ClientGone
             if action == "stall":
                 if not await self.stall(rd, seq, method, target):
-                    self.record(seq, method, target, "stall+forwarded", None, t0)
+                    self.record(seq, method, target, "stall+forwarded", None, t0, req)
                     raise ClientGone
 
         no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
@@ -511,7 +516,7 @@ class Proxy:
             else:
                 w.write(rbody)
         await w.drain()
-        self.record(seq, method, target, action, status, t0)
+        self.record(seq, method, target, action, status, t0, req)
         return keep
 
     async def stall(self, rd, seq, method, target):

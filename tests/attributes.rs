@@ -1,0 +1,290 @@
+//! Attribute changes through a real mount, against moto behind the request-recording
+//! proxy: a chmod or utimens of a stored file replaces its object's metadata in place
+//! (no data moves), a time set on an open write-through file reaches the bucket with the
+//! object, and an object that cannot take the change in place gets it with an upload.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::fault::{FaultRule, FaultStats, ProxiedBucket};
+use common::posix::{flush, pattern};
+
+/// A time with a fraction of a second, as `cp -p` and rsync set them.
+fn long_ago() -> SystemTime {
+    UNIX_EPOCH + Duration::new(1_500_000_000, 250_000_000)
+}
+
+/// `long_ago()` as the objects' `mtime` metadata spells it.
+const LONG_AGO_METADATA: &str = "1500000000.250000000";
+
+/// utimensat on a path, as rsync and `touch -d` set times (no descriptor open).
+fn set_mtime_of_path(path: &Path, when: SystemTime) {
+    let since = when.duration_since(UNIX_EPOCH).expect("after the epoch");
+    let spec = libc::timespec {
+        tv_sec: since.as_secs() as libc::time_t,
+        tv_nsec: since.subsec_nanos() as libc::c_long,
+    };
+    let c_path = CString::new(path.as_os_str().as_bytes()).expect("no NUL in the path");
+    // SAFETY: a valid C string and two timespecs that outlive the call.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c_path.as_ptr(), [spec, spec].as_ptr(), 0) };
+    assert_eq!(
+        rc,
+        0,
+        "utimensat {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The requests the proxy saw for keys containing `name`: (method, copy source, body bytes).
+fn requests_for(stats: &FaultStats, name: &str) -> Vec<(String, Option<String>, u64)> {
+    stats
+        .recent
+        .iter()
+        .filter(|r| r.target.as_deref().is_some_and(|t| t.contains(name)))
+        .map(|r| {
+            (
+                r.method.clone().unwrap_or_default(),
+                r.copy_source.clone(),
+                r.body_bytes,
+            )
+        })
+        .collect()
+}
+
+/// Uploads of data among `requests`: PUTs that are not copies, and multipart starts.
+fn data_uploads(requests: &[(String, Option<String>, u64)]) -> usize {
+    requests
+        .iter()
+        .filter(|(method, copy, _)| (method == "PUT" && copy.is_none()) || method == "POST")
+        .count()
+}
+
+fn copies(requests: &[(String, Option<String>, u64)]) -> usize {
+    requests
+        .iter()
+        .filter(|(method, copy, _)| method == "PUT" && copy.is_some())
+        .count()
+}
+
+/// rsync's and `chmod`'s pattern on a file already in the bucket: each change is a
+/// CopyObject of the object onto itself with the new metadata; no byte of the file is
+/// read or sent again. A fresh mount shows what was set.
+#[test]
+fn a_chmod_or_utimens_of_a_stored_file_moves_no_data() {
+    let bucket = ProxiedBucket::start("attrs-in-place");
+    let body = pattern(3 << 20, 7);
+    for mode in ["write-through", "cached"] {
+        let name = format!("{mode}.bin");
+        let mount = bucket.mount(mode, None, &["--upload-delay", "100ms"]);
+        let path = mount.path(&name);
+        fs::write(&path, &body).expect("write");
+        flush(&mount);
+        bucket.proxy.clear_stats();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        set_mtime_of_path(&path, long_ago());
+        flush(&mount);
+        let requests = requests_for(&bucket.proxy.stats(), &name);
+        assert_eq!(
+            data_uploads(&requests),
+            0,
+            "{mode}: an attribute change uploaded data: {requests:?}\n{}",
+            mount.log()
+        );
+        assert!(
+            requests.iter().all(|(method, _, _)| method != "GET"),
+            "{mode}: an attribute change read the object: {requests:?}"
+        );
+        // Write-through stores each change at once; cached mode may store both in one.
+        let expected_copies = if mode == "write-through" {
+            2..=2
+        } else {
+            1..=2
+        };
+        let made = copies(&requests);
+        assert!(
+            expected_copies.contains(&made),
+            "{mode}: {made} metadata copies for a chmod and a utimens: {requests:?}"
+        );
+        let head = bucket
+            .moto
+            .head_object(&bucket.bucket, &name)
+            .expect("the object is there");
+        assert_eq!(
+            head.metadata.get("mode").map(String::as_str),
+            Some("33152"),
+            "{mode}: {head:?}"
+        );
+        assert_eq!(
+            head.metadata.get("mtime").map(String::as_str),
+            Some(LONG_AGO_METADATA),
+            "{mode}: {head:?}"
+        );
+        assert!(
+            head.metadata.contains_key("bucketgate-crc64"),
+            "{mode}: the replacement keeps the object's crc64: {head:?}"
+        );
+        assert!(
+            bucket.moto.get_object(&bucket.bucket, &name) == body,
+            "{mode}: content"
+        );
+        mount.unmount();
+
+        let fresh = bucket.mount(mode, None, &[]);
+        let meta = fs::metadata(fresh.path(&name)).expect("stat on a fresh mount");
+        assert_eq!(meta.mode() & 0o7777, 0o600, "{mode}: mode on a fresh mount");
+        assert_eq!(
+            meta.modified().expect("mtime"),
+            long_ago(),
+            "{mode}: mtime on a fresh mount"
+        );
+        assert!(
+            fs::read(fresh.path(&name)).expect("read") == body,
+            "{mode}: read back"
+        );
+        fresh.unmount();
+    }
+}
+
+/// `cp -p` into a write-through mount: write, futimens, fchmod, close. The object carries
+/// the time and mode set, with no extra request for a file of one PUT; a multipart
+/// object gets them with the metadata job that stores its crc64. A write after the
+/// futimens takes the write's time, as on a local disk.
+#[test]
+fn times_and_modes_set_on_an_open_write_through_file_reach_the_bucket() {
+    let bucket = ProxiedBucket::start("attrs-open");
+    let mount = bucket.mount("write-through", None, &["--part-size", "5M"]);
+    let small = pattern(100 << 10, 3);
+    let large = pattern(12 << 20, 4);
+
+    bucket.proxy.clear_stats();
+    let mut file = fs::File::create(mount.path("small.bin")).expect("create");
+    file.write_all(&small).expect("write");
+    file.set_modified(long_ago()).expect("futimens");
+    file.set_permissions(fs::Permissions::from_mode(0o640))
+        .expect("fchmod");
+    drop(file);
+    let requests = requests_for(&bucket.proxy.stats(), "small.bin");
+    assert_eq!(
+        (data_uploads(&requests), copies(&requests)),
+        (1, 0),
+        "one PUT carries data and attributes: {requests:?}"
+    );
+
+    let mut file = fs::File::create(mount.path("large.bin")).expect("create");
+    file.write_all(&large).expect("write");
+    file.set_modified(long_ago()).expect("futimens");
+    file.set_permissions(fs::Permissions::from_mode(0o640))
+        .expect("fchmod");
+    drop(file);
+
+    let before_close = SystemTime::now();
+    let mut file = fs::File::create(mount.path("later.bin")).expect("create");
+    file.set_modified(long_ago()).expect("futimens");
+    file.write_all(&small).expect("write after the futimens");
+    drop(file);
+    flush(&mount);
+
+    for name in ["small.bin", "large.bin"] {
+        let head = bucket
+            .moto
+            .head_object(&bucket.bucket, name)
+            .expect("stored");
+        assert_eq!(
+            head.metadata.get("mtime").map(String::as_str),
+            Some(LONG_AGO_METADATA),
+            "{name}: {head:?}"
+        );
+        assert_eq!(
+            head.metadata.get("mode").map(String::as_str),
+            Some("33184"),
+            "{name}: {head:?}"
+        );
+        let meta = fs::metadata(mount.path(name)).expect("stat");
+        assert_eq!(
+            meta.modified().expect("mtime"),
+            long_ago(),
+            "{name}: mtime on the mount"
+        );
+    }
+    assert!(
+        bucket.moto.get_object(&bucket.bucket, "large.bin") == large,
+        "large.bin content"
+    );
+    let later = fs::metadata(mount.path("later.bin"))
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    assert!(
+        later + Duration::from_secs(2) >= before_close,
+        "a write after the futimens takes the write's time: {later:?}"
+    );
+    mount.unmount();
+
+    let fresh = bucket.mount("write-through", None, &[]);
+    for name in ["small.bin", "large.bin"] {
+        let meta = fs::metadata(fresh.path(name)).expect("stat on a fresh mount");
+        assert_eq!(
+            meta.modified().expect("mtime"),
+            long_ago(),
+            "{name}: fresh mount"
+        );
+        assert_eq!(meta.mode() & 0o7777, 0o640, "{name}: fresh mount");
+    }
+    let later = fs::metadata(fresh.path("later.bin"))
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    assert!(
+        later + Duration::from_secs(2) >= before_close,
+        "later.bin on a fresh mount: {later:?}"
+    );
+    fresh.unmount();
+}
+
+/// An object replaced since the mount stored it fails the copy's condition (412), as
+/// does any in-place change the bucket refuses: the attribute change then goes up with
+/// the file's data, and nothing is lost.
+#[test]
+fn an_attribute_change_the_object_cannot_take_in_place_goes_up_with_its_data() {
+    let bucket = ProxiedBucket::start("attrs-412");
+    let mount = bucket.mount("write-through", None, &[]);
+    let body = pattern(1 << 20, 9);
+    let path = mount.path("f.bin");
+    fs::write(&path, &body).expect("write");
+    bucket.proxy.clear_stats();
+    bucket.proxy.set(
+        FaultRule::status(412, "PreconditionFailed")
+            .methods(&["PUT"])
+            .count(1),
+    );
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o604)).expect("chmod");
+    let requests = requests_for(&bucket.proxy.stats(), "f.bin");
+    assert_eq!(copies(&requests), 1, "the in-place attempt: {requests:?}");
+    assert!(
+        requests.iter().any(|(method, copy, bytes)| method == "PUT"
+            && copy.is_none()
+            && *bytes == body.len() as u64),
+        "the data went up with the attributes: {requests:?}\n{}",
+        mount.log()
+    );
+    let head = bucket
+        .moto
+        .head_object(&bucket.bucket, "f.bin")
+        .expect("stored");
+    assert_eq!(
+        head.metadata.get("mode").map(String::as_str),
+        Some("33156"),
+        "{head:?}"
+    );
+    assert!(
+        bucket.moto.get_object(&bucket.bucket, "f.bin") == body,
+        "content"
+    );
+    mount.unmount();
+}
