@@ -224,6 +224,14 @@ fn check_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
+/// Whether the store says the bucket holds the file's current data (a stored file with
+/// no data change pending), so that an attribute change can go into its object's metadata.
+fn data_stored(inode: &Inode) -> bool {
+    inode.kind == Kind::File
+        && !inode.data_dirty()
+        && inode.remote_key.as_ref().is_some_and(|key| !key.is_empty())
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
@@ -801,7 +809,31 @@ impl Core {
             }
             self.truncate(&inode, size, change.fh).await?;
         }
-        let only_attrs = change.size.is_none() && self.data_in_bucket(&inode);
+        let op = self.record_attr_change(&inode, &change)?;
+        // With a handle open, write-through uploads at close; otherwise now. A metadata
+        // job moves no data: it runs now either way (a stream's close stores the
+        // attributes again if they change meanwhile).
+        let metadata_only = matches!(op, JournalOp::Metadata(_));
+        if metadata_only || !(self.write_through() && self.is_open(ino)) {
+            self.sync_now_or_later(vec![op]).await?;
+        }
+        self.getattr(ino).await
+    }
+
+    /// Records a setattr in the store and in the loaded cache file, and queues what takes
+    /// it to the bucket: a metadata replacement when the bucket holds the file's current
+    /// data, else a sync. The cache file stays locked throughout, as in `persist`: a
+    /// persist racing this (a forked child's close of its copy of the descriptor) then
+    /// either comes before, or takes the time set here, and never stamps its own time
+    /// over it.
+    fn record_attr_change(&self, inode: &Inode, change: &SetAttr) -> FsResult<JournalOp> {
+        let ino = inode.ino;
+        let file = self.cache.loaded(ino);
+        let mut state = file.as_ref().map(|file| file.lock());
+        let cache_clean = state
+            .as_ref()
+            .is_none_or(|state| !state.dirty && state.kernel_writers == 0);
+        let only_attrs = change.size.is_none() && cache_clean && data_stored(inode);
         let attrs = AttrChange {
             perm: change.mode.map(|m| m & 0o7777),
             uid: change.uid,
@@ -819,45 +851,24 @@ impl Core {
             self.meta.enqueue(tx, &JournalOp::Sync(ino), delay)?;
             Ok(JournalOp::Sync(ino))
         })?;
-        if let Some(file) = self.cache.loaded(ino) {
-            let kernel_writing = {
-                let mut state = file.lock();
-                // The cached bytes change only with the data (not for a metadata job).
-                state.dirty |= op == JournalOp::Sync(ino);
-                if change.mtime.is_some() {
-                    // The next persist (a close after `cp -p`'s futimens) records this
-                    // time, not the time of the writes before it.
-                    state.changed_at = change.mtime;
-                }
-                state.kernel_writers > 0
-            };
-            if let (Some(mtime), true) = (change.mtime, kernel_writing) {
-                // Kernel writes are taken in with the cache file's mtime: keep it true.
+        let Some(state) = state.as_mut() else {
+            return Ok(op);
+        };
+        // The cached bytes change only with the data (not for a metadata job).
+        state.dirty |= op == JournalOp::Sync(ino);
+        let Some(mtime) = change.mtime else {
+            return Ok(op);
+        };
+        // The next persist (a close after `cp -p`'s futimens) records this time, not the
+        // time of the writes before it.
+        state.changed_at = Some(mtime);
+        if state.kernel_writers > 0 {
+            // Kernel writes are taken in with the cache file's mtime: keep it true.
+            if let Some(file) = &file {
                 file.set_disk_mtime(mtime)?;
             }
         }
-        // With a handle open, write-through uploads at close; otherwise now. A metadata
-        // job moves no data: it runs now either way (a stream's close stores the
-        // attributes again if they change meanwhile).
-        let metadata_only = matches!(op, JournalOp::Metadata(_));
-        if metadata_only || !(self.write_through() && self.is_open(ino)) {
-            self.sync_now_or_later(vec![op]).await?;
-        }
-        self.getattr(ino).await
-    }
-
-    /// Whether the bucket holds the file's current data, so that an attribute change
-    /// can be stored in its object's metadata alone: a stored file, clean in the store,
-    /// with no cached change not yet persisted and no kernel writer.
-    fn data_in_bucket(&self, inode: &Inode) -> bool {
-        let stored = inode.kind == Kind::File
-            && !inode.data_dirty()
-            && inode.remote_key.as_ref().is_some_and(|key| !key.is_empty());
-        stored
-            && self.cache.loaded(inode.ino).is_none_or(|file| {
-                let state = file.lock();
-                !state.dirty && state.kernel_writers == 0
-            })
+        Ok(op)
     }
 
     async fn truncate(&self, inode: &Inode, size: u64, fh: Option<u64>) -> FsResult<()> {
@@ -1537,6 +1548,12 @@ impl Core {
         // fields (clean, fetch limit) under the same lock, so the two never interleave and
         // leave the store saying less is fetchable than memory knows.
         let mut state = file.lock();
+        if state.persisted_gen >= gen && !force {
+            // Another persist of this generation ran meanwhile (a close's flush and its
+            // release overlap): it recorded the change and took `changed_at`, and a
+            // second record would stamp the file as changed now.
+            return Ok(());
+        }
         let change = AttrChange {
             size: Some(state.size),
             fetch_limit: Some(state.fetch_limit),

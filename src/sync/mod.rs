@@ -368,9 +368,12 @@ impl Uploader {
 
     /// Runs the queued entry for `op` now and waits for it (write-through mode).
     pub async fn run_now(&self, op: JournalOp) -> FsResult<()> {
-        let entry = self.meta.queued(&op)?.ok_or_else(|| {
-            FsError::loud(libc::EIO, format!("journal entry for {op:?} vanished"))
-        })?;
+        // An entry leaves the journal only once its work is done (or moot): another
+        // caller's `sync_now` may have run it, as deletes due together run in one batch.
+        let Some(entry) = self.meta.queued(&op)? else {
+            tracing::debug!(?op, "already done by another worker");
+            return Ok(());
+        };
         self.run_entry_now(entry).await
     }
 
