@@ -215,8 +215,8 @@ fn now_ms() -> i64 {
 
 /// The `dirty` column: 0 clean, 1 data (and perhaps attributes) not in the bucket, 2 only
 /// attributes not in the bucket. A change of data (`AttrChange::dirty`) writes 1.
-pub(crate) const DIRTY_CLEAN: i64 = 0;
-pub(crate) const DIRTY_ONLY_ATTRS: i64 = 2;
+const DIRTY_CLEAN: i64 = 0;
+const DIRTY_ONLY_ATTRS: i64 = 2;
 
 const INODE_COLUMNS: &str =
     "ino, parent, name, kind, perm, uid, gid, size, mtime_ns, ctime_ns, target, \
