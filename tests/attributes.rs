@@ -153,6 +153,19 @@ fn a_chmod_or_utimens_of_a_stored_file_moves_no_data() {
     }
 }
 
+/// A write after a futimens takes the write's time, as on a local disk: `path`'s mtime is
+/// no earlier than `since` (less 2 s for the bucket's clock).
+fn assert_changed_since(path: &Path, since: SystemTime, what: &str) {
+    let mtime = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    assert!(
+        mtime + Duration::from_secs(2) >= since,
+        "{}: {what}, the write after the futimens must set the mtime: {mtime:?}",
+        path.display()
+    );
+}
+
 /// `cp -p` into a write-through mount: write, futimens, fchmod, close. The object carries
 /// the time and mode set, with no extra request for a file of one PUT; a multipart
 /// object gets them with the metadata job that stores its crc64. A write after the
@@ -218,13 +231,7 @@ fn times_and_modes_set_on_an_open_write_through_file_reach_the_bucket() {
         bucket.moto.get_object(&bucket.bucket, "large.bin") == large,
         "large.bin content"
     );
-    let later = fs::metadata(mount.path("later.bin"))
-        .and_then(|m| m.modified())
-        .expect("mtime");
-    assert!(
-        later + Duration::from_secs(2) >= before_close,
-        "a write after the futimens takes the write's time: {later:?}"
-    );
+    assert_changed_since(&mount.path("later.bin"), before_close, "on the mount");
     mount.unmount();
 
     let fresh = bucket.mount("write-through", None, &[]);
@@ -237,13 +244,7 @@ fn times_and_modes_set_on_an_open_write_through_file_reach_the_bucket() {
         );
         assert_eq!(meta.mode() & 0o7777, 0o640, "{name}: fresh mount");
     }
-    let later = fs::metadata(fresh.path("later.bin"))
-        .and_then(|m| m.modified())
-        .expect("mtime");
-    assert!(
-        later + Duration::from_secs(2) >= before_close,
-        "later.bin on a fresh mount: {later:?}"
-    );
+    assert_changed_since(&fresh.path("later.bin"), before_close, "on a fresh mount");
     fresh.unmount();
 }
 
