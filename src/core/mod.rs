@@ -1605,7 +1605,22 @@ impl Core {
         let mut io = handle.io.lock().await;
         if let Some(mut stream) = io.stream.take() {
             // Until recorded: the uploader's metadata job must not copy the key meanwhile.
-            let _key = self.uploader.hold_key(stream.key()).await;
+            let held = self.uploader.hold_key(stream.key()).await;
+            let ready = self
+                .uploader
+                .ready_to_complete_stream(inode.ino, stream.key())
+                .await;
+            if !matches!(ready, Ok(true)) {
+                // Renamed or unlinked while open, or the key's earlier file could not be
+                // copied away: nothing becomes visible at the key, and the spool goes up
+                // as a staged upload to where the file stands now.
+                stream.abort().await;
+                drop(held);
+                io.staged = true;
+                lock(&self.live_sizes).remove(&inode.ino);
+                ready?;
+                return self.complete_staged(&inode).await;
+            }
             let attrs = self.attrs_at_stream_close(inode.ino)?;
             stream.set_metadata(attrs.encode(None));
             let uploaded = match stream.finish().await {
@@ -1645,15 +1660,19 @@ impl Core {
             }
             // Further writes append to a complete object: they go through the cache file.
             io.staged = true;
-            return Ok(());
-        }
-        if io.staged {
-            let file = self.cache_file(&inode)?;
-            self.persist(&file, inode.ino, false)?;
-            if self.meta.queued(&JournalOp::Sync(inode.ino))?.is_some() {
+            drop(held);
+            // Renamed while the stream completed: the record dropped the rename's queued
+            // sync with the close's own, and the object must still follow the file.
+            if self.uploader.moved_away(inode.ino, &uploaded.key)? {
+                let delay = self.delay();
+                self.meta
+                    .transaction(|tx| self.meta.enqueue(tx, &JournalOp::Sync(inode.ino), delay))?;
                 self.uploader.sync_now(vec![inode.ino], 1).await?;
             }
             return Ok(());
+        }
+        if io.staged {
+            return self.complete_staged(&inode).await;
         }
         if handle.streamable {
             // Opened with O_TRUNC (or created) and nothing written: an empty object.
@@ -1673,6 +1692,17 @@ impl Core {
             file.truncate(0)?;
             self.uploader.sync_now(vec![inode.ino], 1).await?;
             lock(&self.live_sizes).remove(&inode.ino);
+        }
+        Ok(())
+    }
+
+    /// A write-through close of a file whose bytes are in its spool, not in a stream:
+    /// they go up as one upload before the close returns.
+    async fn complete_staged(&self, inode: &Inode) -> FsResult<()> {
+        let file = self.cache_file(inode)?;
+        self.persist(&file, inode.ino, false)?;
+        if self.meta.queued(&JournalOp::Sync(inode.ino))?.is_some() {
+            self.uploader.sync_now(vec![inode.ino], 1).await?;
         }
         Ok(())
     }

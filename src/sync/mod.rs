@@ -199,6 +199,30 @@ impl Uploader {
         self.busy_keys.lock(key.to_string()).await
     }
 
+    /// Whether inode `ino`'s write-through stream may complete at `key` (the caller holds
+    /// the key, see [`Self::hold_key`]): only while the file still stands at that key. A
+    /// file renamed or unlinked while open must not complete there, or its bytes would
+    /// replace the file that stands there now. An earlier file that moved away from the
+    /// key and has not copied its object yet is copied first (EAGAIN if that copy did not
+    /// happen: the stream must not replace the only copy of that file's data).
+    pub async fn ready_to_complete_stream(&self, ino: u64, key: &str) -> FsResult<bool> {
+        let Some(inode) = self.meta.get(ino)? else {
+            return Ok(false);
+        };
+        if self.key_now(&inode)?.as_deref() != Some(key) {
+            return Ok(false);
+        }
+        if let Some(owner) = self.meta.key_owner(key)? {
+            if owner.ino != ino && self.moved_away_from(&owner, key)? {
+                // Only its copy: the delete of this key it journals must wait for the
+                // lock the caller holds, and then finds this file's object and keeps it.
+                self.run_now(JournalOp::Sync(owner.ino)).await?;
+                self.check_not_a_pending_source(&inode, key)?;
+            }
+        }
+        Ok(true)
+    }
+
     /// New work is queued.
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -637,14 +661,17 @@ impl Uploader {
             .filter(|key| current.as_ref() == Some(key)))
     }
 
+    /// Stores the inode at the key of its path, under that key's lock (see
+    /// [`Self::lock_current_key`]).
     async fn sync_inode(&self, ino: u64) -> FsResult<()> {
-        let Some(inode) = self.meta.get(ino)? else {
-            return Ok(());
+        let Some(CurrentKey {
+            inode,
+            key,
+            guard: _key,
+        }) = self.lock_current_key(ino).await?
+        else {
+            return Ok(()); // gone or unlinked (nothing to store), or the root (no marker)
         };
-        let Some(names) = self.meta.path_of(ino)? else {
-            return Ok(());
-        }; // unlinked: nothing to store
-        let key = self.backend.layout().key_for(&names, inode.kind)?;
         let old_key = inode
             .remote_key
             .clone()
@@ -652,16 +679,48 @@ impl Uploader {
         if inode.kind == Kind::File {
             return self.sync_file(&inode, &key, old_key).await;
         }
-        if key.is_empty() {
-            return Ok(()); // the root has no marker
-        }
         // Under the key's lock, as a file upload: a delete of the same key (an rmdir and a
         // new mkdir there) must not run between the marker and its record.
-        let _key = self.busy_keys.lock(key.clone()).await;
         self.store_marker_or_link(&inode, &key, old_key.as_deref())
             .await?;
         // Removed or moved while the marker or link was written: do not leave it behind.
         self.delete_unless_still_needed(&key).await
+    }
+
+    /// The inode, the key of its current path, and that key's lock, with the path read
+    /// again once the lock is held. The lock may take seconds (another inode's upload to
+    /// the same key holds it), and the file may be renamed or unlinked meanwhile. Storing
+    /// it at the key it left would overwrite whatever file stands there now. `None`
+    /// for an inode that is gone or unlinked, and for the root (it has no marker).
+    async fn lock_current_key(&self, ino: u64) -> FsResult<Option<CurrentKey<'_>>> {
+        for _ in 0..KEY_LOCK_ATTEMPTS {
+            let Some(inode) = self.meta.get(ino)? else {
+                return Ok(None);
+            };
+            let Some(names) = self.meta.path_of(ino)? else {
+                return Ok(None);
+            };
+            let key = self.backend.layout().key_for(&names, inode.kind)?;
+            if key.is_empty() {
+                return Ok(None);
+            }
+            let guard = self.busy_keys.lock(key.clone()).await;
+            let Some(inode) = self.meta.get(ino)? else {
+                return Ok(None);
+            };
+            if self.key_now(&inode)?.as_deref() == Some(key.as_str()) {
+                return Ok(Some(CurrentKey { inode, key, guard }));
+            }
+            tracing::debug!(
+                ino,
+                key,
+                "moved while waiting for its key: taking the new one"
+            );
+        }
+        Err(FsError::new(
+            libc::EAGAIN,
+            format!("inode {ino} kept moving while waiting for its key; storing it later"),
+        ))
     }
 
     /// [`Self::delete_if_unclaimed`] where a key still needed by a pending move is not an
@@ -752,8 +811,8 @@ impl Uploader {
     /// Stores a file's object at `key`. The key is in the upload ledger from before the
     /// object can appear until local metadata records it, so a crash in between leaves a
     /// trace the next mount cleans up (the object is deleted unless an inode owns it).
+    /// The caller holds the key's lock.
     async fn sync_file(&self, inode: &Inode, key: &str, old_key: Option<String>) -> FsResult<()> {
-        let _key = self.busy_keys.lock(key.to_string()).await;
         self.check_not_a_pending_source(inode, key)?;
         // Synced before the object can appear: see `ledger_ready_for_put`.
         self.meta.upload_starting(key, None)?;
@@ -763,6 +822,14 @@ impl Uploader {
         // key.
         self.delete_unless_still_needed(key).await?;
         self.meta.upload_ended(key)
+    }
+
+    /// Whether inode `ino`, whose data lives at `key`, now stands at another path.
+    pub fn moved_away(&self, ino: u64, key: &str) -> FsResult<bool> {
+        match self.meta.get(ino)? {
+            Some(inode) => self.moved_away_from(&inode, key),
+            None => Ok(false),
+        }
     }
 
     /// Whether `owner`, whose data lives at `key`, now sits at another path and has not
@@ -1086,6 +1153,16 @@ impl<T: std::hash::Hash + Eq + Clone> BusySet<T> {
             notified.await;
         }
     }
+}
+
+/// Times [`Uploader::lock_current_key`] follows an inode that moves while it waits.
+const KEY_LOCK_ATTEMPTS: usize = 8;
+
+/// An inode to store, the key its path maps to, and that key's lock.
+struct CurrentKey<'a> {
+    inode: Inode,
+    key: String,
+    guard: BusyGuard<'a, String>,
 }
 
 struct BusyGuard<'a, T: std::hash::Hash + Eq + Clone> {
