@@ -1614,11 +1614,14 @@ impl Core {
                 // Renamed or unlinked while open, or the key's earlier file could not be
                 // copied away: nothing becomes visible at the key, and the spool goes up
                 // as a staged upload to where the file stands now.
+                if let Err(err) = &ready {
+                    tracing::info!(key = stream.key(), error = %err, "completing the stream later");
+                }
                 stream.abort().await;
                 drop(held);
                 io.staged = true;
                 lock(&self.live_sizes).remove(&inode.ino);
-                ready?;
+                // Its error, if any, is the one a failed upload of the spool gives.
                 return self.complete_staged(&inode).await;
             }
             let attrs = self.attrs_at_stream_close(inode.ino)?;
