@@ -11,14 +11,7 @@ use std::time::Duration;
 
 use common::fault::{FaultRule, ProxiedBucket};
 use common::posix::pattern;
-use common::{bucketgate, close_checked, vm_hwm_kib, Mount};
-
-fn status_json(mount: &Mount) -> serde_json::Value {
-    let mnt = mount.mountpoint.to_str().expect("utf-8");
-    let ran = bucketgate(&["status", mnt, "--json"], Duration::from_secs(30));
-    assert!(ran.status.success(), "status: {ran:?}");
-    serde_json::from_slice(&ran.stdout).expect("status JSON")
-}
+use common::{bucketgate, close_checked, vm_hwm_kib};
 
 /// (attempt, pause in seconds) of every retry the daemon logged, e.g. from
 /// `attempt=1 retry_in=312.5ms`.
@@ -164,7 +157,7 @@ fn during_an_outage_writes_land_in_the_cache_status_shows_the_backlog_and_all_up
     // The backlog and the cause show in status.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
-        let status = status_json(&mount);
+        let status = mount.status_json();
         let has_error = status["last_errors"]
             .as_array()
             .is_some_and(|e| !e.is_empty());

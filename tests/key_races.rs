@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::fault::{FaultRule, ProxiedBucket};
 use common::posix::{flush, pattern, MODES};
-use common::{run_bounded, temp_dir, Mount};
+use common::{temp_dir, Mount};
 
 /// What the writer of the old file does with its name while the file is still open.
 #[derive(Debug, Clone, Copy)]
@@ -176,16 +176,9 @@ fn stall_next_put(setup: &ProxiedBucket, key: &str) {
 }
 
 fn uploads_in_flight(mount: &Mount) -> u64 {
-    let mnt = mount.mountpoint.to_str().expect("utf-8");
-    let ran = run_bounded(
-        std::process::Command::new(env!("CARGO_BIN_EXE_bucketgate"))
-            .args(["status", mnt, "--json"]),
-        "bucketgate status",
-        Duration::from_secs(30),
-    );
-    assert!(ran.status.success(), "status: {ran:?}");
-    let status: serde_json::Value = serde_json::from_slice(&ran.stdout).expect("status JSON");
-    status["uploads_in_flight"].as_u64().unwrap_or(0)
+    mount.status_json()["uploads_in_flight"]
+        .as_u64()
+        .expect("uploads_in_flight in status")
 }
 
 /// Polls `done` every 50 ms until it holds; panics after `timeout`.

@@ -11,15 +11,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use common::{bucketgate, temp_dir, xattr, Mount};
 
-fn status(mount: &Mount) -> serde_json::Value {
-    let mnt = mount.mountpoint.to_str().expect("utf-8");
-    let out = bucketgate(&["status", mnt, "--json"], Duration::from_secs(30));
-    assert!(out.status.success(), "status: {out:?}");
-    serde_json::from_slice(&out.stdout).expect("status json")
-}
-
 fn served(mount: &Mount) -> u64 {
-    status(mount)["passthrough_handles"]
+    mount.status_json()["passthrough_handles"]
         .as_u64()
         .expect("passthrough_handles")
 }
@@ -41,7 +34,7 @@ fn kernel_writes_reads_and_truncation_reach_the_bucket() {
     let bucket = temp_dir("pt-bucket");
     let source = bucket.path().to_str().expect("utf-8").to_string();
     let mount = Mount::start(&source, "cached", &["--upload-delay", "0ms"], &[]);
-    assert_eq!(status(&mount)["passthrough"], true, "{}", mount.log());
+    assert_eq!(mount.status_json()["passthrough"], true, "{}", mount.log());
     let path = mount.path("big.bin");
     let mut expected = pattern(3 << 20, 7);
     let file = OpenOptions::new()
@@ -160,7 +153,7 @@ fn an_incomplete_file_goes_through_the_daemon_and_off_means_never() {
     assert_eq!(fs::read(off.path("outside")).expect("read"), data);
     fs::write(off.path("new"), b"daemon only").expect("write");
     assert_eq!(fs::read(off.path("new")).expect("read new"), b"daemon only");
-    assert_eq!(status(&off)["passthrough"], false);
+    assert_eq!(off.status_json()["passthrough"], false);
     assert_eq!(served(&off), 0);
     off.unmount();
     assert_eq!(

@@ -76,13 +76,6 @@ fn refresh(mount: &Mount, path: Option<&str>) -> String {
     out
 }
 
-fn status_json(mount: &Mount) -> serde_json::Value {
-    let mnt = mount.mountpoint.to_str().expect("utf-8");
-    let ran = bucketgate(&["status", mnt, "--json"], Duration::from_secs(30));
-    assert!(ran.status.success(), "status: {}", ran.stderr);
-    serde_json::from_slice(&ran.stdout).expect("status is JSON")
-}
-
 fn read(mount: &Mount, rel: &str) -> Vec<u8> {
     fs::read(mount.path(rel)).unwrap_or_else(|e| panic!("reading {rel} through the mount: {e}"))
 }
@@ -277,7 +270,7 @@ fn sync_mode_fetches_discovered_objects_and_serves_them_with_the_bucket_down() {
     fs::metadata(mount.path("docs/later.txt")).expect("stat");
     let want = big.len() as u64 + 2;
     wait_until(&mount, "the full copy in the cache", || {
-        status_json(&mount)["cache_used_bytes"]
+        mount.status_json()["cache_used_bytes"]
             .as_u64()
             .unwrap_or(0)
             >= want

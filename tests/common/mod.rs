@@ -784,6 +784,14 @@ impl Mount {
         read_log(&self.log_path)
     }
 
+    /// `bucketgate status MOUNTPOINT --json`, which must succeed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let mnt = self.mountpoint.to_str().expect("utf-8 mount point");
+        let ran = bucketgate(&["status", mnt, "--json"], Duration::from_secs(30));
+        assert!(ran.status.success(), "status: {ran:?}");
+        serde_json::from_slice(&ran.stdout).expect("status is JSON")
+    }
+
     /// The daemon's PID (e.g. to send it a signal).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
