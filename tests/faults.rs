@@ -7,10 +7,10 @@
 mod common;
 
 use std::fs;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::fault::{FaultRule, ProxiedBucket};
-use common::posix::pattern;
+use common::posix::{flush, pattern};
 use common::{bucketgate, close_checked, vm_hwm_kib};
 
 /// (attempt, pause in seconds) of every retry the daemon logged, e.g. from
@@ -215,6 +215,50 @@ fn write_through_close_fails_with_eio_and_leaves_nothing_when_retries_run_out() 
     mount.unmount();
     assert_eq!(moto.get_object(bucket, "big.bin"), data);
     assert_eq!(moto.list_multipart_uploads(bucket), 0, "parts aborted");
+}
+
+/// Write-through: a rename and an unlink the bucket refuses return `EIO`, but they stand
+/// locally (journaled): the mount shows them at once, not the kernel's old entries, and
+/// the bucket gets them once it is back.
+#[test]
+fn a_write_through_rename_the_bucket_refuses_fails_with_eio_and_lands_once_it_is_back() {
+    let setup = ProxiedBucket::start("faults-wt-rename");
+    let (moto, bucket, proxy) = (&setup.moto, &setup.bucket, &setup.proxy);
+    let mount = setup.mount("write-through", None, &["--retries", "0"]);
+    fs::write(mount.path("a"), b"first").expect("write a");
+    fs::write(mount.path("gone"), b"x").expect("write gone");
+    // The kernel caches both entries for a second from here.
+    fs::metadata(mount.path("a")).expect("stat a");
+    fs::metadata(mount.path("gone")).expect("stat gone");
+    proxy.set(FaultRule::status(500, "InternalError"));
+
+    let err = fs::rename(mount.path("a"), mount.path("b")).expect_err("the bucket is down");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let err = fs::remove_file(mount.path("gone")).expect_err("the bucket is down");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Well within the kernel's entry TTL: only the invalidation makes the old names go.
+    let deadline = Instant::now() + Duration::from_millis(600);
+    let shows_the_changes = || {
+        // (Reading `b` needs the bucket: write-through keeps no data.)
+        !mount.path("a").exists() && !mount.path("gone").exists() && mount.path("b").exists()
+    };
+    while !shows_the_changes() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(shows_the_changes(), "the mount still shows the old names");
+
+    proxy.set(FaultRule::pass());
+    flush(&mount);
+    assert_eq!(moto.get_object(bucket, "b"), b"first");
+    assert!(
+        moto.head_object(bucket, "a").is_none(),
+        "the old key is deleted"
+    );
+    assert!(
+        moto.head_object(bucket, "gone").is_none(),
+        "the unlink landed"
+    );
+    mount.unmount();
 }
 
 #[test]

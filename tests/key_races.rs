@@ -76,6 +76,50 @@ fn a_file_renamed_or_unlinked_while_open_leaves_the_new_file_at_its_name_alone()
     }
 }
 
+/// Write-through: a file renamed while its writer still writes (a log rotation) moves
+/// only its last complete object. The bucket never shows the writer's partial bytes at
+/// the new name: the overwritten file's old version is there until the close, and a new
+/// file appears only at its close, whole.
+#[test]
+fn a_write_through_rename_of_a_file_being_written_moves_only_its_last_complete_version() {
+    use std::io::Write;
+
+    let bucket = temp_dir("bucket-rename-open");
+    let source = bucket.path().to_string_lossy().into_owned();
+    let mount = Mount::start(&source, "write-through", &[], &[]);
+    let old_version = pattern(64 << 10, 5);
+    fs::write(mount.path("log"), &old_version).expect("write the last complete log");
+    // 3 MiB: below one part, so the whole prefix sits in the spool and the stream.
+    let first = pattern(3 << 20, 6);
+    let rest = pattern(4096, 7);
+    let mut log = fs::File::create(mount.path("log")).expect("truncate log");
+    log.write_all(&first).expect("write the new log");
+    let mut fresh = fs::File::create(mount.path("fresh")).expect("create fresh");
+    fresh.write_all(&first).expect("write fresh");
+
+    fs::rename(mount.path("log"), mount.path("log.1")).expect("rename log");
+    fs::rename(mount.path("fresh"), mount.path("fresh.1")).expect("rename fresh");
+    let before_close = "write-through, renamed while written";
+    check_objects(
+        bucket.path(),
+        &[("log.1", old_version.clone())],
+        before_close,
+        &mount,
+    );
+
+    log.write_all(&rest).expect("the writer goes on");
+    fresh.write_all(&rest).expect("the writer of fresh goes on");
+    drop((log, fresh));
+    let whole: Vec<u8> = [first, rest].concat();
+    check_objects(
+        bucket.path(),
+        &[("log.1", whole.clone()), ("fresh.1", whole.clone())],
+        "write-through, after the close",
+        &mount,
+    );
+    mount.unmount();
+}
+
 /// The bucket directory holds exactly `expected` (name, bytes), nothing else.
 fn check_objects(bucket: &Path, expected: &[(&str, Vec<u8>)], what: &str, mount: &Mount) {
     let mut names: Vec<String> = fs::read_dir(bucket)

@@ -648,7 +648,7 @@ impl Core {
         self.meta
             .transaction(|tx| self.remove_inode_tx(tx, &inode, &mut ops))?;
         self.drop_cached_data(inode.ino)?;
-        self.sync_now_or_later(ops).await
+        self.sync_name_change(ops, &[(parent, name)]).await
     }
 
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
@@ -667,7 +667,7 @@ impl Core {
         let mut ops = Vec::new();
         self.meta
             .transaction(|tx| self.remove_inode_tx(tx, &inode, &mut ops))?;
-        self.sync_now_or_later(ops).await
+        self.sync_name_change(ops, &[(parent, name)]).await
     }
 
     /// Lists every directory below `dir`, so a rename moves objects never looked at.
@@ -789,7 +789,24 @@ impl Core {
         if let Some(target) = &target {
             self.drop_cached_data(target.ino)?;
         }
-        self.sync_now_or_later(ops).await
+        self.sync_name_change(ops, &[(parent, name), (new_parent, new_name)])
+            .await
+    }
+
+    /// Runs the bucket work of a change that removed or moved `names` (write-through:
+    /// now). The local change stands either way: it is journaled and retried until the
+    /// bucket takes it. When the bucket refused it, the caller gets the error, and the
+    /// kernel, which keeps its old entries after a call that failed, is told to look the
+    /// names up again, so the mount shows the change at once.
+    async fn sync_name_change(&self, ops: Vec<JournalOp>, names: &[(u64, &[u8])]) -> FsResult<()> {
+        let result = self.sync_now_or_later(ops).await;
+        if let (Err(err), Some(kernel)) = (&result, self.kernel.get()) {
+            tracing::warn!(error = %err, "the bucket did not take a name change yet; it stays journaled and is retried");
+            for (parent, name) in names {
+                kernel.forget_entry(*parent, name);
+            }
+        }
+        result
     }
 
     pub async fn setattr(&self, ino: u64, change: SetAttr) -> FsResult<Attr> {
@@ -1693,6 +1710,12 @@ impl Core {
             }
             let file = self.cache_file(&self.inode(inode.ino)?)?;
             file.truncate(0)?;
+            {
+                // Complete as it is: the close publishes it (a rename's sync meanwhile
+                // moves only a complete version, see `Uploader::writes_wait_for_close`).
+                let mut state = file.lock();
+                state.persisted_gen = state.gen;
+            }
             self.uploader.sync_now(vec![inode.ino], 1).await?;
             lock(&self.live_sizes).remove(&inode.ino);
         }

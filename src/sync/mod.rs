@@ -863,34 +863,66 @@ impl Uploader {
         }
     }
 
+    /// Whether the file's latest writes wait for their writer's close to become visible:
+    /// write-through publishes a file only whole, at close or fsync (which persist it
+    /// first), so a sync meanwhile (a rename's) must not upload the spool.
+    fn writes_wait_for_close(&self, file: &CacheFile) -> bool {
+        let state = file.lock();
+        !self.config.keep_data && state.gen > state.persisted_gen
+    }
+
+    /// Copies the object stored at `old` to `key` on the server and records it there; the
+    /// old key's delete is journaled with the record.
+    async fn move_stored_version(
+        &self,
+        inode: &Inode,
+        old: &str,
+        key: &str,
+        settles: Settles,
+    ) -> FsResult<()> {
+        let etag = self
+            .backend
+            .copy(old, key, inode.remote_size)
+            .await
+            .map_err(|err| FsError::backend(&format!("copying {old} to {key}"), err))?;
+        let remote = RemoteState {
+            key: key.to_string(),
+            etag,
+            size: inode.remote_size.unwrap_or(0),
+            crc64: inode.remote_crc64,
+        };
+        self.record_remote(inode.ino, &remote, settles, Some(old))?;
+        // A loaded cache file fetches what it lacks from its source key: point it at the
+        // copy before the old key goes (a file loaded from the store before the record
+        // still names the old key).
+        if let Some(file) = self.cache.loaded(inode.ino) {
+            let mut state = file.lock();
+            if state.source_key.as_deref() == Some(old) {
+                state.source_key = Some(key.to_string());
+            }
+        }
+        Ok(())
+    }
+
     async fn store_file(&self, inode: &Inode, key: &str, old_key: Option<&str>) -> FsResult<()> {
         let cached = self.cache.loaded(inode.ino);
         let dirty = inode.dirty || cached.as_ref().is_some_and(|c| c.lock().dirty);
-        if !dirty {
+        let unpublished = cached
+            .as_ref()
+            .is_some_and(|file| self.writes_wait_for_close(file));
+        if !dirty || unpublished {
             if let Some(old) = old_key {
-                // A rename of an unchanged file: server-side copy, no data through us.
-                let etag = self
-                    .backend
-                    .copy(old, key, inode.remote_size)
-                    .await
-                    .map_err(|err| FsError::backend(&format!("copying {old} to {key}"), err))?;
-                let remote = RemoteState {
-                    key: key.to_string(),
-                    etag,
-                    size: inode.remote_size.unwrap_or(0),
-                    crc64: inode.remote_crc64,
+                // A rename of an unchanged file, or of a write-through file whose writer
+                // has not closed: the last complete version moves by a server-side copy,
+                // no data through us. A write-through writer's bytes become visible only
+                // at its close (which stores them where the file stands then), never as a
+                // partial object at the new name.
+                let settles = if unpublished {
+                    Settles::Nothing
+                } else {
+                    Settles::IfAttrsStill(attrs_of(inode))
                 };
-                let settles = Settles::IfAttrsStill(attrs_of(inode));
-                self.record_remote(inode.ino, &remote, settles, Some(old))?;
-                // A loaded cache file fetches what it lacks from its source key: point it
-                // at the copy before the old key goes (a file loaded from the store
-                // before the record still names the old key).
-                if let Some(file) = self.cache.loaded(inode.ino) {
-                    let mut state = file.lock();
-                    if state.source_key.as_deref() == Some(old) {
-                        state.source_key = Some(key.to_string());
-                    }
-                }
+                self.move_stored_version(inode, old, key, settles).await?;
             }
             return Ok(());
         }
