@@ -74,6 +74,53 @@ fn copies(requests: &[(String, Option<String>, u64)]) -> usize {
         .count()
 }
 
+/// An object another tool stored, with its own content type and user metadata: a chmod
+/// through the mount replaces only the attributes the mount owns, in either mode.
+#[test]
+fn a_chmod_keeps_the_content_type_and_metadata_other_tools_stored() {
+    let bucket = ProxiedBucket::start("attrs-foreign");
+    let body = b"name,size\na,1\n".to_vec();
+    let stored = [("owner", "backup-tool"), ("retention", "7y")];
+    let (name, content_type) = ("report.csv", "text/csv");
+    bucket
+        .moto
+        .put_object_as(&bucket.bucket, name, &body, &stored, Some(content_type));
+    for (mode, perm) in [("cached", 0o600), ("write-through", 0o640)] {
+        let mount = bucket.mount(mode, None, &["--upload-delay", "100ms"]);
+        let path = mount.path(name);
+        fs::set_permissions(&path, fs::Permissions::from_mode(perm)).expect("chmod");
+        flush(&mount);
+        let head = bucket
+            .moto
+            .head_object(&bucket.bucket, name)
+            .expect("the object is there");
+        let mode_stored = (libc::S_IFREG | perm).to_string();
+        assert_eq!(
+            head.metadata.get("mode"),
+            Some(&mode_stored),
+            "{mode}: {head:?}\n{}",
+            mount.log()
+        );
+        for (key, value) in stored {
+            assert_eq!(
+                head.metadata.get(key).map(String::as_str),
+                Some(value),
+                "{mode}: {head:?}"
+            );
+        }
+        assert_eq!(
+            head.content_type.as_deref(),
+            Some(content_type),
+            "{mode}: {head:?}"
+        );
+        assert!(
+            bucket.moto.get_object(&bucket.bucket, name) == body,
+            "{mode}: content"
+        );
+        mount.unmount();
+    }
+}
+
 /// rsync's and `chmod`'s pattern on a file already in the bucket: each change is a
 /// CopyObject of the object onto itself with the new metadata; no byte of the file is
 /// read or sent again. A fresh mount shows what was set.

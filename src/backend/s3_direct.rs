@@ -211,12 +211,21 @@ impl S3Direct {
     /// see [`S3DirectError::is_precondition_failed`]; a server that ignores the header
     /// copies regardless). Returns the object's new ETag. One CopyObject holds at most
     /// 5 GiB.
+    ///
+    /// A copy that replaces metadata sets every header anew: the object's content headers
+    /// (`Content-Type`, ...) and the user metadata other tools wrote under names this
+    /// mount does not use are read by a HEAD first and sent again, so a chmod through the
+    /// mount changes only what it owns.
     pub async fn replace_metadata(
         &self,
         key: &str,
         metadata: &HashMap<String, String>,
         if_match: Option<&str>,
     ) -> Result<Option<String>, S3DirectError> {
+        let kept = match self.head(key).await? {
+            Some(headers) => headers_kept_on_replace(&headers, metadata),
+            None => Vec::new(), // gone: the copy says so
+        };
         let full = format!("{}{key}", self.root);
         let what = format!("replacing the metadata of `{full}`");
         let path = encode_path(&full);
@@ -234,6 +243,7 @@ impl S3Direct {
         if let Some(etag) = if_match {
             headers.push(("x-amz-copy-source-if-match".to_string(), etag.to_string()));
         }
+        headers.extend(kept);
         headers.extend(
             metadata
                 .iter()
@@ -256,6 +266,21 @@ impl S3Direct {
         &self,
         key: &str,
     ) -> Result<Option<HashMap<String, String>>, S3DirectError> {
+        let Some(headers) = self.head(key).await? else {
+            return Ok(None);
+        };
+        let metadata = headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let name = name.as_str().strip_prefix(META_PREFIX)?;
+                Some((name.to_string(), value.to_str().ok()?.to_string()))
+            })
+            .collect();
+        Ok(Some(metadata))
+    }
+
+    /// The response headers of a HEAD of `key`; `None` when there is no such object.
+    async fn head(&self, key: &str) -> Result<Option<http::HeaderMap>, S3DirectError> {
         let full = format!("{}{key}", self.root);
         let what = format!("HEAD `{full}`");
         let url = format!("{}/{}/{}", self.endpoint, self.bucket, encode_path(&full));
@@ -266,14 +291,7 @@ impl S3Direct {
         if !status.is_success() {
             return Err(self.status_error(&what, status, &body));
         }
-        let metadata = headers
-            .iter()
-            .filter_map(|(name, value)| {
-                let name = name.as_str().strip_prefix("x-amz-meta-")?;
-                Some((name.to_string(), value.to_str().ok()?.to_string()))
-            })
-            .collect();
-        Ok(Some(metadata))
+        Ok(Some(headers))
     }
 
     async fn list_page(
@@ -440,6 +458,45 @@ impl S3Direct {
 /// Status, headers and body of one answer.
 type Answer = (reqwest::StatusCode, http::HeaderMap, bytes::Bytes);
 
+const META_PREFIX: &str = "x-amz-meta-";
+
+/// The headers that describe an object's content rather than its place or version; a
+/// copy that replaces metadata keeps them only if they are sent again.
+const CONTENT_HEADERS: [&str; 6] = [
+    "content-type",
+    "content-encoding",
+    "content-disposition",
+    "content-language",
+    "cache-control",
+    "expires",
+];
+
+/// Of an object's HEAD `headers`, those a metadata replacement must send again to keep
+/// them: its content headers, and the user metadata whose names `ours` does not set.
+fn headers_kept_on_replace(
+    headers: &http::HeaderMap,
+    ours: &HashMap<String, String>,
+) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.as_str();
+            match name.strip_prefix(META_PREFIX) {
+                Some(user) => !ours.contains_key(user),
+                None => CONTENT_HEADERS.contains(&name),
+            }
+        })
+        .filter_map(|(name, value)| match value.to_str() {
+            Ok(value) => Some((name.as_str().to_string(), value.to_string())),
+            Err(_) => {
+                // S3 hands non-ASCII metadata out encoded (RFC 2047): not expected here.
+                tracing::warn!(header = name.as_str(), "not kept: the value is not text");
+                None
+            }
+        })
+        .collect()
+}
+
 fn endpoint(bucket: &str, connection: &Connection) -> Result<String, S3DirectError> {
     let configured = match &connection.endpoint {
         Some(endpoint) if endpoint.starts_with("http") => endpoint.clone(),
@@ -534,6 +591,39 @@ struct ErrorXml {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metadata_replacement_keeps_content_headers_and_other_tools_metadata() {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "text/csv"),
+            ("cache-control", "max-age=60"),
+            ("etag", "\"abc\""),
+            ("content-length", "12"),
+            ("last-modified", "Mon, 07 Dec 2026 10:00:00 GMT"),
+            ("x-amz-meta-owner", "backup-tool"),
+            ("x-amz-meta-mode", "33188"),
+            ("x-amz-server-side-encryption", "AES256"),
+        ] {
+            headers.insert(
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            );
+        }
+        let ours = HashMap::from([("mode".to_string(), "33152".to_string())]);
+        let mut kept = headers_kept_on_replace(&headers, &ours);
+        kept.sort();
+        let expected = [
+            ("cache-control", "max-age=60"),
+            ("content-type", "text/csv"),
+            ("x-amz-meta-owner", "backup-tool"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(kept, expected);
+    }
 
     #[test]
     fn truncated_page_parses_with_markers() {

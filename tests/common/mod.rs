@@ -462,6 +462,18 @@ impl Moto {
         body: &[u8],
         metadata: &[(&str, &str)],
     ) -> String {
+        self.put_object_as(bucket, key, body, metadata, None)
+    }
+
+    /// [`Moto::put_object`] with a `Content-Type` (the server's default without one).
+    pub fn put_object_as(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: &[u8],
+        metadata: &[(&str, &str)],
+        content_type: Option<&str>,
+    ) -> String {
         let mut src = tempfile::NamedTempFile::new_in(self.dir.path())
             .expect("put_object: creating a temp file for the body");
         src.write_all(body)
@@ -470,7 +482,9 @@ impl Moto {
         let src_s = src.path().to_str().expect("temp path is UTF-8").to_string();
         let meta: BTreeMap<&str, &str> = metadata.iter().copied().collect();
         let meta_json = serde_json::to_string(&meta).expect("put_object: encoding metadata");
-        let v = self.helper("put_object", &[bucket, key, &src_s, &meta_json]);
+        let mut args = vec![bucket, key, &src_s, &meta_json];
+        args.extend(content_type);
+        let v = self.helper("put_object", &args);
         v.as_str()
             .unwrap_or_else(|| {
                 panic!("put_object({bucket}/{key}): helper output {v} is not an ETag")

@@ -77,10 +77,11 @@ elif op == "head_object":
         }
     )
 elif op == "put_object":
-    bucket, key, src, meta = args
+    bucket, key, src, meta, *content_type = args
     with open(src, "rb") as f:
         body = f.read()
-    r = s3.put_object(Bucket=bucket, Key=key, Body=body, Metadata=json.loads(meta))
+    extra = {"ContentType": content_type[0]} if content_type else {}
+    r = s3.put_object(Bucket=bucket, Key=key, Body=body, Metadata=json.loads(meta), **extra)
     out(r.get("ETag", "").strip('"'))
 elif op == "delete_object":
     bucket, key = args
