@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::fault::{FaultRule, FaultStats, ProxiedBucket};
 use common::posix::{flush, pattern};
+use common::Mount;
 
 /// A time with a fraction of a second, as `cp -p` and rsync set them.
 fn long_ago() -> SystemTime {
@@ -65,6 +66,20 @@ fn data_uploads(requests: &[(String, Option<String>, u64)]) -> usize {
         .iter()
         .filter(|(method, copy, _)| (method == "PUT" && copy.is_none()) || method == "POST")
         .count()
+}
+
+/// `what` made no request that moves the file's bytes: no upload, no GET.
+fn assert_no_data_moved(requests: &[(String, Option<String>, u64)], what: &str, mount: &Mount) {
+    assert_eq!(
+        data_uploads(requests),
+        0,
+        "{what} uploaded data: {requests:?}\n{}",
+        mount.log()
+    );
+    assert!(
+        requests.iter().all(|(method, _, _)| method != "GET"),
+        "{what} read the object: {requests:?}"
+    );
 }
 
 fn copies(requests: &[(String, Option<String>, u64)]) -> usize {
@@ -139,16 +154,7 @@ fn a_chmod_or_utimens_of_a_stored_file_moves_no_data() {
         set_mtime_of_path(&path, long_ago());
         flush(&mount);
         let requests = requests_for(&bucket.proxy.stats(), &name);
-        assert_eq!(
-            data_uploads(&requests),
-            0,
-            "{mode}: an attribute change uploaded data: {requests:?}\n{}",
-            mount.log()
-        );
-        assert!(
-            requests.iter().all(|(method, _, _)| method != "GET"),
-            "{mode}: an attribute change read the object: {requests:?}"
-        );
+        assert_no_data_moved(&requests, &format!("{mode}: an attribute change"), &mount);
         // Write-through stores each change at once; cached mode may store both in one.
         let expected_copies = if mode == "write-through" {
             2..=2
@@ -198,6 +204,49 @@ fn a_chmod_or_utimens_of_a_stored_file_moves_no_data() {
         );
         fresh.unmount();
     }
+}
+
+/// A chmod of a stored file, then a rename before the change was stored (cached mode,
+/// within `upload-delay`; a file no read brought into the cache): the object is copied to
+/// the new name and its metadata replaced there. No byte of it is read or uploaded.
+#[test]
+fn a_rename_right_after_a_chmod_moves_no_data() {
+    let bucket = ProxiedBucket::start("attrs-rename");
+    let body = pattern(3 << 20, 9);
+    bucket
+        .moto
+        .put_object(&bucket.bucket, "before.bin", &body, &[]);
+    let mount = bucket.mount("cached", None, &["--upload-delay", "2s"]);
+    bucket.proxy.clear_stats();
+    fs::set_permissions(mount.path("before.bin"), fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    fs::rename(mount.path("before.bin"), mount.path("after.bin")).expect("rename");
+    flush(&mount);
+    let requests = requests_for(&bucket.proxy.stats(), ".bin");
+    assert_no_data_moved(&requests, "the rename", &mount);
+    assert!(
+        bucket
+            .moto
+            .head_object(&bucket.bucket, "before.bin")
+            .is_none(),
+        "the old key is gone"
+    );
+    let head = bucket
+        .moto
+        .head_object(&bucket.bucket, "after.bin")
+        .expect("the object moved");
+    assert_eq!(
+        head.metadata.get("mode").map(String::as_str),
+        Some("33152"),
+        "{head:?}"
+    );
+    assert!(bucket.moto.get_object(&bucket.bucket, "after.bin") == body);
+    mount.unmount();
+
+    let fresh = bucket.mount("cached", None, &[]);
+    let meta = fs::metadata(fresh.path("after.bin")).expect("stat on a fresh mount");
+    assert_eq!(meta.mode() & 0o7777, 0o600, "mode on a fresh mount");
+    fresh.unmount();
 }
 
 /// A write after a futimens takes the write's time, as on a local disk: `path`'s mtime is

@@ -505,6 +505,12 @@ impl Backend {
         writer.close_dyn().await.map(|_| ())
     }
 
+    /// Whether [`Self::replace_metadata`] can change an object of `size` bytes in place:
+    /// on the directory bucket, and on S3 up to one CopyObject's limit.
+    pub fn replaces_metadata_in_place(&self, size: u64) -> bool {
+        self.local_root.is_some() || (self.direct.is_some() && size <= s3_direct::MAX_COPY_SIZE)
+    }
+
     /// Replaces an object's user metadata in place, where the bucket allows it: S3 (a
     /// CopyObject onto itself, up to 5 GiB) and the directory bucket (its xattrs).
     /// `if_version`: an S3 ETag the object must still have (the copy is conditional).
@@ -522,7 +528,7 @@ impl Backend {
         let Some(direct) = self
             .direct
             .as_ref()
-            .filter(|_| size <= s3_direct::MAX_COPY_SIZE)
+            .filter(|_| self.replaces_metadata_in_place(size))
         else {
             return Ok(MetadataReplaced::Unsupported);
         };

@@ -110,6 +110,18 @@ enum MetadataStored {
     NotNeeded,
     /// An attribute change the object cannot take in place: it goes up with the data.
     NeedsUpload,
+    /// The file moved since its object was stored, and only its attributes changed: the
+    /// object moves by a copy, and the attributes follow in place at the new key.
+    Moved,
+}
+
+/// How a sync stores a file whose only change is its attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttrsOnly {
+    /// In place, by a metadata replacement (after a server-side copy if the file moved).
+    InPlace,
+    /// With an upload of the data: the object could not take them in place.
+    WithData,
 }
 
 impl MetadataStored {
@@ -504,7 +516,7 @@ impl Uploader {
         match op {
             JournalOp::Sync(ino) => {
                 let _guard = self.busy_inodes.lock(*ino).await;
-                self.sync_inode(*ino).await
+                self.sync_inode(*ino, AttrsOnly::InPlace).await
             }
             JournalOp::Delete(key) => {
                 let _key = self.busy_keys.lock(key.clone()).await;
@@ -591,7 +603,8 @@ impl Uploader {
     async fn store_metadata(&self, ino: u64) -> FsResult<()> {
         match self.replace_object_metadata(ino).await? {
             MetadataStored::Done | MetadataStored::NotNeeded => Ok(()),
-            MetadataStored::NeedsUpload => self.sync_inode(ino).await,
+            MetadataStored::NeedsUpload => self.sync_inode(ino, AttrsOnly::WithData).await,
+            MetadataStored::Moved => self.sync_inode(ino, AttrsOnly::InPlace).await,
         }
     }
 
@@ -600,6 +613,9 @@ impl Uploader {
             return Ok(MetadataStored::NotNeeded);
         };
         let Some(key) = self.key_in_place(&inode)? else {
+            if inode.only_attrs_dirty && self.stored_elsewhere(&inode)? {
+                return Ok(MetadataStored::Moved);
+            }
             return Ok(MetadataStored::unless_attrs_wait(&inode));
         };
         let _key = self.busy_keys.lock(key.clone()).await;
@@ -661,9 +677,20 @@ impl Uploader {
             .filter(|key| current.as_ref() == Some(key)))
     }
 
+    /// Whether the inode's current data is stored, at a key other than its path's.
+    fn stored_elsewhere(&self, inode: &Inode) -> FsResult<bool> {
+        let stored = inode.remote_key.as_ref().filter(|k| !k.is_empty());
+        match stored {
+            Some(key) if !inode.data_dirty() && inode.remote_size.is_some() => {
+                Ok(self.key_now(inode)?.is_some_and(|now| now != *key))
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Stores the inode at the key of its path, under that key's lock (see
     /// [`Self::lock_current_key`]).
-    async fn sync_inode(&self, ino: u64) -> FsResult<()> {
+    async fn sync_inode(&self, ino: u64, attrs_only: AttrsOnly) -> FsResult<()> {
         let Some(CurrentKey {
             inode,
             key,
@@ -677,7 +704,7 @@ impl Uploader {
             .clone()
             .filter(|k| !k.is_empty() && *k != key);
         if inode.kind == Kind::File {
-            return self.sync_file(&inode, &key, old_key).await;
+            return self.sync_file(&inode, &key, old_key, attrs_only).await;
         }
         // Under the key's lock, as a file upload: a delete of the same key (an rmdir and a
         // new mkdir there) must not run between the marker and its record.
@@ -772,7 +799,7 @@ impl Uploader {
             }
         };
         let settles = Settles::IfAttrsStill(attrs_of(inode));
-        self.record_remote(inode.ino, &remote, settles, old_key)
+        self.record_remote(inode.ino, &remote, settles, old_key, None)
             .map(drop)
     }
 
@@ -797,12 +824,16 @@ impl Uploader {
         remote: &RemoteState,
         settles: Settles,
         old_key: Option<&str>,
+        follow_up: Option<&JournalOp>,
     ) -> FsResult<bool> {
         self.meta.bookkeeping(|tx| {
             let cleared = self.meta.set_remote(tx, ino, remote, settles)?;
             if let Some(old) = old_key {
                 self.meta
                     .enqueue(tx, &JournalOp::Delete(old.to_string()), Duration::ZERO)?;
+            }
+            if let Some(op) = follow_up {
+                self.meta.enqueue(tx, op, Duration::ZERO)?;
             }
             Ok(cleared)
         })
@@ -812,11 +843,18 @@ impl Uploader {
     /// object can appear until local metadata records it, so a crash in between leaves a
     /// trace the next mount cleans up (the object is deleted unless an inode owns it).
     /// The caller holds the key's lock.
-    async fn sync_file(&self, inode: &Inode, key: &str, old_key: Option<String>) -> FsResult<()> {
+    async fn sync_file(
+        &self,
+        inode: &Inode,
+        key: &str,
+        old_key: Option<String>,
+        attrs_only: AttrsOnly,
+    ) -> FsResult<()> {
         self.check_not_a_pending_source(inode, key)?;
         // Synced before the object can appear: see `ledger_ready_for_put`.
         self.meta.upload_starting(key, None)?;
-        self.store_file(inode, key, old_key.as_deref()).await?;
+        self.store_file(inode, key, old_key.as_deref(), attrs_only)
+            .await?;
         // The file may have been unlinked while it uploaded. If it moved, the sync its
         // rename queued copies the object, and that copy's journaled delete removes this
         // key.
@@ -872,13 +910,14 @@ impl Uploader {
     }
 
     /// Copies the object stored at `old` to `key` on the server and records it there; the
-    /// old key's delete is journaled with the record.
+    /// old key's delete (and `follow_up`) is journaled with the record.
     async fn move_stored_version(
         &self,
         inode: &Inode,
         old: &str,
         key: &str,
         settles: Settles,
+        follow_up: Option<&JournalOp>,
     ) -> FsResult<()> {
         let etag = self
             .backend
@@ -891,7 +930,7 @@ impl Uploader {
             size: inode.remote_size.unwrap_or(0),
             crc64: inode.remote_crc64,
         };
-        self.record_remote(inode.ino, &remote, settles, Some(old))?;
+        self.record_remote(inode.ino, &remote, settles, Some(old), follow_up)?;
         // A loaded cache file fetches what it lacks from its source key: point it at the
         // copy before the old key goes (a file loaded from the store before the record
         // still names the old key).
@@ -904,25 +943,54 @@ impl Uploader {
         Ok(())
     }
 
-    async fn store_file(&self, inode: &Inode, key: &str, old_key: Option<&str>) -> FsResult<()> {
+    async fn store_file(
+        &self,
+        inode: &Inode,
+        key: &str,
+        old_key: Option<&str>,
+        attrs_only: AttrsOnly,
+    ) -> FsResult<()> {
         let cached = self.cache.loaded(inode.ino);
-        let dirty = inode.dirty || cached.as_ref().is_some_and(|c| c.lock().dirty);
+        let cache_dirty = cached.as_ref().is_some_and(|c| c.lock().dirty);
+        let data_dirty = inode.data_dirty() || cache_dirty;
         let unpublished = cached
             .as_ref()
             .is_some_and(|file| self.writes_wait_for_close(file));
-        if !dirty || unpublished {
+        // Only its attributes changed (a chmod, then a rename before they were stored),
+        // and the object can take them in place: the data need not move.
+        let attrs_in_place = attrs_only == AttrsOnly::InPlace
+            && !data_dirty
+            && !unpublished
+            && inode.only_attrs_dirty
+            && self
+                .backend
+                .replaces_metadata_in_place(inode.remote_size.unwrap_or(0));
+        if attrs_in_place && old_key.is_none() {
+            // Where it stands: its metadata job stores them (and uploads the data itself
+            // if the object cannot take them after all).
+            let op = JournalOp::Metadata(inode.ino);
+            return self
+                .meta
+                .bookkeeping(|tx| self.meta.enqueue(tx, &op, Duration::ZERO));
+        }
+        let attrs_follow = attrs_in_place && old_key.is_some();
+        if unpublished || !(inode.dirty || cache_dirty) || attrs_follow {
             if let Some(old) = old_key {
-                // A rename of an unchanged file, or of a write-through file whose writer
-                // has not closed: the last complete version moves by a server-side copy,
-                // no data through us. A write-through writer's bytes become visible only
-                // at its close (which stores them where the file stands then), never as a
-                // partial object at the new name.
-                let settles = if unpublished {
-                    Settles::Nothing
+                // A rename of an unchanged file, of a file whose only change is its
+                // attributes (they follow as a metadata replacement at the new key), or of
+                // a write-through file whose writer has not closed: the last complete
+                // version moves by a server-side copy, no data through us. A write-through
+                // writer's bytes become visible only at its close (which stores them where
+                // the file stands then), never as a partial object at the new name.
+                let (settles, follow_up) = if attrs_follow {
+                    (Settles::Nothing, Some(JournalOp::Metadata(inode.ino)))
+                } else if unpublished {
+                    (Settles::Nothing, None)
                 } else {
-                    Settles::IfAttrsStill(attrs_of(inode))
+                    (Settles::IfAttrsStill(attrs_of(inode)), None)
                 };
-                self.move_stored_version(inode, old, key, settles).await?;
+                self.move_stored_version(inode, old, key, settles, follow_up.as_ref())
+                    .await?;
             }
             return Ok(());
         }
@@ -965,7 +1033,7 @@ impl Uploader {
             } else {
                 Settles::Nothing
             };
-            let cleared = self.record_remote(inode.ino, &remote, settles, old_key)?;
+            let cleared = self.record_remote(inode.ino, &remote, settles, old_key, None)?;
             if unchanged {
                 state.source_key = Some(uploaded.key.clone());
                 state.fetch_limit = uploaded.size;
