@@ -566,7 +566,10 @@ impl Backend {
     /// Deletes a key; a missing key is not an error. Deletes made at the same time go to
     /// the bucket in one batch request.
     pub async fn delete(&self, key: &str) -> opendal::Result<()> {
-        self.deletes.delete(&self.op, key).await
+        match &self.local_root {
+            Some(root) if !key.ends_with('/') => remove_local_file(&root.join(key)),
+            _ => self.deletes.delete(&self.op, key).await,
+        }
     }
 
     /// The directory bucket creates directories for any key stored under them; on S3 a
@@ -579,6 +582,21 @@ impl Backend {
         };
         let path = root.join(dir_key.trim_end_matches('/'));
         !has_marker_xattr(&path) && std::fs::remove_dir(&path).is_ok()
+    }
+}
+
+/// Deletes a file's object on the directory bucket. A file's key can name a directory
+/// by then (a file `d` renamed away, then `mkdir d`, and the old key's delete runs
+/// after): that directory is not the file and stays. OpenDAL's fs service would remove
+/// it when empty, marker attributes and all.
+fn remove_local_file(path: &std::path::Path) -> opendal::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound || path.is_dir() => Ok(()),
+        Err(err) => Err(opendal::Error::new(
+            ErrorKind::Unexpected,
+            format!("deleting {}: {err}", path.display()),
+        )),
     }
 }
 
@@ -626,4 +644,45 @@ fn set_local_xattrs(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The directory bucket, as the daemon opens it.
+    fn local_backend(root: &std::path::Path) -> Backend {
+        let source = root.to_string_lossy().into_owned();
+        let defaults = AttrDefaults {
+            uid: 0,
+            gid: 0,
+            umask: 0o022,
+        };
+        source::open(&source, &source::Connection::default(), defaults).expect("open")
+    }
+
+    #[tokio::test]
+    async fn a_file_key_deletes_only_a_file_on_the_directory_bucket() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let backend = local_backend(root.path());
+        backend
+            .put("f", Buffer::from(b"bytes".to_vec()), HashMap::new())
+            .await
+            .expect("put f");
+        backend.delete("f").await.expect("delete f");
+        assert!(!root.path().join("f").exists(), "the file is deleted");
+        backend
+            .delete("f")
+            .await
+            .expect("a missing key is no error");
+
+        // The old file key `d` names the directory the mount made there since.
+        let marker = HashMap::from([(attrs::keys::MODE.to_string(), "16877".to_string())]);
+        backend.put_dir_marker("d/", marker).await.expect("mkdir d");
+        backend.delete("d").await.expect("delete the file key d");
+        assert!(
+            root.path().join("d").is_dir() && has_marker_xattr(&root.path().join("d")),
+            "the directory and its marker stay"
+        );
+    }
 }
