@@ -682,7 +682,7 @@ impl Uploader {
         let stored = inode.remote_key.as_ref().filter(|k| !k.is_empty());
         match stored {
             Some(key) if !inode.data_dirty() && inode.remote_size.is_some() => {
-                Ok(self.key_now(inode)?.is_some_and(|now| now != *key))
+                self.moved_away_from(inode, key)
             }
             _ => Ok(false),
         }
