@@ -1,5 +1,5 @@
-//! Attribute changes through a real mount, against moto behind the request-recording
-//! proxy: a chmod or utimens of a stored file replaces its object's metadata in place
+//! Attributes through a real mount, against moto behind the request-recording proxy: new
+//! objects get a content type by extension, a chmod or utimens of a stored file replaces its object's metadata in place
 //! (no data moves), a time set on an open write-through file reaches the bucket with the
 //! object, and an object that cannot take the change in place gets it with an upload.
 
@@ -87,6 +87,113 @@ fn copies(requests: &[(String, Option<String>, u64)]) -> usize {
         .iter()
         .filter(|(method, copy, _)| method == "PUT" && copy.is_some())
         .count()
+}
+
+/// New objects get a `Content-Type` by their name's extension, as s3fs and rclone set it
+/// (a bucket served over HTTP needs it), whether they go up in one PUT or in parts; a name
+/// without a known extension gets the server's default. A chmod afterwards keeps it.
+#[test]
+fn new_files_get_a_content_type_by_their_extension() {
+    let bucket = ProxiedBucket::start("attrs-content-type");
+    let files = [
+        ("index.html", 2_000, Some("text/html")),
+        ("data.json", 7 << 20, Some("application/json")), // two parts of 5 MiB
+        ("notes", 100, None),
+    ];
+    for mode in ["cached", "write-through"] {
+        let mount = bucket.mount(
+            mode,
+            None,
+            &["--upload-delay", "100ms", "--part-size", "5M"],
+        );
+        for (name, size, _) in files {
+            fs::write(mount.path(format!("{mode}-{name}")), pattern(size, 3)).expect("write");
+        }
+        flush(&mount);
+        fs::set_permissions(
+            mount.path(format!("{mode}-index.html")),
+            fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+        flush(&mount);
+        for (name, size, expected) in files {
+            let key = format!("{mode}-{name}");
+            let head = bucket
+                .moto
+                .head_object(&bucket.bucket, &key)
+                .expect("the object is there");
+            assert_eq!(head.size, size as u64, "{key}: {head:?}");
+            match expected {
+                Some(content_type) => assert_eq!(
+                    head.content_type.as_deref(),
+                    Some(content_type),
+                    "{key}: {head:?}\n{}",
+                    mount.log()
+                ),
+                // The server's default for an object stored without one.
+                None => assert_eq!(
+                    head.content_type.as_deref(),
+                    Some("binary/octet-stream"),
+                    "{key}: {head:?}"
+                ),
+            }
+        }
+        mount.unmount();
+    }
+}
+
+/// rsync writes `.index.html.Xy12Ab`, then renames it: the object at the final name gets
+/// the final name's content type, by a server-side copy that keeps the metadata (no data
+/// moves through the mount). A rename between names of one type is a plain copy.
+#[test]
+fn a_rename_to_a_name_of_another_type_sets_its_content_type() {
+    let bucket = ProxiedBucket::start("attrs-retype");
+    let body = pattern(300_000, 5);
+    for mode in ["write-through", "cached"] {
+        let mount = bucket.mount(mode, None, &["--upload-delay", "100ms"]);
+        let (temp, page) = (format!(".{mode}.html.Xy12Ab"), format!("{mode}.html"));
+        fs::write(mount.path(&temp), &body).expect("write");
+        flush(&mount);
+        let stored = bucket
+            .moto
+            .head_object(&bucket.bucket, &temp)
+            .expect("stored under its temporary name");
+        assert_eq!(stored.content_type.as_deref(), Some("binary/octet-stream"));
+        bucket.proxy.clear_stats();
+        fs::rename(mount.path(&temp), mount.path(&page)).expect("rename");
+        flush(&mount);
+        let requests = requests_for(&bucket.proxy.stats(), mode);
+        assert_no_data_moved(&requests, "the rename", &mount);
+        let head = bucket
+            .moto
+            .head_object(&bucket.bucket, &page)
+            .expect("the object is at its new name");
+        assert_eq!(
+            head.content_type.as_deref(),
+            Some("text/html"),
+            "{mode}: {head:?}\n{}",
+            mount.log()
+        );
+        assert_eq!(head.metadata, stored.metadata, "{mode}: metadata kept");
+        assert!(bucket.moto.get_object(&bucket.bucket, &page) == body);
+        assert!(bucket.moto.head_object(&bucket.bucket, &temp).is_none());
+
+        bucket.proxy.clear_stats();
+        let copy = format!("{mode}-2.html");
+        fs::rename(mount.path(&page), mount.path(&copy)).expect("rename");
+        flush(&mount);
+        let requests = requests_for(&bucket.proxy.stats(), mode);
+        assert!(
+            requests.iter().all(|(method, _, _)| method != "HEAD"),
+            "{mode}: a rename within one type asked a HEAD: {requests:?}"
+        );
+        let head = bucket
+            .moto
+            .head_object(&bucket.bucket, &copy)
+            .expect("moved");
+        assert_eq!(head.content_type.as_deref(), Some("text/html"), "{mode}");
+        mount.unmount();
+    }
 }
 
 /// An object another tool stored, with its own content type and user metadata: a chmod

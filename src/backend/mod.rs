@@ -452,35 +452,41 @@ impl Backend {
         Ok(())
     }
 
-    /// Writes a small object in one request (empty files, symlinks).
+    /// Writes a small object in one request (small files, symlinks). `content_type`: see
+    /// [`content_type_of`].
     pub async fn put(
         &self,
         key: &str,
         body: impl Into<opendal::Buffer>,
         metadata: HashMap<String, String>,
+        content_type: Option<&str>,
     ) -> opendal::Result<Option<String>> {
-        let meta = self
-            .op
-            .write_with(key, body.into())
-            .user_metadata(metadata)
-            .await?;
+        let mut write = self.op.write_with(key, body.into()).user_metadata(metadata);
+        if let Some(content_type) = content_type {
+            write = write.content_type(content_type);
+        }
+        let meta = write.await?;
         tracing::debug!(key, "stored object");
         Ok(self.written_tag(key, &meta).await)
     }
 
-    /// Starts a streaming (multipart above the first part) upload. Each `write` on the
-    /// returned writer becomes one part; the caller sizes them.
+    /// Starts a streaming (multipart above the first part) upload of a file. Each `write`
+    /// on the returned writer becomes one part; the caller sizes them.
     pub async fn writer(
         &self,
         key: &str,
         metadata: HashMap<String, String>,
         concurrency: usize,
     ) -> opendal::Result<opendal::Writer> {
-        self.op
+        let mut writer = self
+            .op
             .writer_with(key)
             .concurrent(concurrency)
-            .user_metadata(metadata)
-            .await
+            .user_metadata(metadata);
+        if let Some(content_type) = content_type_of(key) {
+            writer = writer.content_type(content_type);
+        }
+        writer.await
     }
 
     /// Writes a directory marker `key` (ending in `/`) carrying the directory's attributes.
@@ -551,6 +557,26 @@ impl Backend {
         to: &str,
         source_size: Option<u64>,
     ) -> opendal::Result<Option<String>> {
+        if let Some(content_type) = self.retyped_copy(from, to, source_size) {
+            let direct = self
+                .direct
+                .as_ref()
+                .ok_or_else(|| opendal::Error::new(ErrorKind::Unexpected, "no direct S3 client"))?;
+            let etag = direct
+                .copy_retyped(from, to, content_type)
+                .await
+                .map_err(s3_direct::S3DirectError::into_opendal)?;
+            tracing::debug!(
+                from,
+                to,
+                content_type,
+                "copied object with a new content type"
+            );
+            return match etag {
+                Some(etag) => Ok(Some(etag)),
+                None => Ok(self.stat(to).await?.and_then(|info| info.etag)),
+            };
+        }
         let options = opendal::options::CopyOptions {
             source_content_length_hint: source_size,
             ..Default::default()
@@ -561,6 +587,16 @@ impl Backend {
             return Ok(Some(tag));
         }
         Ok(self.stat(to).await?.and_then(|info| info.etag))
+    }
+
+    /// The content type a copy of `from` to `to` must set instead of keeping the source's:
+    /// a rename to a name whose extension means another type (rsync's temporary name
+    /// renamed to `index.html`). Only where a copy can replace headers (S3, up to one
+    /// CopyObject's size); elsewhere the copy keeps them.
+    fn retyped_copy(&self, from: &str, to: &str, source_size: Option<u64>) -> Option<&'static str> {
+        let new = content_type_of(to)?;
+        let fits = source_size.is_some_and(|size| size <= s3_direct::MAX_COPY_SIZE);
+        (self.direct.is_some() && fits && content_type_of(from) != Some(new)).then_some(new)
     }
 
     /// Deletes a key; a missing key is not an error. Deletes made at the same time go to
@@ -583,6 +619,14 @@ impl Backend {
         let path = root.join(dir_key.trim_end_matches('/'));
         !has_marker_xattr(&path) && std::fs::remove_dir(&path).is_ok()
     }
+}
+
+/// The `Content-Type` a file's new object gets, from its name's extension, as s3fs and
+/// rclone set it: a bucket served over HTTP (a static site, a download link) needs it.
+/// `None` for an unknown extension (the server's default applies). Services without
+/// content types (the directory bucket) ignore it.
+pub fn content_type_of(key: &str) -> Option<&'static str> {
+    mime_guess::from_path(key).first_raw()
 }
 
 /// Deletes a file's object on the directory bucket. A file's key can name a directory
@@ -666,7 +710,7 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let backend = local_backend(root.path());
         backend
-            .put("f", Buffer::from(b"bytes".to_vec()), HashMap::new())
+            .put("f", Buffer::from(b"bytes".to_vec()), HashMap::new(), None)
             .await
             .expect("put f");
         backend.delete("f").await.expect("delete f");

@@ -77,6 +77,17 @@ pub enum S3DirectError {
 }
 
 impl S3DirectError {
+    /// As an OpenDAL error, for callers that handle the operator's errors: a missing
+    /// object and a refusal keep their kinds.
+    pub fn into_opendal(self) -> opendal::Error {
+        let kind = match &self {
+            S3DirectError::Status { status: 404, .. } => opendal::ErrorKind::NotFound,
+            S3DirectError::Status { status: 403, .. } => opendal::ErrorKind::PermissionDenied,
+            _ => opendal::ErrorKind::Unexpected,
+        };
+        opendal::Error::new(kind, self.to_string())
+    }
+
     /// A conditional request whose condition did not hold (HTTP 412): the object is not
     /// the version the request named.
     pub fn is_precondition_failed(&self) -> bool {
@@ -222,18 +233,57 @@ impl S3Direct {
         metadata: &HashMap<String, String>,
         if_match: Option<&str>,
     ) -> Result<Option<String>, S3DirectError> {
-        let kept = match self.head(key).await? {
-            Some(headers) => headers_kept_on_replace(&headers, metadata),
+        let what = format!("replacing the metadata of `{}{key}`", self.root);
+        let replaced = Replaced {
+            metadata,
+            content_type: None,
+        };
+        self.copy_replacing(&what, key, key, &replaced, if_match)
+            .await
+    }
+
+    /// Copies `from` to `to` (relative to the source prefix) with the `Content-Type`
+    /// `content_type`, every other header and all user metadata as they are: a rename to
+    /// a name of another type. Returns the copy's ETag. One CopyObject holds at most 5 GiB.
+    pub async fn copy_retyped(
+        &self,
+        from: &str,
+        to: &str,
+        content_type: &str,
+    ) -> Result<Option<String>, S3DirectError> {
+        let what = format!("copying `{}{from}` to `{}{to}`", self.root, self.root);
+        let replaced = Replaced {
+            metadata: &HashMap::new(),
+            content_type: Some(content_type),
+        };
+        self.copy_replacing(&what, from, to, &replaced, None).await
+    }
+
+    /// A CopyObject of `from` to `to` that replaces the headers `replaced` names and sends
+    /// again the ones it keeps, read by a HEAD of `from` first.
+    async fn copy_replacing(
+        &self,
+        what: &str,
+        from: &str,
+        to: &str,
+        replaced: &Replaced<'_>,
+        if_match: Option<&str>,
+    ) -> Result<Option<String>, S3DirectError> {
+        let kept = match self.head(from).await? {
+            Some(headers) => headers_kept_on_replace(&headers, replaced),
             None => Vec::new(), // gone: the copy says so
         };
-        let full = format!("{}{key}", self.root);
-        let what = format!("replacing the metadata of `{full}`");
-        let path = encode_path(&full);
-        let url = format!("{}/{}/{}", self.endpoint, self.bucket, path);
+        let source = encode_path(&format!("{}{from}", self.root));
+        let url = format!(
+            "{}/{}/{}",
+            self.endpoint,
+            self.bucket,
+            encode_path(&format!("{}{to}", self.root))
+        );
         let mut headers = vec![
             (
                 "x-amz-copy-source".to_string(),
-                format!("/{}/{path}", self.bucket),
+                format!("/{}/{source}", self.bucket),
             ),
             (
                 "x-amz-metadata-directive".to_string(),
@@ -244,16 +294,20 @@ impl S3Direct {
             headers.push(("x-amz-copy-source-if-match".to_string(), etag.to_string()));
         }
         headers.extend(kept);
+        if let Some(content_type) = replaced.content_type {
+            headers.push(("content-type".to_string(), content_type.to_string()));
+        }
         headers.extend(
-            metadata
+            replaced
+                .metadata
                 .iter()
                 .map(|(name, value)| (format!("x-amz-meta-{name}"), value.clone())),
         );
-        let (status, _, body) = self.send(&what, Method::PUT, &url, &headers).await?;
+        let (status, _, body) = self.send(what, Method::PUT, &url, &headers).await?;
         let text = String::from_utf8_lossy(&body);
         // CopyObject may answer 200 and still fail, with an <Error> body.
         if !status.is_success() || text.contains("<Error>") {
-            return Err(self.status_error(&what, status, &body));
+            return Err(self.status_error(what, status, &body));
         }
         let result: CopyResultXml = quick_xml::de::from_str(&text).unwrap_or_default();
         Ok(Some(result.etag).filter(|etag| !etag.is_empty()))
@@ -471,18 +525,26 @@ const CONTENT_HEADERS: [&str; 6] = [
     "expires",
 ];
 
-/// Of an object's HEAD `headers`, those a metadata replacement must send again to keep
-/// them: its content headers, and the user metadata whose names `ours` does not set.
+/// What a copy that replaces headers sets anew.
+struct Replaced<'a> {
+    /// User metadata entries (without the `x-amz-meta-` prefix).
+    metadata: &'a HashMap<String, String>,
+    content_type: Option<&'a str>,
+}
+
+/// Of an object's HEAD `headers`, those a copy that replaces headers must send again to
+/// keep them: its content headers and user metadata, apart from those `replaced` sets.
 fn headers_kept_on_replace(
     headers: &http::HeaderMap,
-    ours: &HashMap<String, String>,
+    replaced: &Replaced<'_>,
 ) -> Vec<(String, String)> {
     headers
         .iter()
         .filter(|(name, _)| {
             let name = name.as_str();
             match name.strip_prefix(META_PREFIX) {
-                Some(user) => !ours.contains_key(user),
+                Some(user) => !replaced.metadata.contains_key(user),
+                None if name == "content-type" => replaced.content_type.is_none(),
                 None => CONTENT_HEADERS.contains(&name),
             }
         })
@@ -610,19 +672,43 @@ mod tests {
                 http::HeaderValue::from_static(value),
             );
         }
+        let kept = |replaced: &Replaced<'_>| {
+            let mut kept = headers_kept_on_replace(&headers, replaced);
+            kept.sort();
+            kept
+        };
+        let named = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
         let ours = HashMap::from([("mode".to_string(), "33152".to_string())]);
-        let mut kept = headers_kept_on_replace(&headers, &ours);
-        kept.sort();
-        let expected = [
-            ("cache-control", "max-age=60"),
-            ("content-type", "text/csv"),
-            ("x-amz-meta-owner", "backup-tool"),
-        ];
-        let expected: Vec<(String, String)> = expected
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect();
-        assert_eq!(kept, expected);
+        let chmod = Replaced {
+            metadata: &ours,
+            content_type: None,
+        };
+        assert_eq!(
+            kept(&chmod),
+            named(&[
+                ("cache-control", "max-age=60"),
+                ("content-type", "text/csv"),
+                ("x-amz-meta-owner", "backup-tool"),
+            ])
+        );
+        // A rename to another type: the new type replaces the old, all metadata stays.
+        let retyped = Replaced {
+            metadata: &HashMap::new(),
+            content_type: Some("text/html"),
+        };
+        assert_eq!(
+            kept(&retyped),
+            named(&[
+                ("cache-control", "max-age=60"),
+                ("x-amz-meta-mode", "33188"),
+                ("x-amz-meta-owner", "backup-tool"),
+            ])
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::backend::Backend;
+use crate::backend::{content_type_of, Backend};
 use crate::config::MAX_PART_SIZE;
 use crate::error::{FsError, FsResult};
 use crate::integrity::Crc64;
@@ -279,7 +279,11 @@ impl StreamUpload {
         let mut metadata = std::mem::take(&mut self.metadata);
         metadata.extend(crate::backend::ObjectAttrs::crc64_entry(crc));
         let body = crate::buffers::Buffer::from(std::mem::take(&mut self.buffer));
-        let etag = match self.backend.put(&self.key, body, metadata).await {
+        let etag = match self
+            .backend
+            .put(&self.key, body, metadata, content_type_of(&self.key))
+            .await
+        {
             Ok(etag) => etag,
             Err(err) => {
                 // The PUT may still have landed: the ledger keeps the key for the next
