@@ -103,7 +103,7 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
     garage) echo "- server: $("$garage_dir/bin/garage" --version 2>/dev/null | head -1) (one node, LMDB metadata, no compression, no fsync), 127.0.0.1" ;;
     moto) echo "- server: moto $(python3 -c 'import moto; print(moto.__version__)'), 127.0.0.1" ;;
   esac
-  echo "- peers: $(command -v s3fs >/dev/null && s3fs --version 2>/dev/null | head -1 | awk '{print "s3fs " $(NF-3)}' || echo 'no s3fs'), $(command -v rclone >/dev/null && rclone version 2>/dev/null | head -1 || echo 'no rclone'); bucketgate $(git rev-parse --short HEAD)"
+  echo "- peers: $(command -v s3fs >/dev/null && s3fs --version 2>/dev/null | sed -n 1p | awk '{print "s3fs " $(NF-3)}' || echo 'no s3fs'), $(command -v rclone >/dev/null && rclone version 2>/dev/null | sed -n 1p || echo 'no rclone'); bucketgate $(git rev-parse --short HEAD)"
   echo "- direct client: boto3 $(python3 -c 'import boto3; print(boto3.__version__)'), multipart 8 MiB parts x 8 threads, 8 MiB ranged GETs x 8 threads, 16 threads for small PUTs and copy+delete"
   echo
   [ ${#profile[@]} -eq 0 ] || echo '```'

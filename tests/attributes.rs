@@ -82,6 +82,31 @@ fn assert_no_data_moved(requests: &[(String, Option<String>, u64)], what: &str, 
     );
 }
 
+/// `name` carries the time `long_ago()` and mode 0640, in its object's metadata and as
+/// `mount` shows it.
+fn assert_long_ago_and_0640(bucket: &ProxiedBucket, mount: &Mount, name: &str) {
+    let head = bucket
+        .moto
+        .head_object(&bucket.bucket, name)
+        .expect("stored");
+    assert_eq!(
+        (
+            head.metadata.get("mtime").map(String::as_str),
+            head.metadata.get("mode").map(String::as_str)
+        ),
+        (Some(LONG_AGO_METADATA), Some("33184")),
+        "{name}: {head:?}\n{}",
+        mount.log()
+    );
+    let meta = fs::metadata(mount.path(name)).expect("stat");
+    assert_eq!(
+        meta.modified().expect("mtime"),
+        long_ago(),
+        "{name}: mtime on the mount"
+    );
+    assert_eq!(meta.mode() & 0o7777, 0o640, "{name}: mode on the mount");
+}
+
 fn copies(requests: &[(String, Option<String>, u64)]) -> usize {
     requests
         .iter()
@@ -409,26 +434,7 @@ fn times_and_modes_set_on_an_open_write_through_file_reach_the_bucket() {
     flush(&mount);
 
     for name in ["small.bin", "large.bin"] {
-        let head = bucket
-            .moto
-            .head_object(&bucket.bucket, name)
-            .expect("stored");
-        assert_eq!(
-            head.metadata.get("mtime").map(String::as_str),
-            Some(LONG_AGO_METADATA),
-            "{name}: {head:?}"
-        );
-        assert_eq!(
-            head.metadata.get("mode").map(String::as_str),
-            Some("33184"),
-            "{name}: {head:?}"
-        );
-        let meta = fs::metadata(mount.path(name)).expect("stat");
-        assert_eq!(
-            meta.modified().expect("mtime"),
-            long_ago(),
-            "{name}: mtime on the mount"
-        );
+        assert_long_ago_and_0640(&bucket, &mount, name);
     }
     assert!(
         bucket.moto.get_object(&bucket.bucket, "large.bin") == large,
@@ -439,15 +445,65 @@ fn times_and_modes_set_on_an_open_write_through_file_reach_the_bucket() {
 
     let fresh = bucket.mount("write-through", None, &[]);
     for name in ["small.bin", "large.bin"] {
-        let meta = fs::metadata(fresh.path(name)).expect("stat on a fresh mount");
-        assert_eq!(
-            meta.modified().expect("mtime"),
-            long_ago(),
-            "{name}: fresh mount"
-        );
-        assert_eq!(meta.mode() & 0o7777, 0o640, "{name}: fresh mount");
+        assert_long_ago_and_0640(&bucket, &fresh, name);
     }
     assert_changed_since(&fresh.path("later.bin"), before_close, "on a fresh mount");
+    fresh.unmount();
+}
+
+/// A utimens and a chmod from another process, landing while a write-through close is
+/// completing the stream (its last request slowed by the proxy): the object left with
+/// the attributes of the close's start, and the ones set meanwhile must still reach the
+/// bucket, not be overwritten on the mount by the close's record.
+#[test]
+fn a_time_and_mode_set_while_a_write_through_close_completes_are_kept() {
+    let bucket = ProxiedBucket::start("attrs-close-race");
+    let mount = bucket.mount("write-through", None, &["--part-size", "5M"]);
+    let cases = [
+        // One PUT at the close.
+        (
+            "race-small.bin",
+            100 << 10,
+            FaultRule::slow_ms(1500).methods(&["PUT"]),
+        ),
+        // Parts while writing, CompleteMultipartUpload at the close.
+        (
+            "race-large.bin",
+            12 << 20,
+            FaultRule::slow_ms(1500)
+                .methods(&["POST"])
+                .query_contains("uploadId="),
+        ),
+    ];
+    for (name, size, slow_close) in cases.clone() {
+        let path = mount.path(name);
+        let mut file = fs::File::create(&path).expect("create");
+        file.write_all(&pattern(size, 9)).expect("write");
+        bucket.proxy.set(slow_close.path_contains(name).count(1));
+        let other = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(500));
+                set_mtime_of_path(&path, long_ago());
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).expect("chmod");
+            })
+        };
+        let started = std::time::Instant::now();
+        drop(file);
+        assert!(
+            started.elapsed() >= Duration::from_millis(1000),
+            "{name}: the close did not wait for the slowed request"
+        );
+        other.join().expect("the other thread");
+        bucket.proxy.set(FaultRule::pass());
+        flush(&mount);
+        assert_long_ago_and_0640(&bucket, &mount, name);
+    }
+    mount.unmount();
+    let fresh = bucket.mount("write-through", None, &[]);
+    for (name, _, _) in cases {
+        assert_long_ago_and_0640(&bucket, &fresh, name);
+    }
     fresh.unmount();
 }
 

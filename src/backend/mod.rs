@@ -557,11 +557,7 @@ impl Backend {
         to: &str,
         source_size: Option<u64>,
     ) -> opendal::Result<Option<String>> {
-        if let Some(content_type) = self.retyped_copy(from, to, source_size) {
-            let direct = self
-                .direct
-                .as_ref()
-                .ok_or_else(|| opendal::Error::new(ErrorKind::Unexpected, "no direct S3 client"))?;
+        if let Some((direct, content_type)) = self.retyped_copy(from, to, source_size) {
             let etag = direct
                 .copy_retyped(from, to, content_type)
                 .await
@@ -593,10 +589,16 @@ impl Backend {
     /// a rename to a name whose extension means another type (rsync's temporary name
     /// renamed to `index.html`). Only where a copy can replace headers (S3, up to one
     /// CopyObject's size); elsewhere the copy keeps them.
-    fn retyped_copy(&self, from: &str, to: &str, source_size: Option<u64>) -> Option<&'static str> {
+    fn retyped_copy(
+        &self,
+        from: &str,
+        to: &str,
+        source_size: Option<u64>,
+    ) -> Option<(&S3Direct, &'static str)> {
         let new = content_type_of(to)?;
+        let direct = self.direct.as_ref()?;
         let fits = source_size.is_some_and(|size| size <= s3_direct::MAX_COPY_SIZE);
-        (self.direct.is_some() && fits && content_type_of(from) != Some(new)).then_some(new)
+        (fits && content_type_of(from) != Some(new)).then_some((direct, new))
     }
 
     /// Deletes a key; a missing key is not an error. Deletes made at the same time go to
@@ -623,9 +625,12 @@ impl Backend {
 
 /// The `Content-Type` a file's new object gets, from its name's extension, as s3fs and
 /// rclone set it: a bucket served over HTTP (a static site, a download link) needs it.
-/// `None` for an unknown extension (the server's default applies). Services without
-/// content types (the directory bucket) ignore it.
+/// `None` for an unknown extension (the server's default applies) and for directory
+/// markers. Services without content types (the directory bucket) ignore it.
 pub fn content_type_of(key: &str) -> Option<&'static str> {
+    if key.ends_with('/') {
+        return None;
+    }
     mime_guess::from_path(key).first_raw()
 }
 
@@ -693,6 +698,18 @@ fn set_local_xattrs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_types_come_from_the_extension_of_files_only() {
+        assert_eq!(content_type_of("site/index.html"), Some("text/html"));
+        assert_eq!(
+            content_type_of("exports/Data.JSON"),
+            Some("application/json")
+        );
+        assert_eq!(content_type_of("notes"), None);
+        assert_eq!(content_type_of(".index.html.Xy12Ab"), None);
+        assert_eq!(content_type_of("pages.html/"), None, "a directory marker");
+    }
 
     /// The directory bucket, as the daemon opens it.
     fn local_backend(root: &std::path::Path) -> Backend {

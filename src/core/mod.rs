@@ -26,7 +26,7 @@ use crate::cache::{CacheFile, DataCache, WriteOutcome, BLOCK_SIZE, PART_BLOCKS};
 use crate::config::Mode;
 use crate::error::{FsError, FsResult};
 use crate::meta::{AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, ROOT_INO};
-use crate::sync::upload::{Ledger, StreamUpload};
+use crate::sync::upload::{Ledger, StreamUpload, Uploaded};
 use crate::sync::{attrs_of, discard_cache_file, file_init, read_verifier, FlushScope, Uploader};
 use handle::{Handle, Opener};
 
@@ -1653,31 +1653,9 @@ impl Core {
                     return Err(err);
                 }
             };
-            // Without a sync: the ledger's record of the stream is durable, and the next
-            // mount records the object from the bucket if a power loss drops this commit.
-            // A multipart object's metadata left before its crc64 was known: the uploader
-            // stores it in the background (close does not wait for a copy).
-            self.meta.bookkeeping(|tx| {
-                self.meta.record_streamed_object(
-                    tx,
-                    inode.ino,
-                    &uploaded.remote(),
-                    attrs.mtime,
-                    uploaded.crc_stored,
-                )
-            })?;
+            self.record_stream_close(inode.ino, &uploaded, &attrs)?;
             self.uploader.wake();
-
             lock(&self.live_sizes).remove(&inode.ino);
-            if let Some(file) = self.cache.loaded(inode.ino) {
-                // The spool now equals the object: clean, and the base of any later write.
-                let mut state = file.lock();
-                state.dirty = false;
-                state.source_key = Some(uploaded.key.clone());
-                state.fetch_limit = uploaded.size;
-                state.persisted_gen = state.gen;
-                state.changed_at = None;
-            }
             // Further writes append to a complete object: they go through the cache file.
             io.staged = true;
             drop(held);
@@ -1718,6 +1696,42 @@ impl Core {
             }
             self.uploader.sync_now(vec![inode.ino], 1).await?;
             lock(&self.live_sizes).remove(&inode.ino);
+        }
+        Ok(())
+    }
+
+    /// Records the object a write-through stream completed, whose metadata carried
+    /// `sent`. The spool stays locked throughout, as in a setattr: a chmod or utimens that
+    /// came while the stream completed is kept (its time, not the one the object left
+    /// with), and the metadata job stores it in the object.
+    ///
+    /// Without a sync: the ledger's record of the stream is durable, and the next mount
+    /// records the object from the bucket if a power loss drops this commit. A multipart
+    /// object's metadata left before its crc64 was known: the uploader stores it in the
+    /// background (close does not wait for a copy).
+    fn record_stream_close(
+        &self,
+        ino: u64,
+        uploaded: &Uploaded,
+        sent: &crate::backend::ObjectAttrs,
+    ) -> FsResult<()> {
+        let file = self.cache.loaded(ino);
+        let mut state = file.as_ref().map(|file| file.lock());
+        let set_meanwhile = state.as_ref().and_then(|state| state.changed_at);
+        let mut current = attrs_of(&self.inode(ino)?);
+        current.mtime = set_meanwhile.unwrap_or(sent.mtime);
+        let in_object = uploaded.crc_stored && current == *sent;
+        self.meta.bookkeeping(|tx| {
+            self.meta
+                .record_streamed_object(tx, ino, &uploaded.remote(), current.mtime, in_object)
+        })?;
+        if let Some(state) = state.as_mut() {
+            // The spool now equals the object: clean, and the base of any later write.
+            state.dirty = false;
+            state.source_key = Some(uploaded.key.clone());
+            state.fetch_limit = uploaded.size;
+            state.persisted_gen = state.gen;
+            state.changed_at = None;
         }
         Ok(())
     }
