@@ -557,32 +557,29 @@ impl Backend {
         to: &str,
         source_size: Option<u64>,
     ) -> opendal::Result<Option<String>> {
-        if let Some((direct, content_type)) = self.retyped_copy(from, to, source_size) {
-            let etag = direct
-                .copy_retyped(from, to, content_type)
-                .await
-                .map_err(s3_direct::S3DirectError::into_opendal)?;
-            tracing::debug!(
-                from,
-                to,
-                content_type,
-                "copied object with a new content type"
-            );
-            return match etag {
-                Some(etag) => Ok(Some(etag)),
-                None => Ok(self.stat(to).await?.and_then(|info| info.etag)),
-            };
-        }
-        let options = opendal::options::CopyOptions {
-            source_content_length_hint: source_size,
-            ..Default::default()
+        let tag = match self.retyped_copy(from, to, source_size) {
+            Some((direct, content_type)) => {
+                let etag = direct
+                    .copy_retyped(from, to, content_type)
+                    .await
+                    .map_err(s3_direct::S3DirectError::into_opendal)?;
+                tracing::debug!(from, to, content_type, "copied object, new content type");
+                etag
+            }
+            None => {
+                let options = opendal::options::CopyOptions {
+                    source_content_length_hint: source_size,
+                    ..Default::default()
+                };
+                let meta = self.op.copy_options(from, to, options).await?;
+                tracing::debug!(from, to, "copied object");
+                self.version_tag(&meta)
+            }
         };
-        let meta = self.op.copy_options(from, to, options).await?;
-        tracing::debug!(from, to, "copied object");
-        if let Some(tag) = self.version_tag(&meta) {
-            return Ok(Some(tag));
+        match tag {
+            Some(tag) => Ok(Some(tag)),
+            None => Ok(self.stat(to).await?.and_then(|info| info.etag)),
         }
-        Ok(self.stat(to).await?.and_then(|info| info.etag))
     }
 
     /// The content type a copy of `from` to `to` must set instead of keeping the source's:
