@@ -452,17 +452,17 @@ impl Backend {
         Ok(())
     }
 
-    /// Writes a small object in one request (small files, symlinks). `content_type`: see
-    /// [`content_type_of`].
+    /// Writes a small object in one request: a file (with a content type, see
+    /// [`content_type_of`]) or a symlink.
     pub async fn put(
         &self,
         key: &str,
         body: impl Into<opendal::Buffer>,
         metadata: HashMap<String, String>,
-        content_type: Option<&str>,
+        kind: Kind,
     ) -> opendal::Result<Option<String>> {
         let mut write = self.op.write_with(key, body.into()).user_metadata(metadata);
-        if let Some(content_type) = content_type {
+        if let Some(content_type) = content_type_of(key).filter(|_| kind == Kind::File) {
             write = write.content_type(content_type);
         }
         let meta = write.await?;
@@ -724,7 +724,12 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let backend = local_backend(root.path());
         backend
-            .put("f", Buffer::from(b"bytes".to_vec()), HashMap::new(), None)
+            .put(
+                "f",
+                Buffer::from(b"bytes".to_vec()),
+                HashMap::new(),
+                Kind::File,
+            )
             .await
             .expect("put f");
         backend.delete("f").await.expect("delete f");

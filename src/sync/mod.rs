@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::backend::{content_type_of, Backend, Kind, MetadataReplaced, ObjectAttrs};
+use crate::backend::{Backend, Kind, MetadataReplaced, ObjectAttrs};
 use crate::cache::{CacheFile, DataCache, FileInit};
 use crate::error::{FsError, FsResult};
 use crate::integrity::{crc64, Crc64, ReadVerifier};
@@ -788,7 +788,7 @@ impl Uploader {
             let size = target.len() as u64;
             let etag = self
                 .backend
-                .put(key, target, metadata, None)
+                .put(key, target, metadata, Kind::Symlink)
                 .await
                 .map_err(|err| FsError::backend(&format!("writing symlink {key}"), err))?;
             RemoteState {
@@ -1148,7 +1148,7 @@ impl Uploader {
             let crc = crc64(&body);
             let etag = self
                 .backend
-                .put(key, body, attrs.encode(Some(crc)), content_type_of(key))
+                .put(key, body, attrs.encode(Some(crc)), Kind::File)
                 .await
                 .map_err(|err| FsError::backend(&format!("uploading {key}"), err))?;
             return Ok(Uploaded {

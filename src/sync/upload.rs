@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::backend::{content_type_of, Backend};
+use crate::backend::{Backend, Kind};
 use crate::config::MAX_PART_SIZE;
 use crate::error::{FsError, FsResult};
 use crate::integrity::Crc64;
@@ -281,7 +281,7 @@ impl StreamUpload {
         let body = crate::buffers::Buffer::from(std::mem::take(&mut self.buffer));
         let etag = match self
             .backend
-            .put(&self.key, body, metadata, content_type_of(&self.key))
+            .put(&self.key, body, metadata, Kind::File)
             .await
         {
             Ok(etag) => etag,
