@@ -169,7 +169,8 @@ fn new_files_get_a_content_type_by_their_extension() {
 
 /// rsync writes `.index.html.Xy12Ab`, then renames it: the object at the final name gets
 /// the final name's content type, by a server-side copy that keeps the metadata (no data
-/// moves through the mount). A rename between names of one type is a plain copy.
+/// moves through the mount). A rename between names of one type is a plain copy, and a
+/// symlink gets no type from its name.
 #[test]
 fn a_rename_to_a_name_of_another_type_sets_its_content_type() {
     let bucket = ProxiedBucket::start("attrs-retype");
@@ -217,6 +218,27 @@ fn a_rename_to_a_name_of_another_type_sets_its_content_type() {
             .head_object(&bucket.bucket, &copy)
             .expect("moved");
         assert_eq!(head.content_type.as_deref(), Some("text/html"), "{mode}");
+
+        // A symlink's object is no page: a name with an extension gives it no type (its
+        // rename stores it anew, with none).
+        let (link_temp, link) = (format!(".{mode}-link.Xy12Ab"), format!("{mode}-link.html"));
+        std::os::unix::fs::symlink(&copy, mount.path(&link_temp)).expect("symlink");
+        flush(&mount);
+        fs::rename(mount.path(&link_temp), mount.path(&link)).expect("rename the symlink");
+        flush(&mount);
+        let head = bucket
+            .moto
+            .head_object(&bucket.bucket, &link)
+            .expect("the symlink's object is at its new name");
+        assert_eq!(
+            head.content_type.as_deref(),
+            Some("binary/octet-stream"),
+            "{mode}: {head:?}"
+        );
+        assert_eq!(
+            fs::read_link(mount.path(&link)).expect("still a symlink"),
+            std::path::PathBuf::from(&copy)
+        );
         mount.unmount();
     }
 }

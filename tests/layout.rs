@@ -381,11 +381,12 @@ fn recover_after_losing_the_cache_reproduces_the_tree_on_the_directory_bucket() 
     }
 }
 
-#[test]
-fn recover_refuses_a_cache_dir_with_changes_not_yet_uploaded() {
-    let bucket = temp_dir("unsynced");
+/// A directory bucket, and a cache dir holding a change not yet uploaded (`pending.txt`),
+/// as a crash left them.
+fn crashed_with_a_pending_change(name: &str) -> (tempfile::TempDir, String, tempfile::TempDir) {
+    let bucket = temp_dir(name);
     let source = bucket.path().to_string_lossy().into_owned();
-    let cache = temp_dir("unsynced-cache");
+    let cache = temp_dir(&format!("{name}-cache"));
     let mount = Mount::start_with_cache(
         &source,
         "cached",
@@ -395,6 +396,12 @@ fn recover_refuses_a_cache_dir_with_changes_not_yet_uploaded() {
     );
     fs::write(mount.path("pending.txt"), b"not uploaded").expect("write");
     mount.crash();
+    (bucket, source, cache)
+}
+
+#[test]
+fn recover_refuses_a_cache_dir_with_changes_not_yet_uploaded() {
+    let (_bucket, source, cache) = crashed_with_a_pending_change("unsynced");
     let ran = recover(&source, cache.path(), &[], None);
     assert!(!ran.status.success(), "recover must refuse");
     assert!(
@@ -406,16 +413,63 @@ fn recover_refuses_a_cache_dir_with_changes_not_yet_uploaded() {
     assert!(ran.status.success(), "{}", ran.stderr);
 }
 
-/// `bucketgate mount` in the background, expected to fail; returns its stderr.
+/// A cache dir a newer build wrote may hold rows this build cannot read right (an older
+/// build took an attribute-only change for one it need not upload): mount and recover
+/// refuse it, saying what to do, and leave it as it is, so the newer build still finds
+/// its pending change.
+#[test]
+fn a_cache_dir_of_a_newer_build_is_refused_and_kept() {
+    let (bucket, source, cache) = crashed_with_a_pending_change("newer");
+    let store = cache.path().join("meta.db");
+    let version = |set: Option<i64>| -> i64 {
+        let conn = rusqlite::Connection::open(&store).expect("open the store");
+        if let Some(version) = set {
+            conn.pragma_update(None, "user_version", version)
+                .expect("set the version");
+        }
+        conn.pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("read the version")
+    };
+    let ours = version(None);
+    version(Some(ours + 1));
+    let err = mount_fails_with_cache(&source, cache.path(), &[]);
+    assert!(
+        err.contains("newer bucketgate") && err.contains("--cache-dir"),
+        "{err}"
+    );
+    let ran = recover(&source, cache.path(), &["--force"], None);
+    assert!(!ran.status.success(), "recover must refuse it too");
+    assert!(ran.stderr.contains("newer bucketgate"), "{}", ran.stderr);
+    assert_eq!(version(None), ours + 1, "the store is left as it was");
+    assert!(!bucket.path().join("pending.txt").exists());
+
+    // The build that wrote it (here: the version put back) still uploads the change.
+    version(Some(ours));
+    let mount = Mount::start_with_cache(&source, "cached", cache.path(), &[], &[]);
+    flush(&mount);
+    assert_eq!(
+        fs::read(bucket.path().join("pending.txt")).expect("uploaded"),
+        b"not uploaded"
+    );
+    mount.unmount();
+}
+
+/// `bucketgate mount` in the background with a fresh cache dir, expected to fail; returns
+/// its stderr.
 fn mount_fails(source: &str, extra: &[&str]) -> String {
-    let mnt = temp_dir("refused-mnt");
     let cache = temp_dir("refused-cache");
+    mount_fails_with_cache(source, cache.path(), extra)
+}
+
+/// `bucketgate mount` in the background on `cache`, expected to fail; returns its stderr.
+fn mount_fails_with_cache(source: &str, cache: &Path, extra: &[&str]) -> String {
+    let mnt = temp_dir("refused-mnt");
     let mut args = vec![
         "mount",
         source,
         mnt.path().to_str().expect("utf-8"),
         "--cache-dir",
-        cache.path().to_str().expect("utf-8"),
+        cache.to_str().expect("utf-8"),
     ];
     args.extend_from_slice(extra);
     let ran = bucketgate(&args, TIMEOUT);

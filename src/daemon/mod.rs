@@ -111,13 +111,15 @@ fn open_layers(config: &MountConfig) -> anyhow::Result<(Arc<MetaStore>, Arc<Data
         .with_context(|| format!("securing cache dir {}", config.cache_dir.display()))?;
     let lock = lock_cache_dir(&config.cache_dir)?;
     let defaults = attr_defaults(config);
-    let meta = MetaStore::open(
-        &config.cache_dir.join("meta.db"),
-        0o777 & !defaults.umask,
-        defaults.uid,
-        defaults.gid,
-    )
-    .map_err(|err| anyhow!("opening metadata store: {err}"))?;
+    let store = config.cache_dir.join("meta.db");
+    let meta = MetaStore::open(&store, 0o777 & !defaults.umask, defaults.uid, defaults.gid)
+        .map_err(|err| {
+            anyhow!(
+                "opening the metadata store {}: {}",
+                store.display(),
+                err.message
+            )
+        })?;
     let unclean = meta
         .state("clean")
         .map_err(|err| anyhow!("{err}"))?

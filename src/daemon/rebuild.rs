@@ -515,8 +515,9 @@ fn refuse_unsynced(cache_dir: &std::path::Path, force: bool) -> anyhow::Result<(
     }
     let meta = MetaStore::open(&path, 0o755, 0, 0).map_err(|err| {
         anyhow!(
-            "opening the existing metadata store {}: {err}",
-            path.display()
+            "opening the existing metadata store {}: {}",
+            path.display(),
+            err.message
         )
     })?;
     let pending = meta.changes_pending().map_err(|err| anyhow!("{err}"))?;

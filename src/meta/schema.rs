@@ -2,6 +2,8 @@
 
 use rusqlite::Connection;
 
+use crate::error::{FsError, FsResult};
+
 /// The schema version this build writes.
 pub const VERSION: i64 = 3;
 
@@ -63,10 +65,22 @@ const V3: &str = "
 ALTER TABLE uploads ADD COLUMN streamed_ino INTEGER;
 ";
 
-/// Brings a database to [`VERSION`], in one transaction.
-pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+/// Brings a database to [`VERSION`], in one transaction. A database a newer build wrote
+/// is refused: its rows may mean what this build does not know (a `dirty` value, a
+/// journal op), and acting on them could drop a change the bucket still lacks.
+pub fn migrate(conn: &mut Connection) -> FsResult<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    if version >= VERSION {
+    if version > VERSION {
+        return Err(FsError::new(
+            libc::EIO,
+            format!(
+                "it was written by a newer bucketgate (schema version {version}; this build \
+                 knows up to {VERSION}) and may hold changes not yet in the bucket: mount it \
+                 with that newer build, or give this one another --cache-dir"
+            ),
+        ));
+    }
+    if version == VERSION {
         return Ok(());
     }
     let tx = conn.transaction()?;
@@ -80,5 +94,28 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.execute_batch(V3)?;
     }
     tx.execute_batch(&format!("PRAGMA user_version = {VERSION}"))?;
-    tx.commit()
+    Ok(tx.commit()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_of_a_newer_build_is_refused_and_left_as_it_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.db");
+        let mut conn = Connection::open(&path).expect("open");
+        migrate(&mut conn).expect("a new store");
+        migrate(&mut conn).expect("this build's own store");
+        conn.execute_batch(&format!("PRAGMA user_version = {}", VERSION + 1))
+            .expect("set a newer version");
+        let err = migrate(&mut conn).expect_err("a newer store").to_string();
+        assert!(err.contains("newer bucketgate"), "{err}");
+        assert!(err.contains("--cache-dir"), "{err}");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, VERSION + 1, "the store is left untouched");
+    }
 }
