@@ -1446,6 +1446,7 @@ impl Core {
                 Some(Ledger {
                     store: self.meta.clone(),
                     streamed_ino: Some(inode.ino),
+                    new_file: inode.remote_key.as_deref().is_none_or(str::is_empty),
                 }),
             )
             .await?;

@@ -1174,6 +1174,7 @@ impl Uploader {
             Some(upload::Ledger {
                 store: self.meta.clone(),
                 streamed_ino: None,
+                new_file: false,
             }),
         )
         .await?;

@@ -45,6 +45,9 @@ pub struct StreamUpload {
     crc: Crc64,
     /// Where the upload is recorded while it runs, so a crash's leftovers get aborted.
     ledger: Option<Arc<MetaStore>>,
+    /// The one PUT of a stream that ends within its first part may leave before the
+    /// ledger's record is durable (see [`Ledger::new_file`]).
+    put_before_record: bool,
     /// The fsync that makes the ledger's record durable, running while the writer goes
     /// on: nothing reaches the bucket before it ends.
     ledger_sync: Option<tokio::task::JoinHandle<FsResult<()>>>,
@@ -56,6 +59,16 @@ pub struct Ledger {
     pub store: Arc<MetaStore>,
     /// The write-through file whose writer streams the upload, if any.
     pub streamed_ino: Option<u64>,
+    /// The streamed file has never stored an object (a new file). Its one PUT, if the
+    /// stream ends within its first part, leaves without waiting for the fsync of the
+    /// ledger's record, which runs meanwhile; the close still waits for both. A power loss
+    /// before the record is durable makes the next mount forget the file as a creation
+    /// never completed (`MetaStore::files_never_stored`) and touch nothing in the bucket:
+    /// the object, if the PUT landed, stays there, complete, like another tool's. A file
+    /// stored before needs the record first: the next mount settles it from the bucket
+    /// only when the ledger lists it. Saves a small new file's close the wait for one
+    /// fsync (W4 write-through: 1.19-1.54x the files per second).
+    pub new_file: bool,
 }
 
 /// What a finished upload left in the bucket.
@@ -90,15 +103,16 @@ impl StreamUpload {
         concurrency: usize,
         ledger: Option<Ledger>,
     ) -> FsResult<StreamUpload> {
-        let ledger = match ledger {
+        let (ledger, put_before_record) = match ledger {
             Some(Ledger {
                 store,
                 streamed_ino,
+                new_file,
             }) => {
                 store.upload_starting(key, streamed_ino)?;
-                Some(store)
+                (Some(store), new_file && streamed_ino.is_some())
             }
-            None => None,
+            None => (None, false),
         };
         let ledger_sync = ledger
             .clone()
@@ -115,6 +129,7 @@ impl StreamUpload {
             bytes: 0,
             crc: Crc64::default(),
             ledger,
+            put_before_record,
             ledger_sync,
         })
     }
@@ -271,9 +286,9 @@ impl StreamUpload {
     /// A stream that ended within its first part: one PUT whose metadata carries the
     /// crc64, known now (a multipart upload's metadata leaves before it is).
     async fn put_whole(mut self) -> FsResult<Uploaded> {
-        if let Err(err) = self.ledger_durable().await {
-            self.abandon_in_ledger();
-            return Err(err);
+        let record_first = !self.put_before_record;
+        if record_first {
+            self.record_durable_or_abandon().await?;
         }
         let crc = self.crc.value();
         let mut metadata = std::mem::take(&mut self.metadata);
@@ -292,6 +307,9 @@ impl StreamUpload {
                 return Err(FsError::backend(&format!("uploading {}", self.key), err));
             }
         };
+        if !record_first {
+            self.record_durable_or_abandon().await?;
+        }
         // The ledger entry stays until the caller has recorded the object.
         Ok(Uploaded {
             key: self.key,
@@ -300,6 +318,16 @@ impl StreamUpload {
             crc64: Some(crc),
             crc_stored: true,
         })
+    }
+
+    /// Waits for the ledger's record (see [`Self::ledger_durable`]); when it cannot be made
+    /// durable, the stream is abandoned in the ledger and fails.
+    async fn record_durable_or_abandon(&mut self) -> FsResult<()> {
+        let result = self.ledger_durable().await;
+        if result.is_err() {
+            self.abandon_in_ledger();
+        }
+        result
     }
 
     /// Abandons the upload and its parts.
