@@ -49,7 +49,8 @@ pub struct StreamUpload {
     /// ledger's record is durable (see [`Ledger::new_file`]).
     put_before_record: bool,
     /// The fsync that makes the ledger's record durable, running while the writer goes
-    /// on: nothing reaches the bucket before it ends.
+    /// on: nothing reaches the bucket before it ends (but a new file's one PUT, see
+    /// [`Ledger::new_file`]).
     ledger_sync: Option<tokio::task::JoinHandle<FsResult<()>>>,
 }
 
@@ -66,8 +67,8 @@ pub struct Ledger {
     /// never completed (`MetaStore::files_never_stored`) and touch nothing in the bucket:
     /// the object, if the PUT landed, stays there, complete, like another tool's. A file
     /// stored before needs the record first: the next mount settles it from the bucket
-    /// only when the ledger lists it. Saves a small new file's close the wait for one
-    /// fsync (W4 write-through: 1.19-1.54x the files per second).
+    /// only when the ledger lists it. Saves a small new file's close most of the wait for
+    /// one fsync (W4 write-through; BENCHMARKS.md, nineteenth session).
     pub new_file: bool,
 }
 
@@ -135,7 +136,8 @@ impl StreamUpload {
     }
 
     /// Waits until the ledger's record of this upload is durable: called before any
-    /// request that can leave parts or an object behind.
+    /// request that can leave parts or an object behind (after it, for a new file's one
+    /// PUT).
     async fn ledger_durable(&mut self) -> FsResult<()> {
         let Some(sync) = self.ledger_sync.take() else {
             return Ok(());
