@@ -170,3 +170,90 @@ fn a_full_cache_disk_evicts_clean_data_then_gives_enospc_and_loses_nothing() {
     }
     mount.unmount();
 }
+
+/// Descriptors process `pid` holds open.
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("listing the daemon's descriptors")
+        .count()
+}
+
+/// The soft and hard limits on open files of process `pid`.
+fn open_files_limits(pid: u32) -> (u64, u64) {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).expect("reading limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// A backup writes far more files than the daemon may hold open, into a cache that holds
+/// only some of them: every file lands, reads back, and the cache stays within its limit.
+/// Each cache file used to stay open until evicted: at a soft limit of 1,024 the
+/// thousandth file's create failed with EIO.
+#[test]
+fn a_cached_mount_takes_more_files_than_it_may_hold_open() {
+    let bucket = temp_dir("fd-bucket");
+    let source = bucket.path().to_str().expect("utf-8").to_string();
+    let files = 1_200;
+    let mount = Mount::start_with_open_files_limit(
+        &source,
+        "cached",
+        (256, 256),
+        &["--cache-size", "300M", "--upload-delay", "0ms"],
+    );
+    let pid = mount.pid();
+    let content = |i: usize| format!("file {i} ").repeat(1 + i % 50).into_bytes();
+    for i in 0..files {
+        fs::write(mount.path(format!("f{i:04}")), content(i))
+            .unwrap_or_else(|err| panic!("writing f{i:04}: {err}"));
+    }
+    let mnt = mount.mountpoint.to_str().expect("utf-8").to_string();
+    let flushed = bucketgate(&["flush", &mnt], Duration::from_secs(120));
+    assert!(flushed.status.success(), "flush: {flushed:?}");
+    let held = open_fds(pid);
+    assert!(held < 256, "the daemon holds {held} descriptors");
+    let status = bucketgate(&["status", &mnt, "--json"], Duration::from_secs(30));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status");
+    let used = status["cache_used_bytes"].as_u64().expect("used bytes");
+    assert!(used <= 300 << 20, "over the cache size: {status}");
+    let cached = fs::read_dir(mount.cache_dir.join("data"))
+        .expect("cache data dir")
+        .count();
+    assert!(
+        cached <= 320,
+        "{cached} cache files for 300 MiB (1 MiB blocks) and a spare or two"
+    );
+    // Read back: the unloaded files load again, the evicted ones come from the bucket.
+    for i in (0..files).rev() {
+        assert_eq!(
+            fs::read(mount.path(format!("f{i:04}"))).expect("read back"),
+            content(i),
+            "f{i:04} through the mount"
+        );
+    }
+    assert!(open_fds(pid) < 256, "reading them back holds descriptors");
+    mount.unmount();
+    for i in 0..files {
+        assert_eq!(
+            fs::read(bucket.path().join(format!("f{i:04}"))).expect("object"),
+            content(i),
+            "f{i:04} in the bucket"
+        );
+    }
+}
+
+/// A shell's soft limit on open files (often 1,024) is raised to the hard limit.
+#[test]
+fn the_daemon_raises_its_soft_open_files_limit() {
+    let bucket = temp_dir("fd-limit-bucket");
+    let source = bucket.path().to_str().expect("utf-8").to_string();
+    let mount = Mount::start_with_open_files_limit(&source, "cached", (512, 4096), &[]);
+    assert_eq!(open_files_limits(mount.pid()), (4096, 4096));
+    mount.unmount();
+}

@@ -4,26 +4,31 @@
 //! the file's `fetch_limit` (beyond what the bucket holds for it: zeros or local writes).
 
 pub mod blocks;
+mod registry;
 mod spares;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blocks::BlockSet;
 use futures::StreamExt;
+pub use registry::SavedFile;
+use registry::{Registry, Unloaded};
 use spares::SpareFiles;
 
 use crate::backend::Backend;
 use crate::buffers::Buffer;
 use crate::error::{FsError, FsResult};
 use crate::integrity::ReadVerifier;
+
+/// An inode and its presence map, as the metadata store saves it.
+pub type SavedMap = (u64, Vec<u8>);
 
 /// Cache granularity: what one ranged GET fills at the least.
 pub const BLOCK_SIZE: u64 = 1 << 20;
@@ -824,9 +829,10 @@ impl CacheFile {
 pub struct DataCache {
     dir: PathBuf,
     limit: u64,
-    files: Mutex<HashMap<u64, Arc<CacheFile>>>,
-    /// Present bytes of files not loaded in this session (from the saved bitmaps).
-    unloaded_bytes: AtomicU64,
+    files: Mutex<Registry>,
+    /// Idle files kept loaded at most (each holds a descriptor); the least recently used
+    /// beyond this are unloaded, their bytes kept.
+    max_idle_loaded: usize,
     spares: SpareFiles,
 }
 
@@ -862,20 +868,26 @@ fn discard_contents(file: &File) -> std::io::Result<()> {
 }
 
 impl DataCache {
-    pub fn open(dir: &Path, limit: u64, saved_bytes: u64) -> FsResult<DataCache> {
+    /// `saved`: the files with a saved presence map (bytes on disk from earlier sessions).
+    pub fn open(
+        dir: &Path,
+        limit: u64,
+        saved: Vec<SavedFile>,
+        max_idle_loaded: usize,
+    ) -> FsResult<DataCache> {
         std::fs::create_dir_all(dir)
             .map_err(|err| FsError::io(&format!("creating {}", dir.display()), err))?;
         Ok(DataCache {
             dir: dir.to_path_buf(),
             limit,
-            files: Mutex::new(HashMap::new()),
-            unloaded_bytes: AtomicU64::new(saved_bytes),
+            files: Mutex::new(Registry::new(saved)),
+            max_idle_loaded,
             // Not a number, so never an inode's file name.
             spares: SpareFiles::open(dir.join("spare"))?,
         })
     }
 
-    fn registry(&self) -> MutexGuard<'_, HashMap<u64, Arc<CacheFile>>> {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
         self.files
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -889,6 +901,7 @@ impl DataCache {
     pub fn start_writeback_of_writes(&self) {
         let files: Vec<Arc<CacheFile>> = self
             .registry()
+            .loaded
             .values()
             .filter(|file| file.being_written())
             .cloned()
@@ -899,7 +912,7 @@ impl DataCache {
     }
 
     pub fn loaded(&self, ino: u64) -> Option<Arc<CacheFile>> {
-        self.registry().get(&ino).cloned()
+        self.registry().loaded.get(&ino).cloned()
     }
 
     /// The cached file of an inode, loading it with `init` if needed.
@@ -909,7 +922,7 @@ impl DataCache {
         init: impl FnOnce() -> FsResult<FileInit>,
     ) -> FsResult<Arc<CacheFile>> {
         let mut files = self.registry();
-        if let Some(file) = files.get(&ino) {
+        if let Some(file) = files.loaded.get(&ino) {
             return Ok(file.clone());
         }
         let init = init()?;
@@ -933,12 +946,7 @@ impl DataCache {
                 BlockSet::default()
             }
         };
-        let saved = blocks.count() * BLOCK_SIZE;
-        let _ = self
-            .unloaded_bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(saved))
-            });
+        files.take_unloaded(ino);
         file.set_len(init.size)
             .map_err(|err| FsError::io("sizing cache file", err))?;
         let cached = Arc::new(CacheFile {
@@ -967,7 +975,7 @@ impl DataCache {
             landed: tokio::sync::watch::Sender::new(0),
             writes: Mutex::new(()),
         });
-        files.insert(ino, cached.clone());
+        files.loaded.insert(ino, cached.clone());
         Ok(cached)
     }
 
@@ -975,7 +983,8 @@ impl DataCache {
     /// registry's lock (see [`DataCache::evict_to`]).
     pub fn remove(&self, ino: u64, forget: &dyn Fn(u64) -> FsResult<()>) -> FsResult<()> {
         let mut files = self.registry();
-        files.remove(&ino);
+        files.loaded.remove(&ino);
+        files.take_unloaded(ino);
         self.delete_file(ino)?;
         forget(ino)
     }
@@ -989,7 +998,10 @@ impl DataCache {
         forget: &dyn Fn(u64) -> FsResult<()>,
     ) -> FsResult<bool> {
         let mut files = self.registry();
-        let registered = files.get(&file.ino).is_some_and(|f| Arc::ptr_eq(f, &file));
+        let registered = files
+            .loaded
+            .get(&file.ino)
+            .is_some_and(|f| Arc::ptr_eq(f, &file));
         let idle = {
             let state = file.lock();
             !state.dirty && state.open_handles == 0
@@ -999,7 +1011,7 @@ impl DataCache {
             return Ok(false);
         }
         let ino = file.ino;
-        files.remove(&ino);
+        files.loaded.remove(&ino);
         // The map goes first: `forget` is a synced commit, which the records saying the
         // file is clean must reach before its data goes (see `sync::record_remote`).
         forget(ino)?;
@@ -1030,13 +1042,13 @@ impl DataCache {
         &self,
         ino: u64,
         init: FileInit,
-        record: impl FnOnce() -> FsResult<u64>,
+        record: impl FnOnce() -> FsResult<()>,
     ) -> FsResult<bool> {
-        let files = self.registry();
-        let Some(file) = files.get(&ino) else {
-            let forgotten = record()?;
+        let mut files = self.registry();
+        let Some(file) = files.loaded.get(&ino).cloned() else {
+            record()?;
             self.delete_file(ino)?;
-            self.forget_unloaded(forgotten);
+            files.take_unloaded(ino);
             return Ok(true);
         };
         let mut state = file.lock();
@@ -1068,37 +1080,35 @@ impl DataCache {
         save: impl FnOnce(&FileState) -> FsResult<()>,
     ) -> FsResult<bool> {
         let mut files = self.registry();
-        let registered = files.get(&file.ino).is_some_and(|f| Arc::ptr_eq(f, &file));
+        let registered = files
+            .loaded
+            .get(&file.ino)
+            .is_some_and(|f| Arc::ptr_eq(f, &file));
         // Two references: the registry's and the caller's.
         if !registered || Arc::strong_count(&file) > 2 {
             return Ok(false);
         }
-        let present = {
+        let entry = {
             let state = file.lock();
             if state.dirty || state.open_handles > 0 || state.corrupt.is_some() {
                 return Ok(false);
             }
             save(&state)?;
-            state.blocks.count() * BLOCK_SIZE
+            Unloaded {
+                bytes: state.blocks.count() * BLOCK_SIZE,
+                last_access: state.last_access,
+                clean: true,
+            }
         };
-        files.remove(&file.ino);
-        self.unloaded_bytes.fetch_add(present, Ordering::Relaxed);
+        files.loaded.remove(&file.ino);
+        files.put_unloaded(file.ino, entry);
         Ok(true)
-    }
-
-    /// Saved bytes of a file not loaded were dropped.
-    fn forget_unloaded(&self, bytes: u64) {
-        // The closure always returns Some: the update cannot fail.
-        let _ = self
-            .unloaded_bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(bytes))
-            });
     }
 
     /// Whether `file` is still the registered cache file of its inode.
     pub fn is_current(&self, file: &Arc<CacheFile>) -> bool {
         self.registry()
+            .loaded
             .get(&file.ino)
             .is_some_and(|current| Arc::ptr_eq(current, file))
     }
@@ -1113,8 +1123,9 @@ impl DataCache {
 
     /// Bytes of bucket data held in the cache.
     pub fn used_bytes(&self) -> u64 {
-        let loaded: u64 = self.registry().values().map(|f| f.present_bytes()).sum();
-        loaded + self.unloaded_bytes.load(Ordering::Relaxed)
+        let files = self.registry();
+        let loaded: u64 = files.loaded.values().map(|f| f.present_bytes()).sum();
+        loaded + files.unloaded_bytes()
     }
 
     pub fn limit(&self) -> u64 {
@@ -1138,6 +1149,7 @@ impl DataCache {
     /// Bytes held for files with changes not yet in the bucket (never evicted).
     pub fn dirty_bytes(&self) -> u64 {
         self.registry()
+            .loaded
             .values()
             .map(|f| {
                 let state = f.lock();
@@ -1150,25 +1162,28 @@ impl DataCache {
             .sum()
     }
 
-    /// Evicts clean, closed files, least recently used first, until under the limit.
-    /// Returns the inodes evicted (their saved presence must be forgotten).
-    pub fn evict_to_limit(&self, forget: &dyn Fn(u64) -> FsResult<()>) -> FsResult<Vec<u64>> {
-        self.evict_to(self.limit, forget)
+    /// Evicts clean, closed files once the cache holds more than its limit, down to a
+    /// sixteenth below it: a full cache then evicts in batches, not one file per close.
+    pub fn evict_to_limit(&self, forget: &dyn Fn(&[u64]) -> FsResult<()>) -> FsResult<Vec<u64>> {
+        if self.used_bytes() <= self.limit {
+            return Ok(Vec::new());
+        }
+        self.evict_to(self.limit - self.limit / 16, forget)
     }
 
     /// Evicts clean, closed files, least recently used first, until at most `target`
     /// bytes are held. Returns the inodes evicted.
-    /// `forget` drops an evicted file's saved block map, under the registry's lock: a
-    /// reload in between would otherwise trust the map of a file that is gone.
+    /// `forget` drops the evicted files' saved block maps (in one commit), under the
+    /// registry's lock: a reload in between would otherwise trust the map of a file that
+    /// is gone.
     pub fn evict_to(
         &self,
         target: u64,
-        forget: &dyn Fn(u64) -> FsResult<()>,
+        forget: &dyn Fn(&[u64]) -> FsResult<()>,
     ) -> FsResult<Vec<u64>> {
-        let mut evicted = Vec::new();
         let mut used = self.used_bytes();
         if used <= target {
-            return Ok(evicted);
+            return Ok(Vec::new());
         }
         // The registry stays locked from choice to removal, and only files nobody else
         // holds are chosen: a handle, a read or an upload in progress keeps a reference,
@@ -1176,6 +1191,7 @@ impl DataCache {
         // its block map while holding it; evicting under it would strand that map.)
         let mut files = self.registry();
         let mut candidates: Vec<(Instant, u64, u64)> = files
+            .loaded
             .values()
             .filter(|f| Arc::strong_count(f) == 1)
             .filter_map(|f| {
@@ -1183,20 +1199,78 @@ impl DataCache {
                 let evictable = !state.dirty && state.open_handles == 0;
                 evictable.then(|| (state.last_access, f.ino, state.blocks.count() * BLOCK_SIZE))
             })
+            .chain(files.evictable_unloaded())
             .collect();
         candidates.sort();
+        let mut evicted = Vec::new();
         for (_, ino, bytes) in candidates {
             if used <= target {
                 break;
             }
-            files.remove(&ino);
-            // Map first, as in `discard_if_unused`.
-            forget(ino)?;
-            self.delete_file(ino)?;
             used = used.saturating_sub(bytes);
             evicted.push(ino);
         }
+        // Maps first, as in `discard_if_unused`; on an error nothing is gone.
+        forget(&evicted)?;
+        for ino in &evicted {
+            files.loaded.remove(ino);
+            files.take_unloaded(*ino);
+            self.delete_file(*ino)?;
+        }
         Ok(evicted)
+    }
+
+    /// Unloads the least recently used idle files once more than `max_idle_loaded` are
+    /// loaded, down to three quarters of it. Their bytes stay (and count, and are evicted
+    /// like any others); `save` stores their presence maps first, in one commit, for the
+    /// next load. Idle: clean, closed, not served by the kernel, and held by nobody.
+    pub fn unload_idle(&self, save: &dyn Fn(&[SavedMap]) -> FsResult<()>) -> FsResult<usize> {
+        let mut files = self.registry();
+        if files.loaded.len() <= self.max_idle_loaded {
+            return Ok(0);
+        }
+        let mut idle: Vec<(Instant, u64)> = files
+            .loaded
+            .values()
+            .filter(|f| Arc::strong_count(f) == 1)
+            .filter_map(|f| {
+                let state = f.lock();
+                let idle = !state.dirty
+                    && state.open_handles == 0
+                    && state.passthrough_opens == 0
+                    && state.corrupt.is_none()
+                    && state.gen == state.persisted_gen;
+                idle.then_some((state.last_access, f.ino))
+            })
+            .collect();
+        idle.sort();
+        let excess = files.loaded.len() - self.max_idle_loaded * 3 / 4;
+        idle.truncate(excess);
+        let chosen: Vec<(Arc<CacheFile>, Unloaded, Vec<u8>)> = idle
+            .iter()
+            .filter_map(|(_, ino)| files.loaded.get(ino).cloned())
+            .map(|file| {
+                let state = file.lock();
+                let entry = Unloaded {
+                    bytes: state.blocks.count() * BLOCK_SIZE,
+                    last_access: state.last_access,
+                    clean: true,
+                };
+                let map = state.blocks.to_bytes();
+                drop(state);
+                (file, entry, map)
+            })
+            .collect();
+        let maps: Vec<SavedMap> = chosen
+            .iter()
+            .map(|(f, _, map)| (f.ino, map.clone()))
+            .collect();
+        save(&maps)?;
+        for (file, entry, _) in &chosen {
+            files.loaded.remove(&file.ino);
+            files.put_unloaded(file.ino, *entry);
+        }
+        Ok(chosen.len())
     }
 }
 
@@ -1208,7 +1282,7 @@ mod tests {
     /// A 1 GiB cache in a directory of its own (kept alive by the returned guard).
     fn new_cache() -> (tempfile::TempDir, DataCache) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache = DataCache::open(dir.path(), 1 << 30, 0).expect("open cache");
+        let cache = DataCache::open(dir.path(), 1 << 30, Vec::new(), 64).expect("open cache");
         (dir, cache)
     }
 

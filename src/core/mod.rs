@@ -27,7 +27,9 @@ use crate::config::Mode;
 use crate::error::{FsError, FsResult};
 use crate::meta::{AttrChange, Inode, JournalOp, JournalSummary, MetaStore, NewInode, ROOT_INO};
 use crate::sync::upload::{Ledger, StreamUpload, Uploaded};
-use crate::sync::{attrs_of, discard_cache_file, file_init, read_verifier, FlushScope, Uploader};
+use crate::sync::{
+    attrs_of, discard_cache_file, file_init, read_verifier, unload_idle_files, FlushScope, Uploader,
+};
 use handle::{Handle, Opener};
 
 /// Longest name of one path component.
@@ -1395,7 +1397,7 @@ impl Core {
             return Ok(());
         }
         self.cache
-            .evict_to(0, &|ino| self.meta.forget_blocks(ino))?;
+            .evict_to(0, &|inos| self.meta.forget_blocks_of(inos))?;
         let room = self.cache.room_on_disk()?;
         if room >= incoming {
             return Ok(());
@@ -1423,7 +1425,7 @@ impl Core {
     /// Evicts clean, closed files beyond the cache limit and forgets their saved blocks.
     fn evict_clean(&self) -> FsResult<()> {
         self.cache
-            .evict_to_limit(&|ino| self.meta.forget_blocks(ino))?;
+            .evict_to_limit(&|inos| self.meta.forget_blocks_of(inos))?;
         Ok(())
     }
 
@@ -1831,6 +1833,9 @@ impl Core {
         }
         if self.config.mode == Mode::Cached {
             self.evict_clean()?;
+        }
+        if !self.write_through() {
+            unload_idle_files(&self.meta, &self.cache)?;
         }
         result
     }

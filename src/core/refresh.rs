@@ -523,13 +523,8 @@ impl Core {
         };
         let ino = inode.ino;
         self.cache.invalidate(ino, init, || {
-            let saved = self.meta.load_blocks(ino)?.map_or(0, |(_, bitmap)| {
-                crate::cache::blocks::BlockSet::from_bytes(&bitmap).count()
-                    * crate::cache::BLOCK_SIZE
-            });
             self.meta.record_replaced(ino, info)?;
-            self.meta.forget_blocks(ino)?;
-            Ok(saved)
+            self.meta.forget_blocks(ino)
         })
     }
 

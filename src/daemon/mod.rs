@@ -18,7 +18,7 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
 use crate::backend::{source, AttrDefaults};
-use crate::cache::DataCache;
+use crate::cache::{DataCache, SavedFile};
 use crate::config::MountConfig;
 use crate::core::{Core, CoreConfig};
 use crate::fs::BucketFs;
@@ -147,8 +147,9 @@ fn open_layers(config: &MountConfig) -> anyhow::Result<(Arc<MetaStore>, Arc<Data
         meta.transaction(|tx| meta.delete_inode(tx, orphan))
             .map_err(|err| anyhow!("{err}"))?;
     }
-    let saved_bytes = saved_cache_bytes(&meta)?;
-    let cache = DataCache::open(&data_dir, config.cache_size, saved_bytes)
+    let saved = saved_cache_files(&meta)?;
+    let idle_files = idle_files_loaded_at_most(raise_open_files_limit());
+    let cache = DataCache::open(&data_dir, config.cache_size, saved, idle_files)
         .map_err(|err| anyhow!("{err}"))?;
     Ok((Arc::new(meta), Arc::new(cache), lock))
 }
@@ -188,18 +189,59 @@ fn forget_unfinished_creates(meta: &MetaStore, data_dir: &Path) -> anyhow::Resul
     Ok(())
 }
 
-fn saved_cache_bytes(meta: &MetaStore) -> anyhow::Result<u64> {
+/// The cache files earlier sessions left with a saved presence map.
+fn saved_cache_files(meta: &MetaStore) -> anyhow::Result<Vec<SavedFile>> {
     meta.transaction(|tx| {
-        let mut stmt = tx.prepare("SELECT bitmap FROM cache_blocks")?;
-        let blobs = stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
-        let mut total = 0u64;
-        for blob in blobs {
-            total += crate::cache::blocks::BlockSet::from_bytes(&blob?).count()
-                * crate::cache::BLOCK_SIZE;
+        let mut stmt = tx.prepare(
+            "SELECT c.ino, c.bitmap, i.dirty FROM cache_blocks c LEFT JOIN inodes i ON i.ino = c.ino",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                row.get::<_, i64>(0)? as u64,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Option<i64>>(2)?,
+            ))
+        })?;
+        let mut files = Vec::new();
+        for row in rows {
+            let (ino, bitmap, dirty) = row?;
+            files.push(SavedFile {
+                ino,
+                bytes: crate::cache::blocks::BlockSet::from_bytes(&bitmap).count()
+                    * crate::cache::BLOCK_SIZE,
+                // 2: only attributes changed; the bucket holds the data.
+                clean: matches!(dirty, None | Some(0) | Some(2)),
+            });
         }
-        Ok(total)
+        Ok(files)
     })
     .map_err(|err| anyhow!("{err}"))
+}
+
+/// Raises this process's soft limit on open files to its hard limit (a shell's soft
+/// limit is often 1,024, which a cached mount writing many files at once could reach).
+/// Returns the soft limit in force.
+fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft >= hard {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => hard,
+        Err(err) => {
+            tracing::warn!(soft, hard, error = %err, "could not raise the open files limit");
+            soft
+        }
+    }
+}
+
+/// Idle cache files kept loaded, one descriptor each: a quarter of the open files limit,
+/// at most 1,024. Files being written, read or uploaded are loaded besides.
+fn idle_files_loaded_at_most(open_files_limit: u64) -> usize {
+    (open_files_limit / 4).clamp(16, 1024) as usize
 }
 
 fn attr_defaults(config: &MountConfig) -> AttrDefaults {

@@ -925,6 +925,19 @@ impl MetaStore {
         self.bookkeeping(|tx| save_blocks_in(tx, ino, block_size, bitmap))
     }
 
+    /// [`MetaStore::save_clean_blocks`] of several files (being unloaded), in one commit.
+    pub fn save_clean_blocks_of(&self, block_size: u64, maps: &[(u64, Vec<u8>)]) -> FsResult<()> {
+        if maps.is_empty() {
+            return Ok(());
+        }
+        self.bookkeeping(|tx| {
+            for (ino, bitmap) in maps {
+                save_blocks_in(tx, *ino, block_size, bitmap)?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn load_blocks(&self, ino: u64) -> FsResult<Option<(u64, Vec<u8>)>> {
         let conn = self.lock();
         let mut stmt =
@@ -984,9 +997,19 @@ impl MetaStore {
     /// Synced, and called before a cache file is deleted: its fsync also makes durable the
     /// uploader's unsynced record that the file is clean, which deleting its data relies on.
     pub fn forget_blocks(&self, ino: u64) -> FsResult<()> {
+        self.forget_blocks_of(&[ino])
+    }
+
+    /// [`MetaStore::forget_blocks`] of several files (being evicted), in one commit.
+    pub fn forget_blocks_of(&self, inos: &[u64]) -> FsResult<()> {
+        if inos.is_empty() {
+            return Ok(());
+        }
         self.transaction(|tx| {
-            tx.prepare_cached("DELETE FROM cache_blocks WHERE ino = ?1")?
-                .execute(params![ino as i64])?;
+            let mut stmt = tx.prepare_cached("DELETE FROM cache_blocks WHERE ino = ?1")?;
+            for ino in inos {
+                stmt.execute(params![*ino as i64])?;
+            }
             Ok(())
         })
     }

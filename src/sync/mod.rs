@@ -158,6 +158,13 @@ pub fn discard_cache_file(meta: &MetaStore, cache: &DataCache, ino: u64) -> FsRe
     cache.remove(ino, &|ino| meta.forget_blocks(ino))
 }
 
+/// Unloads idle cache files beyond the cache's cap on loaded files, keeping their bytes
+/// (see [`DataCache::unload_idle`]).
+pub fn unload_idle_files(meta: &MetaStore, cache: &DataCache) -> FsResult<()> {
+    cache.unload_idle(&|maps| meta.save_clean_blocks_of(crate::cache::BLOCK_SIZE, maps))?;
+    Ok(())
+}
+
 /// The check of an inode's object against its crc64, when one is known and the file
 /// still reads the whole object.
 pub fn read_verifier(inode: &Inode) -> Option<ReadVerifier> {
@@ -1057,6 +1064,10 @@ impl Uploader {
             if !self.config.keep_data {
                 self.cache
                     .discard_if_unused(file, &|ino| self.meta.forget_blocks(ino))?;
+            } else {
+                // Closed before its upload ended (the usual case): idle only now.
+                drop(file);
+                unload_idle_files(&self.meta, &self.cache)?;
             }
         }
         Ok(())

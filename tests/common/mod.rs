@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -636,6 +637,17 @@ impl Mount {
         Self::launch(source, mode, Some(cache_dir), extra_args, env)
     }
 
+    /// Mount `source` with a fresh cache, the daemon started with `(soft, hard)` as its
+    /// limit on open files (a shell's `ulimit -n`).
+    pub fn start_with_open_files_limit(
+        source: &str,
+        mode: &str,
+        limit: (u64, u64),
+        extra_args: &[&str],
+    ) -> Mount {
+        Self::launch_limited(source, mode, None, extra_args, &[], Some(limit))
+    }
+
     /// Mount bucket `bucket` of `moto` (source `s3://BUCKET`), fresh cache.
     pub fn s3(moto: &Moto, bucket: &str, mode: &str, extra: &[&str]) -> Mount {
         Self::s3_launch(moto, bucket, mode, None, extra)
@@ -689,6 +701,17 @@ impl Mount {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Mount {
+        Self::launch_limited(source, mode, cache_dir, extra_args, env, None)
+    }
+
+    fn launch_limited(
+        source: &str,
+        mode: &str,
+        cache_dir: Option<&Path>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        open_files: Option<(u64, u64)>,
+    ) -> Mount {
         let root = temp_dir("mount");
         // Canonical paths, so they compare equal to what /proc/self/mountinfo shows.
         let root_path = root
@@ -732,6 +755,22 @@ impl Mount {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
+        if let Some((soft, hard)) = open_files {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
