@@ -1215,6 +1215,8 @@ impl DataCache {
         for ino in &evicted {
             files.loaded.remove(ino);
             files.take_unloaded(*ino);
+        }
+        for ino in &evicted {
             self.delete_file(*ino)?;
         }
         Ok(evicted)

@@ -226,11 +226,13 @@ fn raise_open_files_limit() -> u64 {
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return 1024;
     };
-    if soft >= hard {
+    // An unlimited hard limit: the kernel's own ceiling (fs.nr_open) is 1,048,576 by default.
+    let target = hard.min(1 << 20);
+    if soft >= target {
         return soft;
     }
-    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-        Ok(()) => hard,
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => target,
         Err(err) => {
             tracing::warn!(soft, hard, error = %err, "could not raise the open files limit");
             soft

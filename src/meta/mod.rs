@@ -922,7 +922,7 @@ impl MetaStore {
     /// Saves the presence map of a file the bucket now holds, unsynced: after an unclean
     /// stop the maps of clean files are dropped anyway (`drop_clean_blocks`).
     pub fn save_clean_blocks(&self, ino: u64, block_size: u64, bitmap: &[u8]) -> FsResult<()> {
-        self.bookkeeping(|tx| save_blocks_in(tx, ino, block_size, bitmap))
+        self.save_clean_blocks_of(block_size, &[(ino, bitmap.to_vec())])
     }
 
     /// [`MetaStore::save_clean_blocks`] of several files (being unloaded), in one commit.
