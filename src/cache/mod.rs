@@ -94,6 +94,13 @@ pub struct FileState {
     pub absorbed_stamp: Option<DiskStamp>,
 }
 
+impl FileState {
+    /// Bytes of the bucket's data held locally, in whole blocks.
+    pub fn present_bytes(&self) -> u64 {
+        self.blocks.count() * BLOCK_SIZE
+    }
+}
+
 /// What shows a cache file changed on disk: length, mtime and ctime (nanoseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskStamp {
@@ -821,7 +828,7 @@ impl CacheFile {
 
     /// Bytes of the bucket's data held locally.
     pub fn present_bytes(&self) -> u64 {
-        self.lock().blocks.count() * BLOCK_SIZE
+        self.lock().present_bytes()
     }
 }
 
@@ -1094,11 +1101,7 @@ impl DataCache {
                 return Ok(false);
             }
             save(&state)?;
-            Unloaded {
-                bytes: state.blocks.count() * BLOCK_SIZE,
-                last_access: state.last_access,
-                clean: true,
-            }
+            Unloaded::of(&state)
         };
         files.loaded.remove(&file.ino);
         files.put_unloaded(file.ino, entry);
@@ -1154,7 +1157,7 @@ impl DataCache {
             .map(|f| {
                 let state = f.lock();
                 if state.dirty {
-                    state.blocks.count() * BLOCK_SIZE
+                    state.present_bytes()
                 } else {
                     0
                 }
@@ -1197,7 +1200,7 @@ impl DataCache {
             .filter_map(|f| {
                 let state = f.lock();
                 let evictable = !state.dirty && state.open_handles == 0;
-                evictable.then(|| (state.last_access, f.ino, state.blocks.count() * BLOCK_SIZE))
+                evictable.then(|| (state.last_access, f.ino, state.present_bytes()))
             })
             .chain(files.evictable_unloaded())
             .collect();
@@ -1248,31 +1251,22 @@ impl DataCache {
         idle.sort();
         let excess = files.loaded.len() - self.max_idle_loaded * 3 / 4;
         idle.truncate(excess);
-        let chosen: Vec<(Arc<CacheFile>, Unloaded, Vec<u8>)> = idle
-            .iter()
-            .filter_map(|(_, ino)| files.loaded.get(ino).cloned())
-            .map(|file| {
-                let state = file.lock();
-                let entry = Unloaded {
-                    bytes: state.blocks.count() * BLOCK_SIZE,
-                    last_access: state.last_access,
-                    clean: true,
-                };
-                let map = state.blocks.to_bytes();
-                drop(state);
-                (file, entry, map)
-            })
-            .collect();
-        let maps: Vec<SavedMap> = chosen
-            .iter()
-            .map(|(f, _, map)| (f.ino, map.clone()))
-            .collect();
-        save(&maps)?;
-        for (file, entry, _) in &chosen {
-            files.loaded.remove(&file.ino);
-            files.put_unloaded(file.ino, *entry);
+        let mut maps: Vec<SavedMap> = Vec::with_capacity(idle.len());
+        let mut entries = Vec::with_capacity(idle.len());
+        for (_, ino) in idle {
+            let Some(file) = files.loaded.get(&ino) else {
+                continue;
+            };
+            let state = file.lock();
+            maps.push((ino, state.blocks.to_bytes()));
+            entries.push((ino, Unloaded::of(&state)));
         }
-        Ok(chosen.len())
+        save(&maps)?;
+        for (ino, entry) in &entries {
+            files.loaded.remove(ino);
+            files.put_unloaded(*ino, *entry);
+        }
+        Ok(entries.len())
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::CacheFile;
+use super::{CacheFile, FileState};
 
 /// A cache file with a saved presence map (from the metadata store at startup).
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +26,17 @@ pub(super) struct Unloaded {
     pub bytes: u64,
     pub last_access: Instant,
     pub clean: bool,
+}
+
+impl Unloaded {
+    /// A clean file about to be unloaded.
+    pub fn of(state: &FileState) -> Unloaded {
+        Unloaded {
+            bytes: state.present_bytes(),
+            last_access: state.last_access,
+            clean: true,
+        }
+    }
 }
 
 pub(super) struct Registry {
