@@ -280,10 +280,10 @@ impl MetaStore {
     /// Opens (creating if needed) the store; the root directory always exists.
     pub fn open(path: &Path, root_perm: u32, uid: u32, gid: u32) -> FsResult<MetaStore> {
         let mut conn = Connection::open(path)?;
-        // FULL: a transaction acknowledged to a writer survives power loss.
         // EXCLUSIVE: one process uses the store (the cache dir is locked), so SQLite
         // takes its file lock once and keeps the WAL index in memory, instead of ~80
         // fcntl lock calls per file written; set before WAL mode, as SQLite requires.
+        // FULL until the schema is in place; then NORMAL (see `log`).
         conn.execute_batch(
             "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
              PRAGMA foreign_keys=OFF;",
@@ -303,6 +303,9 @@ impl MetaStore {
              VALUES (1, NULL, NULL, 2, ?1, ?2, ?3, ?4, ?4, '')")?.execute(
             params![root_perm, uid, gid, now],
         )?;
+        // Commits sync the log themselves from here on: `transaction` before it returns,
+        // `bookkeeping` later (see `log`).
+        conn.execute_batch("PRAGMA synchronous=NORMAL;")?;
         Ok(MetaStore {
             conn: Mutex::new(conn),
             log: log::CommitLog::new(path),
@@ -330,14 +333,9 @@ impl MetaStore {
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite itself consistent; carry on.
-        let conn = self
-            .conn
+        self.conn
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if self.log.is_not_full() && set_synchronous(&conn, true).is_ok() {
-            self.log.set_not_full(false);
-        }
-        conn
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` in one transaction committed without an fsync (synchronous=NORMAL). Only
@@ -379,20 +377,13 @@ impl MetaStore {
         }
     }
 
-    /// One transaction committed with synchronous=NORMAL; returns its commit number.
+    /// One transaction committed without a sync; returns its commit number.
     fn commit_unsynced<T>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> FsResult<T>,
     ) -> FsResult<(T, u64)> {
         let mut conn = self.lock();
-        set_synchronous(&conn, false)?;
-        let result = commit_in(&mut conn, f);
-        if let Err(err) = set_synchronous(&conn, true) {
-            // Every later lock tries again; until then FULL commits are not trusted.
-            self.log.set_not_full(true);
-            return Err(err.into());
-        }
-        let out = result?;
+        let out = commit_in(&mut conn, f)?;
         Ok((out, self.log.wrote()))
     }
 
@@ -402,20 +393,36 @@ impl MetaStore {
         self.log.sync_all()
     }
 
-    /// Runs `f` in one transaction.
+    /// Runs `f` in one transaction, durable when this returns.
     pub fn transaction<T>(&self, f: impl FnOnce(&Transaction<'_>) -> FsResult<T>) -> FsResult<T> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        if self.log.is_not_full() {
-            drop(conn);
-            self.log.sync_all()?;
-        } else {
-            // synchronous=FULL synced the whole log, earlier unsynced commits included.
-            self.log.all_synced();
-        }
+        let conn = &mut self.lock();
+        let changes = conn.total_changes();
+        let out = commit_in(conn, f)?;
+        self.sync_held_commit(conn, changes)?;
         Ok(out)
+    }
+
+    /// Runs `f` with the connection, for one statement that changes the store outside a
+    /// transaction; durable when this returns (see [`Self::transaction`]).
+    fn write_synced<T>(&self, f: impl FnOnce(&Connection) -> FsResult<T>) -> FsResult<T> {
+        let conn = self.lock();
+        let changes = conn.total_changes();
+        let out = f(&conn)?;
+        self.sync_held_commit(&conn, changes)?;
+        Ok(out)
+    }
+
+    /// Syncs the commit just made on `conn` (held), as synchronous=FULL would: before the
+    /// lock goes, so no other caller sees (and acts on) it while a power loss could still
+    /// take it back. A commit that changed no row (`changes` is the count before it) wrote
+    /// nothing to the log, and SQLite would not sync it either (a release's forgetting of
+    /// a presence map that was never saved: an fsync per write-through small file).
+    fn sync_held_commit(&self, conn: &Connection, changes: u64) -> FsResult<()> {
+        if conn.total_changes() == changes {
+            return Ok(());
+        }
+        self.log.wrote();
+        self.log.sync_held()
     }
 
     pub fn get(&self, ino: u64) -> FsResult<Option<Inode>> {
@@ -838,31 +845,33 @@ impl MetaStore {
 
     /// The entry cannot run yet (it did not fail): it is tried again after `delay`.
     pub fn postpone(&self, entry: &JournalEntry, delay: Duration) -> FsResult<()> {
-        let conn = self.lock();
-        conn.execute(
-            "UPDATE journal SET not_before_ms = ?2 WHERE id = ?1",
-            params![entry.id, now_ms() + delay.as_millis() as i64],
-        )?;
-        Ok(())
+        self.write_synced(|conn| {
+            conn.execute(
+                "UPDATE journal SET not_before_ms = ?2 WHERE id = ?1",
+                params![entry.id, now_ms() + delay.as_millis() as i64],
+            )?;
+            Ok(())
+        })
     }
 
     /// Queues an upload for every inode the store says is changed but that has none:
     /// what a crash leaves of a file the kernel wrote unseen (passthrough), which
     /// counts as changed from its open until its close is uploaded.
     pub fn requeue_dirty(&self) -> FsResult<u64> {
-        let conn = self.lock();
-        let mut queued = 0;
-        // An inode whose only change is its attributes gets their metadata replacement.
-        for (op, dirty) in [("sync", 1), ("checksum", DIRTY_ONLY_ATTRS)] {
-            queued += conn.execute(
-                "INSERT INTO journal(op, ino, key, not_before_ms)
-                 SELECT ?2, ino, '', 0 FROM inodes
-                 WHERE dirty = ?3 AND (parent IS NOT NULL OR ino = ?1)
-                 ON CONFLICT(op, ino, key) DO NOTHING",
-                params![ROOT_INO as i64, op, dirty],
-            )?;
-        }
-        Ok(queued as u64)
+        self.transaction(|tx| {
+            let mut queued = 0;
+            // An inode whose only change is its attributes gets their metadata replacement.
+            for (op, dirty) in [("sync", 1), ("checksum", DIRTY_ONLY_ATTRS)] {
+                queued += tx.execute(
+                    "INSERT INTO journal(op, ino, key, not_before_ms)
+                     SELECT ?2, ino, '', 0 FROM inodes
+                     WHERE dirty = ?3 AND (parent IS NOT NULL OR ino = ?1)
+                     ON CONFLICT(op, ino, key) DO NOTHING",
+                    params![ROOT_INO as i64, op, dirty],
+                )?;
+            }
+            Ok(queued as u64)
+        })
     }
 
     pub fn journal_len(&self) -> FsResult<u64> {
@@ -905,7 +914,7 @@ impl MetaStore {
     // --- cache presence and state ---
 
     pub fn save_blocks(&self, ino: u64, block_size: u64, bitmap: &[u8]) -> FsResult<()> {
-        save_blocks_in(&self.lock(), ino, block_size, bitmap)
+        self.write_synced(|conn| save_blocks_in(conn, ino, block_size, bitmap))
     }
 
     /// Saves the presence map inside a transaction (with the change it goes with).
@@ -953,21 +962,22 @@ impl MetaStore {
     /// stop, their bytes may not have reached the disk); a change of attributes only
     /// counts as none.
     pub fn drop_clean_blocks(&self) -> FsResult<Vec<u64>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT c.ino FROM cache_blocks c JOIN inodes i ON i.ino = c.ino WHERE i.dirty IN (0, 2)",
-        )?;
-        let inos = stmt
-            .query_map([], |row| row.get::<_, i64>(0))?
-            .map(|r| r.map(|v| v as u64))
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        conn.prepare_cached(
-            "DELETE FROM cache_blocks WHERE ino IN (SELECT ino FROM inodes WHERE dirty IN (0, 2))",
-        )?
-        .execute([])?;
-        conn.prepare_cached("DELETE FROM cache_blocks WHERE ino NOT IN (SELECT ino FROM inodes)")?
+        self.transaction(|tx| {
+            let inos = tx
+                .prepare_cached(
+                    "SELECT c.ino FROM cache_blocks c JOIN inodes i ON i.ino = c.ino WHERE i.dirty IN (0, 2)",
+                )?
+                .query_map([], |row| row.get::<_, i64>(0))?
+                .map(|r| r.map(|v| v as u64))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tx.prepare_cached(
+                "DELETE FROM cache_blocks WHERE ino IN (SELECT ino FROM inodes WHERE dirty IN (0, 2))",
+            )?
             .execute([])?;
-        Ok(inos)
+            tx.prepare_cached("DELETE FROM cache_blocks WHERE ino NOT IN (SELECT ino FROM inodes)")?
+                .execute([])?;
+            Ok(inos)
+        })
     }
 
     /// Files with a name that never got an object in the bucket (a write-through create
@@ -1123,23 +1133,12 @@ impl MetaStore {
     }
 
     pub fn set_state(&self, name: &str, value: &str) -> FsResult<()> {
-        let conn = self.lock();
-        conn.prepare_cached("INSERT INTO state(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2")?.execute(
-            params![name, value],
-        )?;
-        Ok(())
+        self.write_synced(|conn| {
+            conn.prepare_cached("INSERT INTO state(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2")?
+                .execute(params![name, value])?;
+            Ok(())
+        })
     }
-}
-
-/// Sets the connection's commit mode: FULL (fsync at commit) or NORMAL (none).
-fn set_synchronous(conn: &Connection, full: bool) -> rusqlite::Result<()> {
-    let sql = if full {
-        "PRAGMA synchronous = FULL"
-    } else {
-        "PRAGMA synchronous = NORMAL"
-    };
-    conn.prepare_cached(sql)?.execute([])?;
-    Ok(())
 }
 
 fn commit_in<T>(
@@ -1226,6 +1225,37 @@ mod tests {
             listed: false,
             dirty: true,
         }
+    }
+
+    #[test]
+    fn a_transaction_is_synced_before_it_returns_and_bookkeeping_waits_for_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MetaStore::open(&dir.path().join("m.db"), 0o755, 0, 0).expect("open");
+        let synced = |store: &MetaStore| {
+            let written = store.log.written();
+            (written, store.log.is_synced(written))
+        };
+        store.set_state("a", "1").expect("state");
+        assert_eq!(synced(&store), (1, true));
+        store
+            .bookkeeping(|tx| {
+                tx.execute("INSERT INTO state(name, value) VALUES ('b', '2')", [])?;
+                Ok(())
+            })
+            .expect("bookkeeping");
+        assert_eq!(synced(&store), (2, false));
+        // A transaction that changes nothing writes nothing to the log, and syncs nothing.
+        store
+            .transaction(|tx| {
+                tx.execute("DELETE FROM state WHERE name = 'none'", [])?;
+                Ok(())
+            })
+            .expect("empty transaction");
+        assert_eq!(synced(&store), (2, false));
+        // One that changes something syncs the bookkeeping before it too.
+        store.set_state("a", "3").expect("state");
+        assert_eq!(synced(&store), (3, true));
+        assert_eq!(store.state("b").expect("read"), Some("2".to_owned()));
     }
 
     #[test]
