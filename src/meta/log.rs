@@ -71,16 +71,12 @@ impl CommitLog {
         if self.synced.load(Ordering::SeqCst) >= seq {
             return Ok(()); // the sync we waited for covered it
         }
-        self.sync_written()
+        self.sync_now()
     }
 
     /// Makes every commit so far durable at once, without waiting for a group commit under
     /// way: for a caller holding the connection, which everyone else is waiting for.
-    pub(super) fn sync_held(&self) -> FsResult<()> {
-        self.sync_written()
-    }
-
-    fn sync_written(&self) -> FsResult<()> {
+    pub(super) fn sync_now(&self) -> FsResult<()> {
         // Every commit counted here has its frames in the file already.
         let upto = self.written.load(Ordering::SeqCst);
         match File::open(&self.wal) {

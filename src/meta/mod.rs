@@ -402,16 +402,6 @@ impl MetaStore {
         Ok(out)
     }
 
-    /// Runs `f` with the connection, for one statement that changes the store outside a
-    /// transaction; durable when this returns (see [`Self::transaction`]).
-    fn write_synced<T>(&self, f: impl FnOnce(&Connection) -> FsResult<T>) -> FsResult<T> {
-        let conn = self.lock();
-        let changes = conn.total_changes();
-        let out = f(&conn)?;
-        self.sync_held_commit(&conn, changes)?;
-        Ok(out)
-    }
-
     /// Syncs the commit just made on `conn` (held), as synchronous=FULL would: before the
     /// lock goes, so no other caller sees (and acts on) it while a power loss could still
     /// take it back. A commit that changed no row (`changes` is the count before it) wrote
@@ -422,7 +412,7 @@ impl MetaStore {
             return Ok(());
         }
         self.log.wrote();
-        self.log.sync_held()
+        self.log.sync_now()
     }
 
     pub fn get(&self, ino: u64) -> FsResult<Option<Inode>> {
@@ -845,7 +835,7 @@ impl MetaStore {
 
     /// The entry cannot run yet (it did not fail): it is tried again after `delay`.
     pub fn postpone(&self, entry: &JournalEntry, delay: Duration) -> FsResult<()> {
-        self.write_synced(|conn| {
+        self.transaction(|conn| {
             conn.execute(
                 "UPDATE journal SET not_before_ms = ?2 WHERE id = ?1",
                 params![entry.id, now_ms() + delay.as_millis() as i64],
@@ -914,7 +904,7 @@ impl MetaStore {
     // --- cache presence and state ---
 
     pub fn save_blocks(&self, ino: u64, block_size: u64, bitmap: &[u8]) -> FsResult<()> {
-        self.write_synced(|conn| save_blocks_in(conn, ino, block_size, bitmap))
+        self.transaction(|conn| save_blocks_in(conn, ino, block_size, bitmap))
     }
 
     /// Saves the presence map inside a transaction (with the change it goes with).
@@ -1133,7 +1123,7 @@ impl MetaStore {
     }
 
     pub fn set_state(&self, name: &str, value: &str) -> FsResult<()> {
-        self.write_synced(|conn| {
+        self.transaction(|conn| {
             conn.prepare_cached("INSERT INTO state(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2")?
                 .execute(params![name, value])?;
             Ok(())
