@@ -835,8 +835,8 @@ impl MetaStore {
 
     /// The entry cannot run yet (it did not fail): it is tried again after `delay`.
     pub fn postpone(&self, entry: &JournalEntry, delay: Duration) -> FsResult<()> {
-        self.transaction(|conn| {
-            conn.execute(
+        self.transaction(|tx| {
+            tx.execute(
                 "UPDATE journal SET not_before_ms = ?2 WHERE id = ?1",
                 params![entry.id, now_ms() + delay.as_millis() as i64],
             )?;
@@ -904,7 +904,7 @@ impl MetaStore {
     // --- cache presence and state ---
 
     pub fn save_blocks(&self, ino: u64, block_size: u64, bitmap: &[u8]) -> FsResult<()> {
-        self.transaction(|conn| save_blocks_in(conn, ino, block_size, bitmap))
+        self.transaction(|tx| save_blocks_in(tx, ino, block_size, bitmap))
     }
 
     /// Saves the presence map inside a transaction (with the change it goes with).
@@ -1123,8 +1123,8 @@ impl MetaStore {
     }
 
     pub fn set_state(&self, name: &str, value: &str) -> FsResult<()> {
-        self.transaction(|conn| {
-            conn.prepare_cached("INSERT INTO state(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2")?
+        self.transaction(|tx| {
+            tx.prepare_cached("INSERT INTO state(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2")?
                 .execute(params![name, value])?;
             Ok(())
         })

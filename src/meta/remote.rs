@@ -79,8 +79,8 @@ impl MetaStore {
     /// Records the version of the remote object last seen at the inode's key, without
     /// touching anything else (a conflict whose remote side was preserved elsewhere).
     pub fn set_remote_etag(&self, ino: u64, etag: Option<&str>) -> FsResult<()> {
-        self.transaction(|conn| {
-            conn.prepare_cached("UPDATE inodes SET remote_etag = ?2 WHERE ino = ?1")?
+        self.transaction(|tx| {
+            tx.prepare_cached("UPDATE inodes SET remote_etag = ?2 WHERE ino = ?1")?
                 .execute(params![ino as i64, etag])?;
             Ok(())
         })
@@ -93,8 +93,8 @@ impl MetaStore {
         let attrs = &info.attrs;
         // A symlink's target is read again with its attributes.
         let loaded = attrs.kind != Kind::Symlink;
-        self.transaction(|conn| {
-            conn.prepare_cached(
+        self.transaction(|tx| {
+            tx.prepare_cached(
                 "UPDATE inodes SET remote_etag = ?2, remote_size = ?3, remote_crc64 = ?4,
                  size = CASE WHEN dirty = 1 THEN size ELSE ?3 END,
                  fetch_limit = CASE WHEN dirty = 1 THEN fetch_limit ELSE ?3 END,
